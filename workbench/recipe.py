@@ -1,0 +1,248 @@
+"""The recipe: one validated description of a fine-tune.
+
+A recipe is YAML. `extends: other.yaml` inherits from another recipe (paths relative to the file),
+and `key.path=value` overrides from the command line are merged last. Every key is checked by a
+pydantic schema that forbids unknown keys; mistakes come back as one line with a suggestion.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from .errors import UsageError
+from .regularizers import PENALTIES, PenaltyConfig
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TinyModel(Section):
+    """A randomly initialised Llama built from a config: no download, trains in seconds."""
+
+    hidden_size: int = Field(default=64, ge=8)
+    num_hidden_layers: int = Field(default=2, ge=1)
+    num_attention_heads: int = Field(default=4, ge=1)
+    num_key_value_heads: int = Field(default=2, ge=1)
+    intermediate_size: int = Field(default=128, ge=8)
+
+
+class ModelSection(Section):
+    name: str = Field(default="smollm2-135m-instruct",
+                      description="Hub id, local directory, 'smollm2-135m-instruct' or 'tiny-random-llama'.")
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    tiny: TinyModel = TinyModel()
+
+
+class LoraSection(Section):
+    enabled: bool = True
+    r: int = Field(default=16, ge=1)
+    alpha: float = Field(default=32.0, gt=0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class ReplaySection(Section):
+    source: str = Field(default="builtin:pydoc", description="General data mixed into training.")
+    ratio: float = Field(default=0.2, gt=0.0, lt=1.0, description="Fraction of the training mix.")
+
+
+class DataSection(Section):
+    train: str = Field(description="JSONL/CSV/Parquet file, a save_to_disk dir, or builtin:NAME.")
+    val: str | None = None
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    format: Literal["auto", "messages", "prompt_completion"] = "auto"
+    max_length: int = Field(default=512, ge=8)
+    max_examples: int | None = Field(default=None, ge=1)
+    replay: ReplaySection | None = None
+
+
+class EarlyStopping(Section):
+    patience: int = Field(default=3, ge=1, description="Evaluations without improvement.")
+    min_delta: float = Field(default=0.0, ge=0.0)
+
+
+class TrainSection(Section):
+    output_dir: str | None = Field(default=None, description="Defaults to runs/<recipe name>.")
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int = Field(default=-1, ge=-1, description="-1: run for `epochs`.")
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(default=1.0, ge=0.0, description="Gradient clipping; 0 disables.")
+    seed: int = 0
+    logging_steps: int = Field(default=1, ge=1)
+    eval_steps: int | None = Field(default=None, ge=1, description="Default: once per epoch.")
+    save_steps: int | None = Field(default=None, ge=1)
+    early_stopping: EarlyStopping | None = None
+
+
+def _regularizers_schema() -> type[Section]:
+    """Knobs that act through the optimiser or the model, plus one field per registered penalty."""
+    penalties: dict[str, Any] = {name: (cls.Config | None, None) for name, cls in PENALTIES.items()}
+    return create_model(
+        "Regularizers",
+        __base__=Section,
+        weight_decay=(float, Field(default=0.0, ge=0.0, description="Decoupled (AdamW).")),
+        lora_dropout=(float, Field(default=0.0, ge=0.0, lt=1.0)),
+        label_smoothing=(float, Field(default=0.0, ge=0.0, lt=1.0)),
+        neftune_alpha=(float | None, Field(default=None, gt=0.0)),
+        **penalties,
+    )
+
+
+Regularizers = _regularizers_schema()
+
+
+class Recipe(Section):
+    name: str = "recipe"
+    description: str = ""
+    model: ModelSection = ModelSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection
+    train: TrainSection = TrainSection()
+    regularizers: Regularizers = Regularizers()  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        needs_lora = [n for n, cfg in self.penalties().items()] + (
+            ["lora_dropout"] if self.regularizers.lora_dropout else [])
+        if needs_lora and not self.lora.enabled:
+            raise ValueError(f"regularizers {', '.join(needs_lora)} act on the LoRA adapter, "
+                             "but lora.enabled is false")
+        ewc = self.regularizers.ewc
+        if ewc is not None and ewc.weight > 0 and not (ewc.fisher or ewc.reference):
+            raise ValueError("regularizers.ewc needs a Fisher: set ewc.fisher (a file from "
+                             "`workbench fisher`) or ewc.reference (data to estimate it on)")
+        return self
+
+    def penalties(self) -> dict[str, PenaltyConfig]:
+        """The loss-side regularizers that are switched on (present with weight > 0)."""
+        configs = {name: getattr(self.regularizers, name) for name in PENALTIES}
+        return {name: cfg for name, cfg in configs.items() if cfg is not None and cfg.weight > 0}
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output_dir or f"runs/{self.name}")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """Deep merge: mappings merge key by key, everything else is replaced."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UsageError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UsageError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The recipe mapping with `extends:` chains resolved (parents first)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise UsageError(f"{path}: `extends` cycle through {' -> '.join(p.name for p in _seen)}")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise UsageError(f"{path}: `extends` must be a path to another recipe")
+    return _merge(load_raw(path.parent / parent, _seen + (path,)), data)
+
+
+def parse_override(text: str) -> dict:
+    """'a.b.c=value' -> {'a': {'b': {'c': value}}}, the value parsed as YAML (so 0.1 is a float)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"override {text!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"override {text!r}: value is not valid YAML") from exc
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, inherit, override and validate a recipe, or raise UsageError naming the key."""
+    data = load_raw(path)
+    data.setdefault("name", Path(path).stem)
+    for text in overrides:
+        data = _merge(data, parse_override(text))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise UsageError(f"{path}: {describe_error(exc)}") from None
+
+
+def _fields_at(loc: tuple, model: type[BaseModel] = Recipe) -> list[str]:
+    """Names of the fields of the sub-schema that `loc` (a pydantic error location) points into."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        candidates = [t for t in getattr(field.annotation, "__args__", ()) or (field.annotation,)
+                      if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return list(model.model_fields)
+
+
+def describe_error(exc: ValidationError) -> str:
+    """The first validation error as one line: the dotted key, what is wrong, a suggestion."""
+    err = exc.errors()[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc), n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown key '{key}'{hint}"
+    if err["type"] == "missing":
+        return f"missing required key '{key}'"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error" and not loc:
+        return msg
+    got = err.get("input")
+    shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+    return f"{key}: {msg}{shown}"
+
+
+def resolved(recipe: Recipe) -> dict:
+    """The recipe as plain data, every default filled in (what run.json records)."""
+    return recipe.model_dump(mode="json")

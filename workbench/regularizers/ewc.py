@@ -1,0 +1,49 @@
+"""EWC on the LoRA delta: weight/2 * sum(F * dW**2), with dW = scale * B @ A.
+
+With the K-FAC diagonal Fisher F_ij = g_i * a_j the sum is an r-by-r computation per module
+(see `gram`), so the penalty never materialises an out-by-in matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from .base import Penalty, PenaltyConfig, register
+from .lora_delta import gram, lora_factors
+
+
+class EWCConfig(PenaltyConfig):
+    weight: float = Field(default=100.0, ge=0.0, description="lambda in lambda/2 * sum(F dW^2).")
+    fisher: str | None = Field(default=None, description="A saved Fisher (.safetensors).")
+    estimator: Literal["kfac_diag", "diag"] = "kfac_diag"
+    reference: str | None = Field(default=None, description="Data to estimate the Fisher on.")
+    num_examples: int = Field(default=64, ge=1)
+    max_length: int = Field(default=256, ge=8)
+    batch_size: int = Field(default=4, ge=1)
+
+
+@register
+class EWC(Penalty):
+    name = "ewc"
+    Config = EWCConfig
+
+    def __init__(self, config: EWCConfig, fisher: dict[str, torch.Tensor] | None = None, **_):
+        super().__init__(config)
+        if fisher is None:
+            raise ValueError("EWC needs a Fisher: pass fisher=... (see workbench.fisher)")
+        self.fisher = fisher
+
+    def penalty(self, model, inputs, outputs) -> torch.Tensor:
+        terms = []
+        for f in lora_factors(model):
+            A, B = f.A.float(), f.B.float()
+            if f"{f.key}.diag" in self.fisher:
+                F_diag = self.fisher[f"{f.key}.diag"].to(A.device)
+                terms.append(f.scale**2 * (F_diag * (B @ A) ** 2).sum())
+            else:
+                g, a = self.fisher[f"{f.key}.g"].to(A.device), self.fisher[f"{f.key}.a"].to(A.device)
+                terms.append(f.scale**2 * gram(A, B, g, a))
+        return 0.5 * torch.stack(terms).sum()

@@ -1,0 +1,51 @@
+"""Access to the LoRA factors of a PEFT model, shared by the delta penalties."""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+
+BASE_PREFIX = "base_model.model."
+
+
+def unwrap_peft(model: torch.nn.Module) -> PeftModel:
+    """The PeftModel inside DDP/compile wrappers."""
+    while not isinstance(model, PeftModel) and hasattr(model, "module"):
+        model = model.module
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"expected a PEFT model, got {type(model).__name__}")
+    return model
+
+
+class LoraFactors(NamedTuple):
+    """dW = scale * B @ A for the base weight named `key` (its name in the un-wrapped model)."""
+
+    key: str
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [out, r]
+    scale: float
+
+
+def lora_factors(model: torch.nn.Module) -> Iterator[LoraFactors]:
+    """Every active linear LoRA adapter in the model, keyed by base-model module name."""
+    peft_model = unwrap_peft(model)
+    adapter = peft_model.active_adapter
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            key = name.removeprefix(BASE_PREFIX)
+            yield LoraFactors(key, module.lora_A[adapter].weight, module.lora_B[adapter].weight,
+                              module.scaling[adapter])
+
+
+def gram(A: torch.Tensor, B: torch.Tensor, g: torch.Tensor | None = None,
+         a: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_ij g_i a_j (B @ A)_ij^2 as an r-by-r contraction: sum((B.T diag(g) B) * (A diag(a) A.T)).
+
+    A: [r, in], B: [out, r], g: [out], a: [in]; g = a = 1 gives the squared Frobenius norm.
+    """
+    B_side = B.T @ (B if g is None else g[:, None] * B)
+    A_side = (A if a is None else A * a[None, :]) @ A.T
+    return (B_side * A_side).sum()
