@@ -80,7 +80,7 @@ class TrainSection(Section):
     grad_accum: int = Field(default=1, ge=1)
     learning_rate: float = Field(default=2e-4, gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "linear"
-    warmup_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     max_grad_norm: float = Field(default=1.0, ge=0.0, description="Gradient clipping; 0 disables.")
     seed: int = 0
     logging_steps: int = Field(default=1, ge=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, NamedTuple
 
 import torch
@@ -49,3 +50,19 @@ def gram(A: torch.Tensor, B: torch.Tensor, g: torch.Tensor | None = None,
     B_side = B.T @ (B if g is None else g[:, None] * B)
     A_side = (A if a is None else A * a[None, :]) @ A.T
     return (B_side * A_side).sum()
+
+
+@contextlib.contextmanager
+def adapter_scale(model: torch.nn.Module, factor: float) -> Iterator[None]:
+    """Temporarily multiply every active LoRA delta by `factor` (0 = base, 1 = tuned)."""
+    peft_model = unwrap_peft(model)
+    adapter = peft_model.active_adapter
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and adapter in m.scaling]
+    saved = [m.scaling[adapter] for m in layers]
+    for module, scale in zip(layers, saved):
+        module.scaling[adapter] = scale * factor
+    try:
+        yield
+    finally:
+        for module, scale in zip(layers, saved):
+            module.scaling[adapter] = scale

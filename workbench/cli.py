@@ -1,0 +1,117 @@
+"""`workbench train | fisher | recipes`: exit 0 on success, 1 when a job fails, 2 on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from .errors import RunFailed, UsageError
+
+RECIPES_DIR = Path("recipes")
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for our own progress: no telemetry, no per-import advisories."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def cmd_train(args) -> int:
+    from .recipe import load_recipe
+    from .run import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_dir = train(recipe, args.output_dir)
+    print(f"run: {run_dir / 'run.json'}\nadapter: {run_dir / 'adapter'}")
+    return 0
+
+
+def cmd_fisher(args) -> int:
+    from .fisher import save_fisher
+    from .recipe import load_recipe
+    from .run import compute_fisher, prepare
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.regularizers.ewc is None or not recipe.regularizers.ewc.reference:
+        raise UsageError(f"{args.recipe}: set regularizers.ewc.reference (data to estimate the Fisher on)")
+    tokenizer, _, model, base_fingerprint = prepare(recipe)
+    fisher, metadata = compute_fisher(recipe, model, tokenizer, base_fingerprint)
+    out = Path(args.out or recipe.output_dir / "fisher.safetensors")
+    save_fisher(out, fisher, metadata)
+    print(f"fisher: {out} ({len(fisher)} tensors, estimator {metadata['estimator']}, "
+          f"{metadata['num_examples']} examples)")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    import yaml
+
+    from .recipe import load_recipe, resolved
+
+    if args.recipe:
+        recipe = load_recipe(args.recipe, args.overrides)
+        print(yaml.safe_dump(resolved(recipe), sort_keys=False), end="")
+        return 0
+    for path in sorted(RECIPES_DIR.rglob("*.yaml")):
+        if "accelerate" in path.parts:
+            continue
+        recipe = load_recipe(path)
+        on = [name for name in ("weight_decay", "lora_dropout", "label_smoothing", "neftune_alpha")
+              if getattr(recipe.regularizers, name)] + list(recipe.penalties())
+        print(f"{str(path):40s} {recipe.model.name:24s} {', '.join(on) or '-'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune under a recipe")
+    train.add_argument("recipe", help="recipe YAML")
+    train.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
+    train.add_argument("--output-dir", type=Path, help="default: train.output_dir or runs/<name>")
+    train.set_defaults(func=cmd_train)
+
+    fisher = sub.add_parser("fisher", help="estimate the EWC Fisher of the LoRA-targeted base weights")
+    fisher.add_argument("recipe")
+    fisher.add_argument("overrides", nargs="*", metavar="key.path=value")
+    fisher.add_argument("--out", help="default: <output_dir>/fisher.safetensors")
+    fisher.set_defaults(func=cmd_fisher)
+
+    recipes = sub.add_parser("recipes", help="list the recipes, or show one fully resolved")
+    recipes.add_argument("recipe", nargs="?")
+    recipes.add_argument("overrides", nargs="*", metavar="key.path=value")
+    recipes.set_defaults(func=cmd_recipes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RunFailed as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

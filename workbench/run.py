@@ -1,0 +1,134 @@
+"""One training run, from a validated recipe to `<output_dir>/run.json` and `<output_dir>/adapter/`."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
+
+from . import __version__
+from .data import Collator, build_datasets, data_fingerprint, general_text_examples
+from .fisher import estimate_fisher, load_fisher, save_fisher
+from .io import cache_dir, fingerprint, write_json
+from .models import apply_lora, count_parameters, load_model, load_tokenizer, model_fingerprint
+from .recipe import Recipe, resolved
+from .regularizers import PENALTIES
+from .regularizers.lora_delta import lora_factors
+from .trainer import RegularizedTrainer
+
+RUN_SCHEMA_VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import transformers
+
+    return {"workbench": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "accelerate": accelerate.__version__}
+
+
+def prepare(recipe: Recipe):
+    """Tokenizer, data, base model and LoRA; data first so a bad file fails before a model loads."""
+    set_seed(recipe.train.seed)
+    tokenizer = load_tokenizer(recipe.model)
+    data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+    model, tokenizer = load_model(recipe.model, tokenizer)
+    base_fingerprint = model_fingerprint(model)
+    if recipe.lora.enabled:
+        model = apply_lora(model, recipe.lora, recipe.regularizers.lora_dropout)
+    return tokenizer, data, model, base_fingerprint
+
+
+def reference_examples(recipe: Recipe, tokenizer) -> list[dict]:
+    ewc = recipe.regularizers.ewc
+    return general_text_examples(ewc.reference, tokenizer, ewc.max_length, ewc.num_examples,
+                                 seed=recipe.train.seed)
+
+
+def compute_fisher(recipe: Recipe, model, tokenizer, base_fingerprint: str):
+    """Estimate the EWC Fisher on the recipe's reference data; returns (fisher, metadata)."""
+    ewc = recipe.regularizers.ewc
+    examples = reference_examples(recipe, tokenizer)
+    fisher = estimate_fisher(model, examples, Collator(tokenizer.pad_token_id), ewc.estimator,
+                             ewc.batch_size)
+    metadata = {"model_fingerprint": base_fingerprint, "data_fingerprint": data_fingerprint(examples),
+                "estimator": ewc.estimator, "num_examples": len(examples), "reference": ewc.reference}
+    return fisher, metadata
+
+
+def fisher_for(recipe: Recipe, model, tokenizer, base_fingerprint: str):
+    """The recipe's Fisher: a given file, else the cache, else estimated now and cached."""
+    ewc = recipe.regularizers.ewc
+    if ewc.fisher:
+        return load_fisher(ewc.fisher, model, base_fingerprint)
+    modules = sorted(f.key for f in lora_factors(model))
+    key = fingerprint(base_fingerprint, ewc.model_dump(exclude={"weight"}), recipe.train.seed, modules)
+    path = cache_dir() / "fisher" / f"{key}.safetensors"
+    if path.is_file():
+        print(f"fisher: cached {path}")
+        return load_fisher(path, model, base_fingerprint)
+    fisher, metadata = compute_fisher(recipe, model, tokenizer, base_fingerprint)
+    save_fisher(path, fisher, metadata)
+    return fisher, metadata
+
+
+def training_arguments(recipe: Recipe, output_dir: Path, has_val: bool) -> TrainingArguments:
+    t, reg = recipe.train, recipe.regularizers
+    eval_strategy = ("steps" if t.eval_steps else "epoch") if has_val else "no"
+    save_strategy = "steps" if t.save_steps or (t.early_stopping and t.eval_steps) else "epoch"
+    return TrainingArguments(
+        output_dir=str(output_dir / "checkpoints"),
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs, max_steps=t.max_steps, lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio, max_grad_norm=t.max_grad_norm, seed=t.seed,
+        weight_decay=reg.weight_decay, label_smoothing_factor=reg.label_smoothing,
+        neftune_noise_alpha=reg.neftune_alpha,
+        logging_steps=t.logging_steps, eval_strategy=eval_strategy, eval_steps=t.eval_steps,
+        save_strategy=save_strategy, save_steps=t.save_steps or t.eval_steps, save_total_limit=2,
+        load_best_model_at_end=t.early_stopping is not None and has_val,
+        metric_for_best_model="eval_loss", greater_is_better=False,
+        bf16=recipe.model.dtype == "bfloat16", fp16=recipe.model.dtype == "float16",
+        use_cpu=not torch.cuda.is_available(), report_to=[], remove_unused_columns=False,
+        dataloader_num_workers=0, disable_tqdm=False)
+
+
+def train(recipe: Recipe, output_dir: Path | None = None) -> Path:
+    """Fine-tune under the recipe; returns the run directory."""
+    output_dir = Path(output_dir or recipe.output_dir)
+    tokenizer, data, model, base_fingerprint = prepare(recipe)
+    context, fisher_meta = {}, None
+    if "ewc" in recipe.penalties():
+        context["fisher"], fisher_meta = fisher_for(recipe, model, tokenizer, base_fingerprint)
+    penalties = [PENALTIES[name](cfg, **context) for name, cfg in recipe.penalties().items()]
+    args = training_arguments(recipe, output_dir, has_val=bool(data.val))
+    callbacks = []
+    if recipe.train.early_stopping and data.val:
+        es = recipe.train.early_stopping
+        callbacks.append(EarlyStoppingCallback(es.patience, es.min_delta))
+    trainer = RegularizedTrainer(
+        model=model, args=args, train_dataset=data.train, eval_dataset=data.val or None,
+        data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
+        penalties=penalties, callbacks=callbacks)
+    record = {"schema_version": RUN_SCHEMA_VERSION, "status": "running", "recipe": resolved(recipe),
+              "versions": versions(), "world_size": args.world_size, "command": sys.argv,
+              "model_fingerprint": base_fingerprint, "parameters": count_parameters(model),
+              "data": {**data.stats, "train_fingerprint": data_fingerprint(data.train)},
+              "fisher": fisher_meta, "penalties": [p.name for p in penalties]}
+    if trainer.is_world_process_zero():
+        write_json(output_dir / "run.json", record)
+    result = trainer.train()
+    final = dict(result.metrics)
+    if data.val:
+        final.update(trainer.evaluate())
+    trainer.save_model(str(output_dir / "adapter"))
+    if trainer.is_world_process_zero():
+        record.update(status="completed", history=trainer.state.log_history, final=final,
+                      global_step=trainer.state.global_step, adapter="adapter")
+        write_json(output_dir / "run.json", record)
+    return output_dir

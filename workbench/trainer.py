@@ -1,0 +1,88 @@
+"""`RegularizedTrainer`: the HF Trainer's task loss plus a weighted sum of registered penalties."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from .regularizers import Penalty
+
+
+class RegularizedTrainer(Trainer):
+    """Adds `weight(step) * penalty` for each penalty to the task loss and logs every term.
+
+    Terms are logged per step under their own names, unweighted and `<name>_weighted`, next to
+    `task_loss`. Per-token penalties are normalised exactly like the task loss (by the number of
+    label tokens in the whole accumulated, all-rank batch), parameter penalties count once per
+    optimisation step; so gradient accumulation and data parallelism change nothing.
+    """
+
+    def __init__(self, *args, penalties: list[Penalty] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.penalties = list(penalties)
+        self._terms: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:  # validation loss stays plain NLL, comparable across recipes
+            with self._without_label_smoothing():
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        batch = dict(inputs)  # the label smoother pops "labels"; penalties need the mask
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        token_scale, step_scale = self._scales(batch, num_items_in_batch)
+        self._terms["task_loss"].append(loss.detach() / token_scale)
+        for penalty in self.penalties:
+            value = penalty.penalty(model, batch, outputs)
+            weighted = penalty.weight(self.state.global_step) * value
+            loss = loss + weighted * (token_scale if penalty.per_token else step_scale)
+            self._terms[penalty.name].append(value.detach())
+            self._terms[f"{penalty.name}_weighted"].append(weighted.detach())
+        return (loss, outputs) if return_outputs else loss
+
+    def _scales(self, batch: dict, num_items_in_batch) -> tuple[float | torch.Tensor, float]:
+        """How the parent scaled this micro-batch's loss, to scale penalties the same way.
+
+        token_scale turns a per-token mean over this micro-batch into the parent's normalisation
+        (local tokens / tokens in the accumulated batch, times world size when tokens are averaged
+        across devices). step_scale makes a parameter penalty count once per optimiser step.
+        """
+        if not (self.model_accepts_loss_kwargs and num_items_in_batch is not None):
+            return 1.0, 1.0  # the parent divides the whole loss by the accumulation steps
+        local = (batch["labels"][:, 1:] != -100).sum()
+        token_scale = local / num_items_in_batch
+        if self.args.average_tokens_across_devices:
+            token_scale = token_scale * self.accelerator.num_processes
+        return token_scale, 1.0 / self.current_gradient_accumulation_steps
+
+    @contextlib.contextmanager
+    def _without_label_smoothing(self):
+        smoother, self.label_smoother = self.label_smoother, None
+        try:
+            yield
+        finally:
+            self.label_smoother = smoother
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Flush the mean of every term since the last log into the log record."""
+        if self._terms and "loss" in logs:
+            for name, values in self._terms.items():
+                logs[name] = torch.stack(values).float().mean().item()
+            self._terms.clear()
+        super().log(logs, *args, **kwargs)
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """Decoupled weight decay on weight matrices only: never biases, norms or other 1-D tensors."""
+        names = set(super().get_decay_parameter_names(model))
+        return [n for n, p in model.named_parameters() if n in names and p.ndim >= 2]
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.is_world_process_zero():
+            groups = [sum(p.numel() for p in g["params"]) for g in optimizer.param_groups]
+            tensors = [len(g["params"]) for g in optimizer.param_groups]
+            print(f"optimizer: {type(optimizer).__name__}, weight decay {self.args.weight_decay} on "
+                  f"{tensors[0]} tensors ({groups[0]:,} params), none on {sum(tensors[1:])} tensors "
+                  f"({sum(groups[1:]):,} params)")
+        return optimizer
