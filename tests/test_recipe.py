@@ -1,0 +1,91 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workbench.errors import UsageError
+from workbench.recipe import load_recipe, parse_override, resolved
+
+RECIPES = sorted(p for p in Path("recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=str)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    assert resolved(recipe)["data"]["train"]
+
+
+def test_shipped_recipes_exist():
+    names = {p.stem for p in RECIPES}
+    assert {"tiny", "tiny_all", "baseline", "weight_decay", "lora_dropout", "kl_to_base", "ewc",
+            "label_smoothing"} <= names
+
+
+def write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_extends_merges_deeply_and_child_wins(tmp_path):
+    write(tmp_path, "base.yaml", {"data": {"train": "a.jsonl", "max_length": 64},
+                                  "regularizers": {"kl_to_base": {"weight": 0.5, "temperature": 2.0}}})
+    child = write(tmp_path, "child.yaml", {"extends": "base.yaml",
+                                           "regularizers": {"kl_to_base": {"weight": 0.1}}})
+    recipe = load_recipe(child)
+    assert recipe.data.max_length == 64
+    assert recipe.regularizers.kl_to_base.weight == 0.1
+    assert recipe.regularizers.kl_to_base.temperature == 2.0
+
+
+def test_extends_cycle_is_refused(tmp_path):
+    write(tmp_path, "a.yaml", {"extends": "b.yaml"})
+    write(tmp_path, "b.yaml", {"extends": "a.yaml"})
+    with pytest.raises(UsageError, match="cycle"):
+        load_recipe(tmp_path / "a.yaml")
+
+
+def test_dotted_overrides_are_typed_and_validated():
+    recipe = load_recipe("recipes/tiny.yaml", ["regularizers.kl_to_base.weight=0.25",
+                                               "train.max_steps=3", "lora.target_modules=[q_proj]",
+                                               "train.learning_rate=1e-3"])
+    assert recipe.regularizers.kl_to_base.weight == 0.25
+    assert recipe.train.max_steps == 3 and recipe.lora.target_modules == ["q_proj"]
+    assert recipe.train.learning_rate == 1e-3
+    assert parse_override("a.b=[1, 2]") == {"a": {"b": [1, 2]}}
+    with pytest.raises(UsageError, match="expected key.path=value"):
+        parse_override("no_equals_sign")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["regularizers.kl_to_bse.weight=1"], "unknown key 'regularizers.kl_to_bse' (did you mean 'kl_to_base'?)"),
+    (["regularizers.ewc.estimtor=diag"], "did you mean 'estimator'?"),
+    (["trian.max_steps=1"], "unknown key 'trian' (did you mean 'train'?)"),
+    (["train.batch_size=abc"], "train.batch_size: Input should be a valid integer"),
+    (["regularizers.lora_dropout=1.0"], "regularizers.lora_dropout: Input should be less than 1"),
+    (["regularizers.label_smoothing=-0.1"], "regularizers.label_smoothing: Input should be greater"),
+    (["regularizers.kl_to_base.weight=-1"], "regularizers.kl_to_base.weight: Input should be greater"),
+    (["regularizers.kl_to_base.direction=sideways"], "regularizers.kl_to_base.direction"),
+    (["lora.enabled=false", "regularizers.kl_to_base.weight=1"], "kl_to_base act on the LoRA adapter"),
+    (["regularizers.ewc.weight=5"], "regularizers.ewc needs a Fisher"),
+])
+def test_bad_recipes_give_one_line_naming_the_key(overrides, message):
+    with pytest.raises(UsageError) as info:
+        load_recipe("recipes/tiny.yaml", overrides)
+    text = str(info.value)
+    assert message in text and "\n" not in text and text.startswith("recipes/tiny.yaml")
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path):
+    path = write(tmp_path, "bad.yaml", "data:\n  train: x\n  max_length: [1,\n")
+    with pytest.raises(UsageError, match=r"bad.yaml: line \d+ invalid YAML"):
+        load_recipe(path)
+    with pytest.raises(UsageError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_python_tags_are_refused(tmp_path):
+    path = write(tmp_path, "evil.yaml", "data:\n  train: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(UsageError, match="invalid YAML"):
+        load_recipe(path)
