@@ -1,0 +1,25 @@
+# Two entry points: `make demo` and `make test`. Each creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test test-slow clean
+
+$(BIN)/workbench: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch pinned to the CPU build first, so no dependency pulls a multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(BIN)/workbench
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+
+test: $(BIN)/workbench
+	$(BIN)/pytest -q
+
+test-slow: $(BIN)/workbench
+	$(BIN)/pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs

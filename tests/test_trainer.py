@@ -1,0 +1,67 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+from tests.conftest import make_batch, make_peft
+from workbench.regularizers import PenaltyConfig
+from workbench.regularizers.delta_l2 import DeltaL2
+from workbench.regularizers.kl import KLConfig, KLToBase
+from workbench.trainer import RegularizedTrainer
+
+
+def trainer_for(model, tmp_path, penalties=(), **args):
+    defaults = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=2,
+                    remove_unused_columns=False, disable_tqdm=True, max_steps=1)
+    return RegularizedTrainer(model=model, args=TrainingArguments(**{**defaults, **args}),
+                              penalties=list(penalties))
+
+
+def smoothed_ce(logits, labels, eps):
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=-100, label_smoothing=eps)
+
+
+def test_label_smoothing_matches_cross_entropy_over_unmasked_tokens(tmp_path):
+    model, batch = make_peft(), make_batch()
+    trainer = trainer_for(model, tmp_path, label_smoothing_factor=0.2)
+    model.train()
+    loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    torch.testing.assert_close(loss, smoothed_ce(outputs.logits, batch["labels"], 0.2), rtol=1e-5, atol=1e-6)
+    model.eval()  # validation loss is plain NLL so recipes stay comparable
+    loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    torch.testing.assert_close(loss, smoothed_ce(outputs.logits, batch["labels"], 0.0), rtol=1e-5, atol=1e-6)
+
+
+def test_penalties_are_added_with_their_weights_and_logged(tmp_path):
+    model, batch = make_peft(), make_batch()
+    kl = KLToBase(KLConfig(weight=0.3))
+    l2 = DeltaL2(PenaltyConfig(weight=0.05))
+    plain = trainer_for(model, tmp_path)
+    trainer = trainer_for(model, tmp_path, penalties=[kl, l2])
+    model.train()
+    task, outputs = plain.compute_loss(model, dict(batch), return_outputs=True)
+    total = trainer.compute_loss(model, dict(batch))
+    expected = task + 0.3 * kl.penalty(model, batch, outputs) + 0.05 * l2.penalty(model, batch, outputs)
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
+    logs = {"loss": total.item()}
+    trainer.log(logs)
+    assert set(logs) >= {"task_loss", "kl_to_base", "kl_to_base_weighted", "delta_l2", "delta_l2_weighted"}
+    assert logs["kl_to_base_weighted"] == pytest.approx(0.3 * logs["kl_to_base"], rel=1e-6)
+    assert logs["task_loss"] == pytest.approx(task.item(), rel=1e-5)
+
+
+def test_weight_decay_groups_exclude_biases_and_norms(tmp_path):
+    config = LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=24, attention_bias=True, mlp_bias=True)
+    model = LlamaForCausalLM(config)
+    trainer = trainer_for(model, tmp_path, weight_decay=0.1)
+    optimizer = trainer.create_optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = [names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]]
+    undecayed = [names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]]
+    assert decayed and undecayed
+    assert not any("bias" in n or "norm" in n for n in decayed)
+    assert all(model.get_parameter(n).ndim >= 2 for n in decayed)
+    assert any(n.endswith(".bias") for n in undecayed) and any("norm" in n for n in undecayed)
+    assert len(decayed) + len(undecayed) == len(list(model.parameters()))

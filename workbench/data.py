@@ -1,0 +1,385 @@
+"""Training data: read records, turn them into masked token sequences, mix in general text.
+
+A record is a dict with either `messages` (a chat: a list of {role, content}) or `prompt` and
+`completion`. Loss is taken only on what the model should learn to write: assistant turns, or
+the completion. Every failure on bad input is a one-line UsageError naming the file and record.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+import random
+import string
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple
+
+import torch
+
+from .errors import UsageError
+from .io import fingerprint
+
+if TYPE_CHECKING:
+    from .recipe import DataSection
+
+IGNORE = -100
+FORMATS = ("auto", "messages", "prompt_completion")
+
+
+# ---------------------------------------------------------------- builtin data
+
+
+def _pydoc() -> list[dict]:
+    """Python's own documentation topics: general English/technical text shipped with CPython."""
+    from pydoc_data.topics import topics
+
+    return [{"text": topics[key]} for key in sorted(topics)]
+
+
+def _tiny_reverse(n: int = 256) -> list[dict]:
+    """A synthetic task a tiny model can learn in seconds: reverse a short lowercase string."""
+    rng = random.Random(0)
+    words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8))) for _ in range(n)]
+    return [{"prompt": f"Reverse: {w}\nAnswer: ", "completion": w[::-1]} for w in words]
+
+
+BUILTINS: dict[str, Callable[[], list[dict]]] = {"pydoc": _pydoc, "tiny_reverse": _tiny_reverse}
+
+
+def _builtin(name: str) -> list[dict]:
+    if name not in BUILTINS:
+        close = difflib.get_close_matches(name, BUILTINS, n=1)
+        hint = f" (did you mean 'builtin:{close[0]}'?)" if close else ""
+        known = ", ".join(f"builtin:{n}" for n in BUILTINS)
+        raise UsageError(f"unknown data source 'builtin:{name}'{hint}; known: {known}")
+    return BUILTINS[name]()
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    # Decode line by line (not the whole file) so a bad byte is reported with its line number.
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"{path}:{number}: not UTF-8 text") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise UsageError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def _read_json(path: Path) -> list[dict]:
+    """A `.json` file is either one array of objects or JSON Lines under another name."""
+    head = path.read_bytes().lstrip()[:1]
+    if head != b"[":
+        return _read_jsonl(path)
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: invalid JSON: {_first_line(exc)}") from None
+    bad = next((r for r in records if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise UsageError(f"{path}: expected an array of objects, found a {type(bad).__name__}")
+    return records
+
+
+def _read_csv(path: Path) -> list[dict]:
+    import pandas as pd
+
+    try:
+        # All columns as text: a completion "42" must stay the string "42", an empty cell "".
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text") from None
+    except pd.errors.EmptyDataError:
+        return []
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise UsageError(f"{path}: unreadable CSV: {_first_line(exc)}") from None
+    return frame.to_dict(orient="records")
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        # pyarrow (not pandas) so nested columns like `messages` come back as plain lists/dicts.
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise UsageError(f"{path}: unreadable Parquet: {_first_line(exc)}") from None
+
+
+def _read_saved_dataset(path: Path) -> list[dict]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"{path}: not a dataset saved with save_to_disk: {_first_line(exc)}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise UsageError(f"{path}: saved DatasetDict has no 'train' split (has: {', '.join(loaded)})")
+        loaded = loaded["train"]
+    return loaded.to_list()
+
+
+READERS: dict[str, Callable[[Path], list[dict]]] = {
+    ".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def read_records(source: str) -> list[dict]:
+    """The records of `source` (a file, a save_to_disk dir, or builtin:NAME), each a dict."""
+    if source.startswith("builtin:"):
+        return _builtin(source.removeprefix("builtin:"))
+    path = Path(source)
+    if path.is_dir():
+        records = _read_saved_dataset(path)
+    elif not path.is_file():
+        raise UsageError(f"{path}: data file not found")
+    elif path.suffix.lower() not in READERS:
+        raise UsageError(f"{path}: unknown data format '{path.suffix}' "
+                         f"(expected {', '.join(READERS)}, or a save_to_disk directory)")
+    else:
+        records = READERS[path.suffix.lower()](path)
+    if not records:
+        raise UsageError(f"{path}: no records")
+    return records
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _field(record: dict, name: str, where: str, kind: type = str):
+    if name not in record:
+        raise UsageError(f"{where}: missing field '{name}' (has: {', '.join(map(str, record)) or 'nothing'})")
+    value = record[name]
+    if not isinstance(value, kind):
+        raise UsageError(f"{where}: field '{name}' must be a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    # verbose=False: long general-text documents are chunked later, the length warning is noise.
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def _prompt_completion(record: dict, tokenizer, where: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for prompt + completion + eos, loss on the completion and eos."""
+    # Tokenised separately and concatenated so the prompt/completion boundary is exact.
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "add_bos_token", False) else []
+    prompt = bos + _text_ids(tokenizer, _field(record, "prompt", where))
+    completion = _text_ids(tokenizer, _field(record, "completion", where)) + [tokenizer.eos_token_id]
+    return prompt + completion, [IGNORE] * len(prompt) + completion
+
+
+def _is_message(message) -> bool:
+    return isinstance(message, dict) and all(isinstance(message.get(k), str) for k in ("role", "content"))
+
+
+def _checked_messages(record: dict, where: str) -> list[dict]:
+    messages = _field(record, "messages", where, list)
+    for i, message in enumerate(messages):
+        if not _is_message(message):
+            raise UsageError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+    return messages
+
+
+def _render(tokenizer, messages: list[dict], where: str, generation_prompt: bool = False) -> list[int]:
+    try:
+        encoded = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt)
+    except Exception as exc:  # template errors are Jinja/ValueError/TypeError depending on the model
+        raise UsageError(f"{where}: chat template failed: {_first_line(exc)}") from None
+    return list(encoded["input_ids"])
+
+
+def _assistant_span(tokenizer, span: list[int]) -> int:
+    """How many tokens of an assistant turn's rendering to learn: up to its last special token.
+
+    The rendering is content + end-of-turn + template filler (ChatML's trailing newline); the
+    end-of-turn token is the last special one, and what follows it is not the model's to write.
+    """
+    specials = set(tokenizer.all_special_ids)
+    ends = [j for j, token in enumerate(span) if token in specials]
+    return ends[-1] + 1 if ends else len(span)
+
+
+def _messages(record: dict, tokenizer, where: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for a chat, loss on each assistant turn's content and end token.
+
+    Each assistant turn i is located by rendering messages[:i] with a generation prompt and
+    messages[:i+1]; their length difference is the turn. This works for any template that
+    renders prefixes consistently, which is checked rather than assumed.
+    """
+    messages = _checked_messages(record, where)
+    full = _render(tokenizer, messages, where)
+    labels = [IGNORE] * len(full)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], where, generation_prompt=True)
+        upto = _render(tokenizer, messages[:i + 1], where)
+        if upto[:len(before)] != before or full[:len(upto)] != upto:
+            raise UsageError(f"{where}: the chat template does not render conversation prefixes "
+                             "consistently, so assistant turns cannot be located")
+        end = len(before) + _assistant_span(tokenizer, upto[len(before):])
+        labels[len(before):end] = full[len(before):end]
+    return full, labels
+
+
+def format_example(record: dict, tokenizer, fmt: str, max_length: int, where: str) -> dict:
+    """One record as {input_ids, attention_mask, labels, truncated}, all lists of length <= max_length.
+
+    labels are input_ids with -100 where no loss is taken. `where` names the record in errors.
+    """
+    if fmt not in FORMATS:
+        raise UsageError(f"{where}: unknown data format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if fmt == "auto" and "messages" not in record and "prompt" not in record:
+        raise UsageError(f"{where}: expected a 'messages' field or 'prompt' and 'completion' fields "
+                         f"(has: {', '.join(map(str, record)) or 'nothing'})")
+    chat = fmt == "messages" or (fmt == "auto" and "messages" in record)
+    ids, labels = (_messages if chat else _prompt_completion)(record, tokenizer, where)
+    # Keep the left part: the prompt must survive for the completion to mean anything.
+    ids, labels, truncated = ids[:max_length], labels[:max_length], len(ids) > max_length
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "truncated": truncated}
+
+
+# ---------------------------------------------------------------- general text
+
+
+def _record_text(record: dict, tokenizer, where: str) -> str:
+    if "text" in record:
+        return _field(record, "text", where)
+    if "messages" in record:
+        return tokenizer.apply_chat_template(_checked_messages(record, where), tokenize=False)
+    return _field(record, "prompt", where) + _field(record, "completion", where)
+
+
+def _token_stream(source: str, tokenizer) -> list[int]:
+    """Every record's text tokenised, each followed by eos so documents do not run together."""
+    stream: list[int] = []
+    for i, record in enumerate(read_records(source), start=1):
+        stream += _text_ids(tokenizer, _record_text(record, tokenizer, f"{source} record {i}"))
+        stream.append(tokenizer.eos_token_id)
+    return stream
+
+
+def general_text_examples(source: str, tokenizer, max_length: int, num_examples: int,
+                          seed: int = 0) -> list[dict]:
+    """`num_examples` chunks of exactly `max_length` tokens of general text, labels == input_ids.
+
+    Chunks are non-overlapping cuts of the whole token stream, taken in an order shuffled by
+    `seed`. If more are asked for than the text holds, the shuffled order repeats.
+    """
+    stream = _token_stream(source, tokenizer)
+    chunks = [stream[i:i + max_length] for i in range(0, len(stream) - max_length + 1, max_length)]
+    if not chunks:
+        raise UsageError(f"{source}: only {len(stream)} tokens of text, fewer than max_length={max_length}")
+    random.Random(seed).shuffle(chunks)
+    return [{"input_ids": list(c), "attention_mask": [1] * len(c), "labels": list(c)}
+            for c in itertools.islice(itertools.cycle(chunks), num_examples)]
+
+
+# ---------------------------------------------------------------- datasets
+
+
+class TrainData(NamedTuple):
+    train: list[dict]
+    val: list[dict]
+    stats: dict
+
+
+def _split(records: list[dict], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) record indices: a seeded shuffle, with at least one val record if fraction > 0."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = max(round(len(records) * fraction), 1 if fraction > 0 else 0)
+    n_val = min(n_val, len(records) - 1)  # never the whole file: training needs an example
+    return order[n_val:], order[:n_val]
+
+
+def _format_all(records: list[dict], indices: Iterable[int], data: "DataSection", tokenizer,
+                name: str, counts: dict) -> list[dict]:
+    """Format records[indices], dropping those with no label left; counts truncated and dropped."""
+    examples = []
+    for i in indices:
+        where = f"{name} record {i + 1}"
+        example = format_example(records[i], tokenizer, data.format, data.max_length, where)
+        counts["n_truncated"] += example["truncated"]
+        if all(label == IGNORE for label in example["labels"]):
+            counts["n_dropped_all_masked"] += 1
+        else:
+            examples.append(example)
+    return examples
+
+
+def _task_splits(data: "DataSection", tokenizer, seed: int, counts: dict) -> tuple[list[dict], list[dict]]:
+    records = read_records(data.train)
+    if data.val:
+        val_records = read_records(data.val)
+        val = _format_all(val_records, range(len(val_records)), data, tokenizer, data.val, counts)
+        train_idx = list(range(len(records)))
+    else:
+        train_idx, val_idx = _split(records, data.val_fraction, seed)
+        val = _format_all(records, val_idx, data, tokenizer, data.train, counts)
+    train_idx = train_idx[:data.max_examples]
+    train = _format_all(records, train_idx, data, tokenizer, data.train, counts)
+    if not train:
+        raise UsageError(f"{data.train}: no training examples left: all {len(train_idx)} have nothing to "
+                         f"learn (completion truncated away at max_length={data.max_length}, "
+                         "or no assistant turn)")
+    return train, val
+
+
+def build_datasets(data: "DataSection", tokenizer, seed: int) -> TrainData:
+    """Train and val examples for a recipe's data section, plus stats for the run record.
+
+    stats: n_train is the final mix (task + n_replay); n_truncated and n_dropped_all_masked count
+    all task examples (train and val); n_completion_tokens the loss-carrying tokens of task train.
+    """
+    counts = {"n_truncated": 0, "n_dropped_all_masked": 0}
+    train, val = _task_splits(data, tokenizer, seed, counts)
+    n_completion = sum(label != IGNORE for ex in train for label in ex["labels"])
+    replay = []
+    if data.replay is not None:
+        n_replay = round(data.replay.ratio / (1 - data.replay.ratio) * len(train))
+        replay = general_text_examples(data.replay.source, tokenizer, data.max_length, n_replay, seed)
+        train = train + replay
+        random.Random(seed).shuffle(train)
+    stats = {"n_train": len(train), "n_val": len(val), "n_replay": len(replay), **counts,
+             "n_completion_tokens": n_completion, "max_length": data.max_length}
+    return TrainData(train, val, stats)
+
+
+def data_fingerprint(examples: list[dict]) -> str:
+    """A stable hash of the examples' token ids and labels (what the model is trained on)."""
+    return fingerprint([[ex["input_ids"], ex["labels"]] for ex in examples])
+
+
+class Collator:
+    """Right-pads a batch to its longest example: input_ids with pad, attention_mask 0, labels -100."""
+
+    def __init__(self, pad_token_id: int):
+        self.pads = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE}
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        """features: dicts of equal-length lists; returns LongTensors of shape (batch, longest)."""
+        longest = max(len(f["input_ids"]) for f in features)
+        return {key: torch.tensor([f[key] + [pad] * (longest - len(f[key])) for f in features],
+                                  dtype=torch.long)
+                for key, pad in self.pads.items()}
