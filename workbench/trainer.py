@@ -7,8 +7,24 @@ from collections import defaultdict
 
 import torch
 from transformers import Trainer
+from transformers.trainer_callback import ProgressCallback
 
 from .regularizers import Penalty
+
+
+class TermsProgress(ProgressCallback):
+    """The step bar shows the loss terms as a postfix; only evaluations get a line of their own."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None:
+            return
+        if "eval_loss" in logs:
+            self.training_bar.write(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
+        elif "loss" in logs:
+            shown = {k: v for k, v in logs.items() if k == "loss" or k == "task_loss"
+                     or k.endswith("_weighted")}
+            self.training_bar.set_postfix({k.removesuffix("_weighted"): f"{v:.3g}"
+                                           for k, v in shown.items()}, refresh=False)
 
 
 class RegularizedTrainer(Trainer):
@@ -22,6 +38,8 @@ class RegularizedTrainer(Trainer):
 
     def __init__(self, *args, penalties: list[Penalty] = (), **kwargs):
         super().__init__(*args, **kwargs)
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(TermsProgress)
         self.penalties = list(penalties)
         self._terms: dict[str, list[torch.Tensor]] = defaultdict(list)
 
