@@ -65,3 +65,14 @@ def test_weight_decay_groups_exclude_biases_and_norms(tmp_path):
     assert all(model.get_parameter(n).ndim >= 2 for n in decayed)
     assert any(n.endswith(".bias") for n in undecayed) and any("norm" in n for n in undecayed)
     assert len(decayed) + len(undecayed) == len(list(model.parameters()))
+
+
+def test_a_non_finite_term_stops_the_run_naming_it(tmp_path):
+    from workbench.errors import RunFailed
+
+    model = make_peft()
+    trainer = trainer_for(model, tmp_path, penalties=[DeltaL2(PenaltyConfig(weight=1.0))])
+    trainer._terms["task_loss"].append(torch.tensor(1.0))
+    trainer._terms["delta_l2"].append(torch.tensor(float("nan")))
+    with pytest.raises(RunFailed, match="non-finite delta_l2"):
+        trainer.log({"loss": 1.0})

@@ -8,6 +8,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from .distributed import is_main_process
 from .errors import RunFailed, UsageError
 
 RECIPES_DIR = Path("recipes")
@@ -28,7 +29,8 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     run_dir = train(recipe, args.output_dir)
-    print(f"run: {run_dir / 'run.json'}\nadapter: {run_dir / 'adapter'}")
+    if is_main_process():
+        print(f"run: {run_dir / 'run.json'}\nadapter: {run_dir / 'adapter'}")
     return 0
 
 
@@ -43,6 +45,8 @@ def cmd_fisher(args) -> int:
     tokenizer, _, model, base_fingerprint = prepare(recipe)
     fisher, metadata = compute_fisher(recipe, model, tokenizer, base_fingerprint)
     out = Path(args.out or recipe.output_dir / "fisher.safetensors")
+    if not is_main_process():
+        return 0
     save_fisher(out, fisher, metadata)
     print(f"fisher: {out} ({len(fisher)} tensors, estimator {metadata['estimator']}, "
           f"{metadata['num_examples']} examples)")

@@ -11,6 +11,7 @@ from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 
 from . import __version__
 from .data import Collator, build_datasets, data_fingerprint, general_text_examples
+from .distributed import init_distributed, is_main_process, world_size
 from .fisher import estimate_fisher, load_fisher, save_fisher
 from .io import cache_dir, fingerprint, write_json
 from .models import apply_lora, count_parameters, load_model, load_tokenizer, model_fingerprint
@@ -34,6 +35,7 @@ def versions() -> dict[str, str]:
 
 def prepare(recipe: Recipe):
     """Tokenizer, data, base model and LoRA; data first so a bad file fails before a model loads."""
+    init_distributed()
     set_seed(recipe.train.seed)
     tokenizer = load_tokenizer(recipe.model)
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
@@ -57,7 +59,8 @@ def compute_fisher(recipe: Recipe, model, tokenizer, base_fingerprint: str):
     fisher = estimate_fisher(model, examples, Collator(tokenizer.pad_token_id), ewc.estimator,
                              ewc.batch_size)
     metadata = {"model_fingerprint": base_fingerprint, "data_fingerprint": data_fingerprint(examples),
-                "estimator": ewc.estimator, "num_examples": len(examples), "reference": ewc.reference}
+                "estimator": ewc.estimator, "num_examples": len(examples), "reference": ewc.reference,
+                "world_size": world_size()}
     return fisher, metadata
 
 
@@ -73,7 +76,8 @@ def fisher_for(recipe: Recipe, model, tokenizer, base_fingerprint: str):
         print(f"fisher: cached {path}")
         return load_fisher(path, model, base_fingerprint)
     fisher, metadata = compute_fisher(recipe, model, tokenizer, base_fingerprint)
-    save_fisher(path, fisher, metadata)
+    if is_main_process():
+        save_fisher(path, fisher, metadata)
     return fisher, metadata
 
 

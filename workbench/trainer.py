@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import defaultdict
 
 import torch
 from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 
+from .errors import RunFailed
 from .regularizers import Penalty
 
 
@@ -89,6 +91,12 @@ class RegularizedTrainer(Trainer):
                 logs[name] = torch.stack(values).float().mean().item()
             self._terms.clear()
         super().log(logs, *args, **kwargs)
+        diverged = [k for k, v in logs.items() if isinstance(v, float) and not math.isfinite(v)
+                    and k in ("loss", "grad_norm", "task_loss", *(p.name for p in self.penalties))]
+        if diverged:
+            raise RunFailed(f"training diverged at step {self.state.global_step}: non-finite "
+                            f"{', '.join(diverged)}; checkpoints in {self.args.output_dir} are from "
+                            "before this step")
 
     def get_decay_parameter_names(self, model) -> list[str]:
         """Decoupled weight decay on weight matrices only: never biases, norms or other 1-D tensors."""

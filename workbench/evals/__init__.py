@@ -1,0 +1,1 @@
+"""Metrics for retention and overfitting evals: a fine-tuned checkpoint against its base."""
