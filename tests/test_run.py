@@ -60,3 +60,28 @@ def test_gradient_accumulation_and_batch_split_give_the_same_adapter(tmp_path):
     for key in adapters[0]:
         # fp32 summation order differs between the splits; Adam amplifies it near zero
         torch.testing.assert_close(adapters[0][key], adapters[1][key], rtol=1e-4, atol=1e-5)
+
+
+def test_early_stopping_stops_a_run_whose_validation_loss_stops_improving(tmp_path):
+    recipe = load_recipe("recipes/tiny.yaml", [
+        "train.max_steps=40", "train.eval_steps=1", "train.learning_rate=0.3",
+        "train.early_stopping.patience=2", "data.max_examples=32"])
+    trainer, _ = build_trainer(recipe, tmp_path / "run")
+    assert trainer.args.load_best_model_at_end and trainer.args.metric_for_best_model == "eval_loss"
+    trainer.train()
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert trainer.state.global_step < 40
+    best = min(evals)
+    assert evals.index(best) == len(evals) - 3  # stopped after `patience` evaluations without a new best
+
+
+def test_optimizer_side_knobs_reach_the_trainer(tmp_path):
+    recipe = load_recipe("recipes/tiny.yaml", [
+        "regularizers.neftune_alpha=5", "regularizers.weight_decay=0.1", "train.max_grad_norm=0.5",
+        "regularizers.label_smoothing=0.1", "regularizers.lora_dropout=0.2"])
+    trainer, record = build_trainer(recipe, tmp_path / "run")
+    args = trainer.args
+    assert (args.neftune_noise_alpha, args.weight_decay, args.max_grad_norm, args.label_smoothing_factor) == (
+        5, 0.1, 0.5, 0.1)
+    assert trainer.model.peft_config["default"].lora_dropout == 0.2
+    assert record["recipe"]["regularizers"]["lora_dropout"] == 0.2

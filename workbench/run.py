@@ -105,6 +105,11 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_val: bool) -> Train
 def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer, dict]:
     """Everything up to `trainer.train()`: the trainer, and the run record to write."""
     tokenizer, data, model, base_fingerprint = prepare(recipe)
+    if is_main_process():
+        st = data.stats
+        print(f"data: {st['n_train']} train ({st['n_replay']} replay), {st['n_val']} val, "
+              f"{st['n_truncated']} truncated to {st['max_length']} tokens, "
+              f"{st['n_dropped_all_masked']} dropped with no completion token left")
     context, fisher_meta = {}, None
     if "ewc" in recipe.penalties():
         context["fisher"], fisher_meta = fisher_for(recipe, model, tokenizer, base_fingerprint)
