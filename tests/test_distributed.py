@@ -64,3 +64,11 @@ def test_fisher_from_two_processes_equals_one_process(tmp_path):
     with safe_open(str(paths[2]), "pt") as handle:
         assert handle.metadata()["num_examples"] == "10"
         assert handle.metadata()["world_size"] == "2"  # each rank estimated on half and all-reduced
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob("recipes/accelerate/*.yaml")))
+def test_launch_configs_load_with_accelerate(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(path)
+    assert config.num_processes >= 2 and config.distributed_type.value in ("MULTI_GPU", "FSDP", "DEEPSPEED")
