@@ -67,6 +67,7 @@ def test_dotted_overrides_are_typed_and_validated():
     (["regularizers.label_smoothing=-0.1"], "regularizers.label_smoothing: Input should be greater"),
     (["regularizers.kl_to_base.weight=-1"], "regularizers.kl_to_base.weight: Input should be greater"),
     (["regularizers.kl_to_base.direction=sideways"], "regularizers.kl_to_base.direction"),
+    (["train.max_steps=0"], "train.max_steps: Input should be greater than or equal to 1"),
     (["lora.enabled=false", "regularizers.kl_to_base.weight=1"], "kl_to_base act on the LoRA adapter"),
     (["regularizers.ewc.weight=5"], "regularizers.ewc needs a Fisher"),
 ])

@@ -28,7 +28,10 @@ def cmd_train(args) -> int:
     from .run import train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run_dir = train(recipe, args.output_dir)
+    output_dir = Path(args.output_dir or recipe.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"{output_dir}: output directory is an existing file")
+    run_dir = train(recipe, output_dir)
     if is_main_process():
         print(f"run: {run_dir / 'run.json'}\nadapter: {run_dir / 'adapter'}")
     return 0
@@ -42,9 +45,11 @@ def cmd_fisher(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.regularizers.ewc is None or not recipe.regularizers.ewc.reference:
         raise UsageError(f"{args.recipe}: set regularizers.ewc.reference (data to estimate the Fisher on)")
+    out = Path(args.out or recipe.output_dir / "fisher.safetensors")
+    if out.is_dir():
+        raise UsageError(f"{out}: --out is a directory; give a file name such as {out / 'fisher.safetensors'}")
     tokenizer, _, model, base_fingerprint = prepare(recipe)
     fisher, metadata = compute_fisher(recipe, model, tokenizer, base_fingerprint)
-    out = Path(args.out or recipe.output_dir / "fisher.safetensors")
     if not is_main_process():
         return 0
     save_fisher(out, fisher, metadata)
@@ -68,6 +73,7 @@ def cmd_recipes(args) -> int:
         recipe = load_recipe(path)
         on = [name for name in ("weight_decay", "lora_dropout", "label_smoothing", "neftune_alpha")
               if getattr(recipe.regularizers, name)] + list(recipe.penalties())
+        on += ["replay"] if recipe.data.replay else []
         print(f"{str(path):40s} {recipe.model.name:24s} {', '.join(on) or '-'}")
     return 0
 

@@ -75,7 +75,7 @@ class EarlyStopping(Section):
 class TrainSection(Section):
     output_dir: str | None = Field(default=None, description="Defaults to runs/<recipe name>.")
     epochs: float = Field(default=1.0, gt=0)
-    max_steps: int = Field(default=-1, ge=-1, description="-1: run for `epochs`.")
+    max_steps: int | None = Field(default=None, ge=1, description="Overrides `epochs` when set.")
     batch_size: int = Field(default=8, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     learning_rate: float = Field(default=2e-4, gt=0)
