@@ -8,7 +8,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .distributed import is_main_process
+from .distributed import is_main_process, shutdown_distributed
 from .errors import RunFailed, UsageError
 
 RECIPES_DIR = Path("recipes")
@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     _quiet_libraries()
     try:
-        return args.func(args)
+        code = args.func(args)
+        shutdown_distributed()
+        return code
     except UsageError as exc:
         if args.debug:
             traceback.print_exc()

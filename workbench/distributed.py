@@ -25,3 +25,13 @@ def init_distributed() -> None:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def shutdown_distributed() -> None:
+    """Wait for every rank, then tear the group down: a rank that exits while another still
+    writes can abort inside gloo's background threads at interpreter exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
