@@ -36,14 +36,19 @@ class EWC(Penalty):
             raise ValueError("EWC needs a Fisher: pass fisher=... (see workbench.fisher)")
         self.fisher = fisher
 
+    def _fisher_on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The Fisher on the adapter's device, moved once rather than every step."""
+        if any(t.device != device for t in self.fisher.values()):
+            self.fisher = {k: t.to(device) for k, t in self.fisher.items()}
+        return self.fisher
+
     def penalty(self, model, inputs, outputs) -> torch.Tensor:
         terms = []
         for f in lora_factors(model):
             A, B = f.A.float(), f.B.float()
-            if f"{f.key}.diag" in self.fisher:
-                F_diag = self.fisher[f"{f.key}.diag"].to(A.device)
-                terms.append(f.scale**2 * (F_diag * (B @ A) ** 2).sum())
+            fisher = self._fisher_on(A.device)
+            if f"{f.key}.diag" in fisher:
+                terms.append(f.scale**2 * (fisher[f"{f.key}.diag"] * (B @ A) ** 2).sum())
             else:
-                g, a = self.fisher[f"{f.key}.g"].to(A.device), self.fisher[f"{f.key}.a"].to(A.device)
-                terms.append(f.scale**2 * gram(A, B, g, a))
+                terms.append(f.scale**2 * gram(A, B, fisher[f"{f.key}.g"], fisher[f"{f.key}.a"]))
         return 0.5 * torch.stack(terms).sum()
