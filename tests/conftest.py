@@ -18,6 +18,7 @@ def tokenizer():
 def make_peft(targets=("q_proj", "v_proj", "down_proj"), r=4, alpha=8.0, seed=0, perturb=True):
     """A tiny random Llama with LoRA; `perturb` gives B nonzero values so dW != 0."""
     model = tiny_model(vocab_size=259, hidden_size=32, intermediate_size=48, seed=seed)
+    torch.manual_seed(seed)  # LoRA A is drawn from the global generator
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
                                                   lora_dropout=0.0, task_type="CAUSAL_LM"))
     if perturb:

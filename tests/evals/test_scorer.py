@@ -99,12 +99,14 @@ def greedy_continuation(model, tok, context, n=3):
 
 
 def test_is_greedy(model, tok):
-    # a random byte-level model may greedily emit bytes that are not valid UTF-8 text; take the
-    # first context whose greedy 3 tokens survive decode -> encode unchanged
-    for context in ["Once upon", "Hello", "The cat", "abc", "Some text", "x", "12345", "Q: A:"]:
-        ids, generated = greedy_continuation(model, tok, context)
+    # a random byte-level model may greedily emit bytes that are not printable text; take the first
+    # context whose greedy 2 tokens survive decode -> encode unchanged (about 1 in 7 contexts do)
+    contexts = [f"{word} {letter}" for word in ("Once", "The", "Q:") for letter in "abcdefghijklmnopqrstuvwxyz"]
+    for context in contexts:
+        ids, generated = greedy_continuation(model, tok, context, n=2)
         greedy_text = tok.decode(generated)
-        if tok(context + greedy_text, add_special_tokens=False)["input_ids"] == ids + generated:
+        if greedy_text.isprintable() and \
+                tok(context + greedy_text, add_special_tokens=False)["input_ids"] == ids + generated:
             break
     else:
         pytest.fail("no context with a text-round-tripping greedy continuation")
@@ -112,7 +114,7 @@ def test_is_greedy(model, tok):
     wrong_first = "a" if not greedy_text.startswith("a") else "b"  # not the argmax first token
     responses = scorer.loglikelihood([Request(context, greedy_text),
                                       Request(context, wrong_first + greedy_text)])
-    assert responses[0].is_greedy is True and responses[0].n_tokens == 3
+    assert responses[0].is_greedy is True and responses[0].n_tokens == 2
     assert responses[1].is_greedy is False
 
 
