@@ -9,7 +9,7 @@ $(BIN)/workbench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch pinned to the CPU build first, so no dependency pulls a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,lmeval]"
 	touch $@
 
 demo: $(BIN)/workbench
