@@ -30,11 +30,23 @@ FORMATS = ("auto", "messages", "prompt_completion")
 # ---------------------------------------------------------------- builtin data
 
 
-def _pydoc() -> list[dict]:
-    """Python's own documentation topics: general English/technical text shipped with CPython."""
+def _pydoc_topics(held_out: bool) -> list[dict]:
+    """Python's own documentation topics: general English/technical text shipped with CPython.
+
+    Every fifth topic (in sorted order, a quarter of the text) is held out for evals, so general text used in training
+    (replay, the EWC reference) never overlaps the text that retention is measured on.
+    """
     from pydoc_data.topics import topics
 
-    return [{"text": topics[key]} for key in sorted(topics)]
+    return [{"text": topics[key]} for i, key in enumerate(sorted(topics)) if (i % 5 == 2) == held_out]
+
+
+def _pydoc() -> list[dict]:
+    return _pydoc_topics(held_out=False)
+
+
+def _pydoc_heldout() -> list[dict]:
+    return _pydoc_topics(held_out=True)
 
 
 def _tiny_reverse(n: int = 256) -> list[dict]:
@@ -44,7 +56,8 @@ def _tiny_reverse(n: int = 256) -> list[dict]:
     return [{"prompt": f"Reverse: {w}\nAnswer: ", "completion": w[::-1]} for w in words]
 
 
-BUILTINS: dict[str, Callable[[], list[dict]]] = {"pydoc": _pydoc, "tiny_reverse": _tiny_reverse}
+BUILTINS: dict[str, Callable[[], list[dict]]] = {"pydoc": _pydoc, "pydoc_heldout": _pydoc_heldout,
+                                                  "tiny_reverse": _tiny_reverse}
 
 
 def _builtin(name: str) -> list[dict]:
@@ -328,7 +341,10 @@ def _format_all(records: list[dict], indices: Iterable[int], data: "DataSection"
     return examples
 
 
-def _task_splits(data: "DataSection", tokenizer, seed: int, counts: dict) -> tuple[list[dict], list[dict]]:
+def task_splits(data: "DataSection", tokenizer, seed: int, counts: dict | None = None
+                ) -> tuple[list[dict], list[dict]]:
+    """(train, val) task examples exactly as training sees them, without replay."""
+    counts = {"n_truncated": 0, "n_dropped_all_masked": 0} if counts is None else counts
     records = read_records(data.train)
     if data.val:
         val_records = read_records(data.val)
@@ -353,7 +369,7 @@ def build_datasets(data: "DataSection", tokenizer, seed: int) -> TrainData:
     all task examples (train and val); n_completion_tokens the loss-carrying tokens of task train.
     """
     counts = {"n_truncated": 0, "n_dropped_all_masked": 0}
-    train, val = _task_splits(data, tokenizer, seed, counts)
+    train, val = task_splits(data, tokenizer, seed, counts)
     n_completion = sum(label != IGNORE for ex in train for label in ex["labels"])
     replay = []
     if data.replay is not None:

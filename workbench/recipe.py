@@ -152,9 +152,10 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, kind: str = "recipe") -> dict:
+    """A YAML mapping, loaded safely (no `!!python` tags); `kind` names the file in errors."""
     if not path.is_file():
-        raise UsageError(f"{path}: recipe file not found")
+        raise UsageError(f"{path}: {kind} file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -166,7 +167,7 @@ def _read_yaml(path: Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UsageError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+        raise UsageError(f"{path}: a {kind} must be a mapping of keys, got {type(data).__name__}")
     return data
 
 
@@ -210,13 +211,23 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise UsageError(f"{path}: {describe_error(exc)}") from None
 
 
+def _annotation_types(annotation) -> list:
+    """The classes inside an annotation: X, X | None and list[X] all give X."""
+    args = getattr(annotation, "__args__", ())
+    if not args:
+        return [annotation]
+    return [t for arg in args for t in _annotation_types(arg)]
+
+
 def _fields_at(loc: tuple, model: type[BaseModel] = Recipe) -> list[str]:
     """Names of the fields of the sub-schema that `loc` (a pydantic error location) points into."""
     for part in loc[:-1]:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if isinstance(part, int):  # an index into a list field: the model is already its item type
+            continue
+        field = model.model_fields.get(part)
         if field is None:
             return []
-        candidates = [t for t in getattr(field.annotation, "__args__", ()) or (field.annotation,)
+        candidates = [t for t in _annotation_types(field.annotation)
                       if isinstance(t, type) and issubclass(t, BaseModel)]
         if not candidates:
             return []
@@ -224,13 +235,13 @@ def _fields_at(loc: tuple, model: type[BaseModel] = Recipe) -> list[str]:
     return list(model.model_fields)
 
 
-def describe_error(exc: ValidationError) -> str:
+def describe_error(exc: ValidationError, model: type[BaseModel] = Recipe) -> str:
     """The first validation error as one line: the dotted key, what is wrong, a suggestion."""
     err = exc.errors()[0]
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     key = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc), n=1, cutoff=0.5)
+        close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc, model), n=1, cutoff=0.5)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"unknown key '{key}'{hint}"
     if err["type"] == "missing":

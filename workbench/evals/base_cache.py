@@ -1,0 +1,66 @@
+"""The base model's side of every eval, cached on disk so the next adapter costs only its own scoring.
+
+One entry per eval component (general text, one multiple-choice task, one target dataset), keyed
+by the fingerprints of the base weights, the component's settings and its data. An entry is a
+safetensors file of tensors. Writers hold a file lock, so concurrent evals sharing a base compute
+an entry once, and write to a temporary file then rename, so a killed eval leaves no torn entry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from filelock import FileLock
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..io import atomic_path, cache_dir, fingerprint
+
+
+class BaseCache:
+    def __init__(self, model_fingerprint: str, root: Path | None = None, enabled: bool = True):
+        self.model_fingerprint = model_fingerprint
+        self.root = root or cache_dir() / "evals" / "base"
+        self.enabled = enabled
+        self.hits: list[str] = []
+        self.misses: list[str] = []
+
+    def path(self, component: str, *key_parts) -> Path:
+        key = fingerprint(self.model_fingerprint, component, *key_parts)
+        return self.root / f"{component.replace(':', '-')}-{key}.safetensors"
+
+    def get(self, component: str, key_parts: tuple, compute: Callable[[], dict[str, torch.Tensor]]
+            ) -> dict[str, torch.Tensor]:
+        """The cached tensors for this component, computing and storing them on a miss."""
+        if not self.enabled:
+            self.misses.append(component)
+            return compute()
+        path = self.path(component, *key_parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            if path.is_file():
+                try:
+                    tensors = load_file(path)
+                    self.hits.append(component)
+                    return tensors
+                except (SafetensorError, OSError):  # unreadable entry: recompute and replace it
+                    pass
+            tensors = compute()
+            with atomic_path(path) as tmp:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            self.misses.append(component)
+            return tensors
+
+
+def ragged(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Variable-length 1-D rows as (values, offsets) for storage."""
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    values = torch.cat(rows) if rows else torch.zeros(0)
+    return {"values": values, "offsets": offsets}
+
+
+def unragged(values: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    return [values[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]

@@ -1,0 +1,280 @@
+"""`workbench eval`: resolve runs or adapters, load the base once, score every entry, write results.
+
+The base model is loaded once; every adapter is loaded onto it under its own PEFT adapter name
+and toggled with `set_adapter` / `disable_adapter`, so there is never a second copy of the
+weights. An adapter that would not change the model, or whose tensors do not all land on a
+module, is reported rather than silently scored as the base.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..data import data_fingerprint, format_example, general_text_examples, read_records, task_splits
+from ..errors import UsageError
+from ..io import fingerprint, write_json
+from ..models import load_model, load_tokenizer, model_fingerprint
+from ..recipe import ModelSection, Recipe
+from ..regularizers.lora_delta import gram, lora_factors, unwrap_peft
+from .base_cache import BaseCache
+from .results import KIND, SCHEMA_VERSION
+from .runner import Entry, EvalData, Evaluator, TargetData
+from .suite import Suite, load_suite
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass
+class AdapterSpec:
+    name: str
+    path: Path
+    run_dir: Path | None = None
+    run: dict | None = None
+    recipe: Recipe | None = None
+
+
+# --- resolving what to evaluate -------------------------------------------------------------
+
+
+def _check_adapter_dir(path: Path) -> None:
+    missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
+    if missing:
+        raise UsageError(f"{path}: not a PEFT adapter directory (missing {', '.join(missing)})")
+
+
+def _read_run(run_dir: Path) -> tuple[dict, Recipe]:
+    path = run_dir / "run.json" if run_dir.is_dir() else run_dir
+    if not path.is_file():
+        raise UsageError(f"{run_dir}: no run.json (give a run directory written by `workbench train`)")
+    try:
+        run = json.loads(path.read_text())
+        recipe = Recipe.model_validate(run["recipe"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"{path}: not a readable run record ({type(exc).__name__})") from None
+    if run.get("status") != "completed":
+        raise UsageError(f"{path}: run status is {run.get('status')!r}, not 'completed': no final adapter")
+    return run, recipe
+
+
+def resolve_specs(runs: list[Path], adapters: list[Path]) -> list[AdapterSpec]:
+    specs = []
+    for run_dir in runs:
+        run, recipe = _read_run(run_dir)
+        run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+        adapter = run_dir / run.get("adapter", "adapter")
+        _check_adapter_dir(adapter)
+        specs.append(AdapterSpec(recipe.name, adapter, run_dir, run, recipe))
+    for adapter in adapters:
+        _check_adapter_dir(adapter)
+        parent = adapter.parent
+        run, recipe = _read_run(parent) if (parent / "run.json").is_file() else (None, None)
+        name = recipe.name if recipe else adapter.name
+        specs.append(AdapterSpec(name, adapter, parent if run else None, run, recipe))
+    seen: dict[str, int] = {}
+    for spec in specs:  # unique entry names: a second "baseline" becomes "baseline-2"
+        seen[spec.name] = seen.get(spec.name, 0) + 1
+        if seen[spec.name] > 1:
+            spec.name = f"{spec.name}-{seen[spec.name]}"
+    return specs
+
+
+def base_section(specs: list[AdapterSpec], base: str | None) -> ModelSection:
+    if base is not None:
+        return ModelSection(name=base)
+    sections = {json.dumps(s.recipe.model.model_dump(), sort_keys=True) for s in specs if s.recipe}
+    if not sections:
+        raise UsageError("--adapter without a run.json next to it needs --base MODEL")
+    if len(sections) > 1:
+        raise UsageError("the runs were trained on different base models; evaluate them separately")
+    return next(s.recipe for s in specs if s.recipe).model
+
+
+def check_tokenizer(spec: AdapterSpec, tokenizer) -> None:
+    """An adapter saved with a tokenizer must have been trained with the base's tokenizer."""
+    if not (spec.path / "tokenizer_config.json").is_file():
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        saved = AutoTokenizer.from_pretrained(str(spec.path))
+    except Exception as exc:  # a broken tokenizer file: say which adapter, in one line
+        raise UsageError(f"{spec.path}: its tokenizer does not load ({type(exc).__name__})") from None
+    if saved.get_vocab() != tokenizer.get_vocab() or saved.eos_token_id != tokenizer.eos_token_id:
+        raise UsageError(f"{spec.path}: its tokenizer differs from the base model's (vocabulary "
+                         f"{len(saved.get_vocab())} vs {len(tokenizer.get_vocab())} tokens): "
+                         "the adapter was trained on another base")
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def _mc_items(suite: Suite, suite_dir: Path) -> dict[str, list]:
+    from .tasks import bigbench_mc, local_task
+
+    tasks = {}
+    for task in suite.multiple_choice:
+        if task.bigbench:
+            items = bigbench_mc(task.bigbench, task.limit)
+        else:
+            items = local_task(suite_dir / task.local, task.limit)
+        if not items:
+            raise UsageError(f"multiple-choice task {task.name!r}: no items to evaluate")
+        tasks[task.name] = items
+    return tasks
+
+
+def _format_file(source: str, suite: Suite, tokenizer) -> list[dict]:
+    t = suite.target
+    return [format_example(r, tokenizer, t.format, t.max_length, f"{source} record {i + 1}")
+            for i, r in enumerate(read_records(source))]
+
+
+def target_data(spec: AdapterSpec, suite: Suite, suite_dir: Path, tokenizer) -> TargetData | None:
+    t = suite.target
+    if t is None:
+        return None
+    members, heldout = [], []
+    if spec.recipe is not None:
+        members, heldout = task_splits(spec.recipe.data, tokenizer, spec.recipe.train.seed)
+    elif t.train:
+        members = _format_file(str(suite_dir / t.train), suite, tokenizer)
+    if t.heldout:
+        heldout = _format_file(str(suite_dir / t.heldout), suite, tokenizer)
+    if not heldout:
+        if spec.recipe is None and not t.train:
+            return None  # nothing names target data: skip the target evals
+        raise UsageError(f"{spec.name}: no held-out target examples (the run has no validation split; "
+                         "set target.heldout in the suite)")
+    n_over = suite.overfitting.num_examples if suite.overfitting else 0
+    members = random.Random(0).sample(members, min(n_over, len(members)))
+    heldout = heldout[:max(t.num_examples, n_over)]
+    return TargetData(heldout, members, data_fingerprint(heldout + members))
+
+
+def general_data(suite: Suite, tokenizer) -> list[dict] | None:
+    g = suite.general
+    if g is None:
+        return None
+    return general_text_examples(g.source, tokenizer, g.chunk_length, g.num_chunks, seed=g.seed)
+
+
+# --- adapters on one base ----------------------------------------------------------------------
+
+
+def load_adapters(model, specs: list[AdapterSpec]):
+    """The PEFT model with every adapter loaded under the name a0, a1, ...; checks each one landed."""
+    from peft import PeftModel
+
+    peft_model = None
+    for i, spec in enumerate(specs):
+        name = f"a{i}"
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(model, str(spec.path), adapter_name=name)
+        else:
+            peft_model.load_adapter(str(spec.path), adapter_name=name)
+        _check_loaded(peft_model, name, spec.path)
+    return peft_model
+
+
+def _check_loaded(peft_model, name: str, path: Path) -> None:
+    """Every LoRA tensor in the file must have a module to land on; else scoring the "tuned" model
+    would silently score the base."""
+    with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+        saved = sum(1 for key in f.keys() if "lora_A" in key)
+    loaded = sum(1 for m in peft_model.modules() if name in getattr(m, "lora_A", {}))
+    if saved == 0 or loaded != saved:
+        raise UsageError(f"{path}: {saved} LoRA modules in the file, {loaded} found in the base model: "
+                         "the adapter does not fit this base")
+
+
+def delta_norm(peft_model, name: str) -> float:
+    """Frobenius norm of the adapter's whole weight delta, sum over modules of ||scale B A||^2."""
+    peft_model.set_adapter(name)
+    with torch.no_grad():
+        total = sum(float(gram(f.A.double(), f.B.double())) * f.scale ** 2 for f in lora_factors(peft_model))
+    return total ** 0.5
+
+
+# --- the command ----------------------------------------------------------------------------
+
+
+def run_eval(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path] = (), base: str | None = None,
+             out: str | Path | None = None, use_cache: bool = True) -> dict:
+    """Evaluate every run/adapter against the base under the suite; returns the results dict."""
+    suite, suite_dir = load_suite(suite_path)
+    specs = resolve_specs(list(runs), list(adapters))
+    if not specs:
+        raise UsageError("nothing to evaluate: give --run RUN_DIR or --base MODEL --adapter DIR")
+    section = base_section(specs, base)
+    tokenizer = load_tokenizer(section)
+    for spec in specs:
+        check_tokenizer(spec, tokenizer)
+    shared = EvalData(general_data(suite, tokenizer), _mc_items(suite, suite_dir), None)
+    targets = {spec.name: target_data(spec, suite, suite_dir, tokenizer) for spec in specs}
+    model, tokenizer = load_model(section, tokenizer)
+    base_fp = model_fingerprint(model)
+    for spec in specs:
+        if spec.run and spec.run.get("model_fingerprint") not in (None, base_fp):
+            raise UsageError(f"{spec.run_dir}: trained on base weights {spec.run['model_fingerprint']}, "
+                             f"but {section.name} has {base_fp}")
+    peft_model = load_adapters(model, specs)
+    evaluator = Evaluator(peft_model, tokenizer, suite, BaseCache(base_fp, enabled=use_cache))
+    entries = []
+    for i, spec in enumerate(specs):
+        norm = delta_norm(peft_model, f"a{i}")
+        for scale in [1.0] + [s for s in suite.scales if s != 1.0]:
+            entries.append(_evaluate_entry(evaluator, spec, f"a{i}", scale, norm, shared, targets[spec.name]))
+    results = {
+        "schema_version": SCHEMA_VERSION, "kind": KIND,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "suite": {"name": suite.name, "path": str(suite_path), "fingerprint": fingerprint(suite.model_dump())},
+        "base": {"model": section.name, "fingerprint": base_fp,
+                 "cache": {"hits": sorted(set(evaluator.cache.hits)), "misses": sorted(set(evaluator.cache.misses))},
+                 "forward_calls": dict(evaluator.forward_calls)},
+        "versions": _versions(),
+        "entries": entries,
+    }
+    if suite.lm_eval is not None:
+        results["lm_eval"] = _lm_eval(evaluator, specs, suite, suite_dir)
+    if out is not None:
+        write_json(out, results)
+    return results
+
+
+def _evaluate_entry(evaluator: Evaluator, spec: AdapterSpec, adapter: str, scale: float, norm: float,
+                    shared: EvalData, target: TargetData | None) -> dict:
+    name = spec.name if scale == 1.0 else f"{spec.name}@{scale:g}"
+    start = time.perf_counter()
+    data = EvalData(shared.general, shared.multiple_choice, target)
+    metrics, curves = evaluator.evaluate(Entry(name, adapter, scale), data)
+    print(f"eval: {name}: {len(metrics)} metrics in {time.perf_counter() - start:.1f} s", flush=True)
+    return {"name": name, "adapter": str(spec.path), "run": str(spec.run_dir) if spec.run_dir else None,
+            "scale": scale, "changes_model": norm * scale > 0.0, "delta_norm": norm * scale,
+            "metrics": metrics, "curves": curves}
+
+
+def _lm_eval(evaluator: Evaluator, specs: list[AdapterSpec], suite: Suite, suite_dir: Path) -> dict:
+    from .lmeval import run_lm_eval
+
+    cfg = suite.lm_eval
+    include = str(suite_dir / cfg.include_path) if cfg.include_path else None
+    kwargs = dict(tasks=cfg.tasks, include_path=include, limit=cfg.limit, batch_size=suite.batch_size)
+    out = {"base": run_lm_eval(evaluator.peft, evaluator.tokenizer, adapter="base", **kwargs)}
+    for i, spec in enumerate(specs):
+        evaluator.peft.set_adapter(f"a{i}")
+        out[spec.name] = run_lm_eval(evaluator.peft, evaluator.tokenizer, adapter="tuned", **kwargs)
+    return out
+
+
+def _versions() -> dict:
+    from ..run import versions
+
+    return versions()

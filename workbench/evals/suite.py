@@ -1,0 +1,120 @@
+"""The eval suite: one validated YAML naming what `workbench eval` measures, base vs tuned.
+
+    name: smollm2
+    general: {source: builtin:pydoc_heldout, num_chunks: 32, chunk_length: 256, top_k: 256}
+    multiple_choice:
+      - bigbench: movie_recommendation
+        limit: 80
+      - local: tasks/my_task.yaml            # an lm-evaluation-harness task file
+    target: {num_examples: 64}               # the run's held-out split, or explicit files
+    overfitting: {num_examples: 64, min_k: 0.2}
+    scales: [0.25, 0.5, 0.75]                # adapter-scale sweep (0 is the base, 1 the adapter)
+
+Paths are relative to the suite file. Every section may be switched off with `null`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from ..errors import UsageError
+from ..io import fingerprint
+from ..recipe import Section, _read_yaml, describe_error
+
+
+class GeneralText(Section):
+    """Retention on general text: perplexity, KL(base || tuned) and top-1 agreement per token."""
+
+    source: str = "builtin:pydoc_heldout"
+    num_chunks: int = Field(default=32, ge=2)
+    chunk_length: int = Field(default=256, ge=8)
+    top_k: int = Field(default=256, ge=1, description="base log-probs cached per token for KL")
+    seed: int = 0
+
+
+class MultipleChoiceTask(Section):
+    """A BIG-bench task by name, or a local lm-evaluation-harness task YAML; `limit` caps items."""
+
+    bigbench: str | None = None
+    local: str | None = None
+    limit: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.bigbench is None) == (self.local is None):
+            raise ValueError("give exactly one of 'bigbench' or 'local'")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.bigbench or Path(self.local).stem
+
+
+class Target(Section):
+    """Learning on the target task. With `--run`, the run's own split is used unless files are given."""
+
+    train: str | None = Field(default=None, description="training examples (members), when there is no run")
+    heldout: str | None = Field(default=None, description="held-out examples, e.g. a test split")
+    format: Literal["auto", "messages", "prompt_completion"] = "auto"
+    max_length: int = Field(default=512, ge=8)
+    num_examples: int = Field(default=64, ge=2)
+    max_new_tokens: int = Field(default=64, ge=1, description="generation cap for exact match")
+
+
+class Overfitting(Section):
+    """Train vs held-out: loss gap, extraction, membership inference."""
+
+    num_examples: int = Field(default=64, ge=2, description="members and non-members, each")
+    min_k: float = Field(default=0.2, gt=0.0, le=1.0)
+
+
+class LmEval(Section):
+    """Named lm-evaluation-harness tasks run on base and tuned (needs the lmeval extra)."""
+
+    tasks: list[str] = Field(min_length=1)
+    include_path: str | None = None
+    limit: int | None = Field(default=None, ge=1)
+
+
+class Suite(Section):
+    name: str
+    description: str = ""
+    batch_size: int = Field(default=8, ge=1)
+    max_length: int = Field(default=1024, ge=8, description="scorer window in tokens")
+    bootstrap: int = Field(default=1000, ge=10, description="paired bootstrap resamples for CIs")
+    ece_bins: int = Field(default=10, ge=1)
+    general: GeneralText | None = GeneralText()
+    multiple_choice: list[MultipleChoiceTask] = []
+    target: Target | None = Target()
+    overfitting: Overfitting | None = Overfitting()
+    scales: list[float] = Field(default=[], description="extra adapter scales to evaluate, in [0, 1]")
+    lm_eval: LmEval | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if any(not 0.0 <= s <= 1.0 for s in self.scales):
+            raise ValueError("scales must lie in [0, 1]")
+        names = [task.name for task in self.multiple_choice]
+        if len(set(names)) != len(names):
+            raise ValueError(f"multiple-choice task names repeat: {names}")
+        return self
+
+    def base_fingerprint(self) -> str:
+        """What the base side depends on: everything but the sweep and lm-eval."""
+        return fingerprint(self.model_dump(exclude={"name", "description", "scales", "lm_eval"}))
+
+
+def load_suite(path: str | Path) -> tuple[Suite, Path]:
+    """The validated suite and its directory (for relative paths); bad input is one UsageError line."""
+    path = Path(path)
+    raw = _read_yaml(path, kind="suite")
+    try:
+        suite = Suite(**raw)
+    except ValidationError as exc:
+        raise UsageError(f"{path}: {describe_error(exc, Suite)}") from None
+    except TypeError:
+        raise UsageError(f"{path}: a suite is a mapping of keys") from None
+    return suite, path.parent

@@ -1,0 +1,313 @@
+"""The release gate: check a results.json against a policy of thresholds; exit 1 when one is crossed.
+
+A policy is YAML (see evals/gates/release.yaml):
+
+    name: release
+    entries: all                 # or [name or glob, ...]; default: the entries with scale == 1.0
+    rules:
+      - metric: retention.mc.all.acc.delta   # a metric name from results.py, or an fnmatch glob
+        min: -0.01                           # at least one of min / max; both bounds inclusive
+        at: ci_low                           # value (default) | ci_low | ci_high
+        missing: fail                        # fail (default) | skip
+        why: retention accuracy drop <= 1 point at the 95% CI bound
+
+Every (selected entry, rule, matching metric) is one `Check` with a status:
+pass (within bounds), fail (outside, or the value is None: non-finite), missing (no metric
+matches and the rule says `missing: fail`) or skipped (no metric matches, `missing: skip`).
+The gate passes when every check is pass or skipped.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import math
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, FiniteFloat, PrivateAttr, ValidationError,
+                      field_validator, model_validator)
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UsageError
+from .evals.results import load_results
+
+Status = Literal["pass", "fail", "missing", "skipped"]
+OK_STATUSES = ("pass", "skipped")
+
+
+class Rule(BaseModel):
+    """One threshold on one metric (or on every metric a glob matches)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str
+    min: FiniteFloat | None = None
+    max: FiniteFloat | None = None
+    at: Literal["value", "ci_low", "ci_high"] = "value"
+    missing: Literal["fail", "skip"] = "fail"
+    why: str = ""
+
+    @field_validator("metric")
+    @classmethod
+    def _not_blank(cls, metric: str) -> str:
+        if not metric.strip():
+            raise ValueError("metric name is empty")
+        return metric.strip()
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "Rule":
+        if self.min is None and self.max is None:
+            raise ValueError(f"rule on {self.metric} needs min or max (or both)")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min:g} is above max {self.max:g}")
+        return self
+
+    @property
+    def threshold(self) -> str:
+        """The bound as text: '<= 1.05', '>= -0.01' or 'in [0, 1]'."""
+        if self.min is not None and self.max is not None:
+            return f"in [{self.min:g}, {self.max:g}]"
+        return f">= {self.min:g}" if self.min is not None else f"<= {self.max:g}"
+
+    def label(self, metric: str | None = None) -> str:
+        """The metric (default: the rule's pattern) with the CI bound it is read at, if not value."""
+        metric = metric or self.metric
+        return metric if self.at == "value" else f"{metric}[{self.at}]"
+
+    def admits(self, x: float) -> bool:
+        return (self.min is None or x >= self.min) and (self.max is None or x <= self.max)
+
+
+class Policy(BaseModel):
+    """A named list of rules and the results entries they apply to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "gate"
+    description: str = ""
+    entries: list[str] | None = None  # None: entries with scale == 1.0; ["*"]: all
+    rules: list[Rule]
+    _source: str = PrivateAttr(default="policy")
+
+    @field_validator("entries", mode="before")
+    @classmethod
+    def _all_or_list(cls, entries):
+        if entries == "all":
+            return ["*"]
+        if entries == []:
+            raise ValueError("empty list: write 'all', name entries, or leave the key out "
+                             "for the entries with scale 1.0")
+        return [entries] if isinstance(entries, str) else entries
+
+    @field_validator("rules")
+    @classmethod
+    def _some_rules(cls, rules: list[Rule]) -> list[Rule]:
+        if not rules:
+            raise ValueError("a policy needs at least one rule")
+        return rules
+
+    @property
+    def source(self) -> str:
+        """Where the policy came from (its file), for error messages."""
+        return self._source
+
+
+@dataclass(frozen=True)
+class Check:
+    """One rule applied to one metric of one entry."""
+
+    entry: str
+    rule: str              # the rule as written: "overfitting.mia.*.auc <= 0.6"
+    metric: str            # the metric checked; the rule's pattern when nothing matched
+    at: str                # value | ci_low | ci_high
+    observed: float | None  # None when the metric is missing or non-finite
+    threshold: str         # "<= 0.6"
+    status: Status
+    why: str = ""
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _key(loc: tuple) -> str:
+    """A pydantic error location as the user writes it: ('rules', 2, 'at') -> 'rules[2].at'."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _describe(exc: ValidationError) -> str:
+    """The first validation error as one line, with a did-you-mean for unknown keys."""
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    key = _key(loc)
+    if err["type"] == "extra_forbidden":
+        fields = Rule.model_fields if len(loc) > 1 and loc[0] == "rules" else Policy.model_fields
+        close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown key '{key}'{hint}"
+    if err["type"] == "missing":
+        return f"missing required key '{key}'"
+    got = err.get("input")
+    shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+    return f"{key}: {err['msg'].removeprefix('Value error, ')}{shown}"
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UsageError(f"{path}: gate policy file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}:" if mark else ""
+        raise UsageError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: a gate policy must be a mapping with 'rules', "
+                         f"got {type(data).__name__}")
+    return data
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file, or raise a one-line UsageError naming the file and key."""
+    path = Path(path)
+    data = _read_yaml(path)
+    data.setdefault("name", path.stem)
+    try:
+        policy = Policy.model_validate(data)
+    except ValidationError as exc:
+        raise UsageError(f"{path}: {_describe(exc)}") from None
+    policy._source = str(path)
+    return policy
+
+
+# ---------------------------------------------------------------- checking
+
+
+def select_entries(results: dict, policy: Policy, names: list[str] | None = None) -> list[dict]:
+    """The entries to gate: `names` (e.g. from --entry) if given, else the policy's `entries`,
+    else those with scale == 1.0 (the tuned adapters, not the scale sweep). Names may be globs;
+    one that matches nothing is a UsageError."""
+    entries = results["entries"]
+    patterns, origin = (names, "--entry") if names else (policy.entries, f"{policy.source}: entries")
+    if patterns is None:
+        chosen = [e for e in entries if e.get("scale", 1.0) == 1.0]
+        if not chosen:
+            raise UsageError(f"{policy.source}: no entry has scale 1.0; name entries in the "
+                             "policy's `entries:` or with --entry")
+        return chosen
+    known = ", ".join(e["name"] for e in entries)
+    for pattern in patterns:
+        if not any(fnmatchcase(e["name"], pattern) for e in entries):
+            raise UsageError(f"{origin}: no entry matches {pattern!r} (results have: {known})")
+    return [e for e in entries if any(fnmatchcase(e["name"], p) for p in patterns)]
+
+
+def _observed(entry: dict, metric: str, rule: Rule, index: int, policy: Policy) -> float | None:
+    """The number the rule reads: the value or a CI bound; None when non-finite."""
+    record = entry["metrics"][metric]
+    if not isinstance(record, dict) or "value" not in record:
+        raise UsageError(f"results entry {entry['name']!r}: metric {metric} is not "
+                         '{"value": number, ...}')
+    if rule.at == "value":
+        x = record["value"]
+    else:
+        ci = record.get("ci")
+        if ci is None:
+            raise UsageError(f"{policy.source}: rules[{index}].at: {rule.at} needs a confidence "
+                             f"interval, but {metric} has none (entry {entry['name']!r})")
+        if not isinstance(ci, list) or len(ci) != 2:
+            raise UsageError(f"results entry {entry['name']!r}: metric {metric}: ci is not [low, high]")
+        x = ci[0] if rule.at == "ci_low" else ci[1]
+    if x is None or isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def _check_rule(entry: dict, rule: Rule, index: int, policy: Policy) -> list[Check]:
+    """The checks of one rule on one entry: one per matching metric, or one missing/skipped."""
+    common = dict(entry=entry["name"], rule=f"{rule.label()} {rule.threshold}", at=rule.at,
+                  threshold=rule.threshold, why=rule.why)
+    metrics = [m for m in entry["metrics"] if fnmatchcase(m, rule.metric)]
+    if not metrics:
+        status = "missing" if rule.missing == "fail" else "skipped"
+        return [Check(metric=rule.metric, observed=None, status=status, **common)]
+    checks = []
+    for metric in metrics:
+        x = _observed(entry, metric, rule, index, policy)
+        status = "pass" if x is not None and rule.admits(x) else "fail"
+        checks.append(Check(metric=metric, observed=x, status=status, **common))
+    return checks
+
+
+def check(results: dict, policy: Policy, entries: list[str] | None = None) -> list[Check]:
+    """Every rule of `policy` on every selected entry of `results` (see `select_entries`)."""
+    return [c for entry in select_entries(results, policy, entries)
+            for i, rule in enumerate(policy.rules)
+            for c in _check_rule(entry, rule, i, policy)]
+
+
+def passed(checks: list[Check]) -> bool:
+    """True when no check failed or went missing."""
+    return all(c.status in OK_STATUSES for c in checks)
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def _number(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _verdict(checks: list[Check], name: str) -> str:
+    """One line: 'gate release: FAIL (2 of 14 checks failed: tiny: x.y = 1.07, not <= 1.05; ...)'."""
+    bad = [c for c in checks if c.status not in OK_STATUSES]
+    skipped = sum(c.status == "skipped" for c in checks)
+    if not bad:
+        n = len(checks) - skipped
+        extra = f", {skipped} skipped" if skipped else ""
+        return f"gate {name}: PASS ({n} check{'s' * (n != 1)} passed{extra})"
+    shown = [f"{c.entry}: {c.metric} missing" if c.status == "missing" else
+             f"{c.entry}: {c.metric}{'' if c.at == 'value' else f'[{c.at}]'} = "
+             f"{'non-finite' if c.observed is None else _number(c.observed)}, not {c.threshold}"
+             for c in bad[:3]]
+    more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return (f"gate {name}: FAIL ({len(bad)} of {len(checks)} checks failed: "
+            f"{'; '.join(shown)}{more})")
+
+
+def format_table(checks: list[Check], name: str = "gate", width: int = 140) -> str:
+    """A plain-text (ASCII, no colour) table of the checks, then the one-line verdict."""
+    table = Table(box=box.ASCII2, show_edge=False, pad_edge=False)
+    for column, justify in [("status", "left"), ("entry", "left"), ("metric", "left"),
+                            ("observed", "right"), ("threshold", "left"), ("why", "left")]:
+        table.add_column(column, justify=justify, overflow="fold")
+    for c in checks:
+        metric = c.metric if c.at == "value" else f"{c.metric}[{c.at}]"
+        observed = "n/a" if c.observed is None and c.status == "fail" else _number(c.observed)
+        table.add_row(c.status.upper(), c.entry, metric, observed, c.threshold, c.why)
+    out = io.StringIO()
+    Console(file=out, width=width, color_system=None, force_terminal=False, markup=False,
+            highlight=False, emoji=False).print(table)
+    lines = [line.rstrip() for line in out.getvalue().splitlines()]
+    return "\n".join(lines + ["", _verdict(checks, name)])
+
+
+def run_gate(results_path: str | Path, policy_path: str | Path,
+             entries: list[str] | None = None) -> int:
+    """Print the gate table for a results file; 0 when it passes, 1 when it fails.
+    Bad input (either file, an unknown entry) raises UsageError."""
+    policy = load_policy(policy_path)
+    results = load_results(results_path)
+    checks = check(results, policy, entries)
+    print(format_table(checks, policy.name))
+    return 0 if passed(checks) else 1
