@@ -1,4 +1,4 @@
-"""`workbench train | fisher | recipes`: exit 0 on success, 1 when a job fails, 2 on bad input."""
+"""`workbench train | fisher | eval | gate | report | recipes`: exit 0 on success, 1 when a job fails, 2 on bad input."""
 
 from __future__ import annotations
 
@@ -58,6 +58,36 @@ def cmd_fisher(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .evals.evaluate import run_eval
+
+    if not args.run and not args.adapter:
+        raise UsageError("eval: give --run RUN_DIR, or --base MODEL --adapter DIR")
+    if args.out.exists() and args.out.is_dir():
+        raise UsageError(f"{args.out}: --out is a directory; give a file name such as {args.out / 'results.json'}")
+    results = run_eval(args.suite, runs=args.run, adapters=args.adapter, base=args.base, out=args.out,
+                       use_cache=not args.no_cache)
+    from .report import summary_table
+
+    print(summary_table(results))
+    print(f"results: {args.out}")
+    return 0
+
+
+def cmd_gate(args) -> int:
+    from .gate import run_gate
+
+    return run_gate(args.results, args.policy, args.entry)
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    index = build_report(args.inputs, args.out)
+    print(f"report: {index}")
+    return 0
+
+
 def cmd_recipes(args) -> int:
     import yaml
 
@@ -94,6 +124,28 @@ def build_parser() -> argparse.ArgumentParser:
     fisher.add_argument("overrides", nargs="*", metavar="key.path=value")
     fisher.add_argument("--out", help="default: <output_dir>/fisher.safetensors")
     fisher.set_defaults(func=cmd_fisher)
+
+    ev = sub.add_parser("eval", help="retention, learning and overfitting evals: tuned vs base")
+    ev.add_argument("--suite", required=True, type=Path, help="eval suite YAML (see evals/)")
+    ev.add_argument("--run", action="append", type=Path, default=[], metavar="RUN_DIR",
+                    help="a training run directory; repeat to evaluate several on one loaded base")
+    ev.add_argument("--base", help="base model (hub id, local dir or embedded name) for --adapter")
+    ev.add_argument("--adapter", action="append", type=Path, default=[], metavar="DIR",
+                    help="a PEFT adapter directory; repeatable")
+    ev.add_argument("--out", required=True, type=Path, help="results JSON to write")
+    ev.add_argument("--no-cache", action="store_true", help="score the base again instead of reading the cache")
+    ev.set_defaults(func=cmd_eval)
+
+    gate = sub.add_parser("gate", help="release decision over a results file: exit 0 pass, 1 fail")
+    gate.add_argument("results", type=Path)
+    gate.add_argument("--policy", required=True, type=Path, help="gate policy YAML (see evals/gates/)")
+    gate.add_argument("--entry", action="append", metavar="NAME", help="entries to check (default: the policy's)")
+    gate.set_defaults(func=cmd_gate)
+
+    report = sub.add_parser("report", help="HTML and Markdown report with plots")
+    report.add_argument("inputs", nargs="+", type=Path, metavar="RUN_OR_RESULTS")
+    report.add_argument("--out", required=True, type=Path, help="output directory")
+    report.set_defaults(func=cmd_report)
 
     recipes = sub.add_parser("recipes", help="list the recipes, or show one fully resolved")
     recipes.add_argument("recipe", nargs="?")

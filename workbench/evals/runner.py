@@ -192,7 +192,7 @@ class Evaluator:
             per_side[side] = {
                 "ece": M.ece(conf, correct, self.suite.ece_bins),
                 "ece_adaptive": M.ece(conf, correct, self.suite.ece_bins, scheme="adaptive"),
-                "brier": float(np.mean([M.brier_score(o["probs"], o["gold"]) for o in outs]))}
+                "brier": M.brier_score([o["probs"] for o in outs], [o["gold"] for o in outs])}
         for name in ("ece", "ece_adaptive", "brier"):
             b, t = per_side["base"][name], per_side["tuned"][name]
             out[f"calibration.{task}.{name}.base"] = metric(b)

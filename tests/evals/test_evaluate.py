@@ -1,0 +1,172 @@
+"""`workbench eval` end to end on the tiny model: adapters saved to disk, loaded on one base."""
+
+import json
+import random
+
+import pytest
+import torch
+import yaml
+
+from workbench.cli import main
+from workbench.errors import UsageError
+from workbench.evals.evaluate import run_eval
+from workbench.io import fingerprint
+from workbench.models import apply_lora, load_model, load_tokenizer, model_fingerprint
+from workbench.recipe import load_recipe, resolved
+
+SUITE = {
+    "name": "test", "batch_size": 8, "max_length": 96, "bootstrap": 50,
+    "general": {"num_chunks": 6, "chunk_length": 32, "top_k": 300},
+    "multiple_choice": [{"local": "mc.yaml"}],
+    "target": {"num_examples": 8, "max_new_tokens": 12},
+    "overfitting": {"num_examples": 8},
+}
+
+
+def write_task(directory, n=12):
+    rng = random.Random(0)
+    docs = [{"question": f"{a} plus {b}?", "choices": [str(a + b), str(a + b + 1), "many"], "gold": rng.randint(0, 2)}
+            for a, b in ((rng.randint(1, 9), rng.randint(1, 9)) for _ in range(n))]
+    (directory / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (directory / "mc.yaml").write_text(yaml.safe_dump({
+        "task": "mc", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": "mc.jsonl"}},
+        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "Q: {{question}}\nA:",
+        "doc_to_choice": "{{choices}}", "doc_to_target": "{{gold}}"}))
+
+
+def make_run(directory, name, perturb=0.1, seed=0, overrides=()):
+    """A finished run of recipes/tiny.yaml without training: LoRA B set to noise (or left at 0)."""
+    recipe = load_recipe("recipes/tiny.yaml", [f"name={name}", *overrides])
+    tokenizer = load_tokenizer(recipe.model)
+    model, tokenizer = load_model(recipe.model, tokenizer)
+    base_fp = model_fingerprint(model)
+    torch.manual_seed(seed)
+    model = apply_lora(model, recipe.lora, 0.0)
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            if "lora_B" in pname:
+                param.copy_(torch.randn_like(param) * perturb)
+    run_dir = directory / name
+    model.save_pretrained(run_dir / "adapter")
+    tokenizer.save_pretrained(run_dir / "adapter")
+    (run_dir / "run.json").write_text(json.dumps({"status": "completed", "recipe": resolved(recipe),
+                                                  "model_fingerprint": base_fp, "adapter": "adapter"}))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    write_task(root)
+    (root / "suite.yaml").write_text(yaml.safe_dump(SUITE))
+    return root
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+
+
+def values(entry):
+    return {name: m["value"] for name, m in entry["metrics"].items()}
+
+
+def test_unchanged_adapter_is_reported_and_scores_as_the_base(workspace, cache):
+    run = make_run(workspace, "zero", perturb=0.0)
+    results = run_eval(workspace / "suite.yaml", runs=[run])
+    entry = results["entries"][0]
+    v = values(entry)
+    assert entry["changes_model"] is False and entry["delta_norm"] == 0.0
+    assert v["retention.general.kl"] == pytest.approx(0.0, abs=1e-6)
+    assert v["retention.general.kl_upper"] == pytest.approx(0.0, abs=1e-6)
+    assert v["retention.general.ppl.ratio"] == pytest.approx(1.0, abs=1e-9)
+    assert v["retention.general.top1_agreement"] == 1.0
+    assert v["retention.mc.all.acc.delta"] == 0.0 and v["calibration.all.ece.delta"] == pytest.approx(0.0, abs=1e-12)
+    assert v["learning.val_loss.delta"] == pytest.approx(0.0, abs=1e-9)
+    # members and non-members come from one distribution and the adapter learned nothing
+    assert v["overfitting.mia.loss_ratio.auc"] == 0.5  # every ratio is exactly 1: all ties
+    assert 0.2 <= v["overfitting.mia.loss.auc"] <= 0.8
+
+
+def test_second_adapter_runs_no_base_forward_passes(workspace, cache):
+    first = run_eval(workspace / "suite.yaml", runs=[make_run(workspace, "one", seed=1)])
+    assert first["base"]["forward_calls"]["base"] > 0
+    assert set(first["base"]["cache"]["misses"]) == {"general", "mc:mc", "target"}
+    second = run_eval(workspace / "suite.yaml", runs=[make_run(workspace, "two", seed=2)])
+    assert second["base"]["forward_calls"]["base"] == 0
+    assert set(second["base"]["cache"]["hits"]) == {"general", "mc:mc", "target"}
+    assert second["base"]["forward_calls"]["tuned"] > 0
+    # cached base values are the ones computed fresh
+    a, b = values(first["entries"][0]), values(second["entries"][0])
+    for name in ("retention.general.ppl.base", "retention.mc.mc.acc.base", "learning.val_loss.base"):
+        assert a[name] == b[name]
+    uncached = run_eval(workspace / "suite.yaml", runs=[make_run(workspace, "two", seed=2)], use_cache=False)
+    assert values(uncached["entries"][0]) == pytest.approx(b)
+
+
+def test_scale_sweep_interpolates_to_the_base(workspace, cache, tmp_path):
+    suite = dict(SUITE, scales=[0.0, 0.5])
+    (workspace / "sweep.yaml").write_text(yaml.safe_dump(suite))
+    results = run_eval(workspace / "sweep.yaml", runs=[make_run(workspace, "sweep", seed=3)])
+    by_name = {e["name"]: values(e) for e in results["entries"]}
+    assert set(by_name) == {"sweep", "sweep@0.5", "sweep@0"}
+    assert by_name["sweep@0"]["retention.general.kl"] == pytest.approx(0.0, abs=1e-6)
+    assert by_name["sweep@0"]["retention.general.ppl.ratio"] == pytest.approx(1.0, abs=1e-9)
+    kl = [by_name[n]["retention.general.kl"] for n in ("sweep@0", "sweep@0.5", "sweep")]
+    assert kl[0] < kl[1] < kl[2]
+
+
+def test_several_runs_share_one_base_and_write_results(workspace, cache, tmp_path):
+    runs = [make_run(workspace, "r1", seed=4), make_run(workspace, "r2", seed=5)]
+    out = tmp_path / "results.json"
+    assert main(["eval", "--suite", str(workspace / "suite.yaml"), "--run", str(runs[0]),
+                 "--run", str(runs[1]), "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert [e["name"] for e in results["entries"]] == ["r1", "r2"]
+    assert values(results["entries"][0]) != values(results["entries"][1])
+
+
+@pytest.mark.parametrize("case", ["missing_task", "empty_task", "tokenizer", "empty_heldout", "not_a_run",
+                                  "other_base"])
+def test_bad_input_is_one_line_exit_2(workspace, cache, tmp_path, capsys, case):
+    suite = dict(SUITE)
+    run = make_run(tmp_path, "bad")
+    if case == "missing_task":
+        suite["multiple_choice"] = [{"local": "nowhere.yaml"}]
+    elif case == "empty_task":
+        (workspace / "empty.jsonl").write_text("")
+        task = yaml.safe_load((workspace / "mc.yaml").read_text())
+        task["dataset_kwargs"]["data_files"]["test"] = "empty.jsonl"
+        (workspace / "empty.yaml").write_text(yaml.safe_dump(task))
+        suite["multiple_choice"] = [{"local": "empty.yaml"}]
+    elif case == "tokenizer":
+        config = json.loads((run / "adapter" / "tokenizer.json").read_text())
+        config["added_tokens"].append({**config["added_tokens"][-1], "id": 400, "content": "<|extra|>"})
+        (run / "adapter" / "tokenizer.json").write_text(json.dumps(config))
+    elif case == "empty_heldout":
+        (tmp_path / "none.jsonl").write_text("")
+        suite["target"] = {"heldout": str(tmp_path / "none.jsonl")}
+    elif case == "not_a_run":
+        (run / "run.json").unlink()
+    elif case == "other_base":
+        record = json.loads((run / "run.json").read_text())
+        record["model_fingerprint"] = fingerprint("another model")
+        (run / "run.json").write_text(json.dumps(record))
+    (workspace / f"{case}.yaml").write_text(yaml.safe_dump(suite))
+    out = tmp_path / "results.json"
+    code = main(["eval", "--suite", str(workspace / f"{case}.yaml"), "--run", str(run), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_bad_suite_key_has_a_suggestion(tmp_path):
+    from workbench.evals.suite import load_suite
+
+    (tmp_path / "s.yaml").write_text("name: x\ngeneral: {num_chunk: 3}\n")
+    with pytest.raises(UsageError, match=r"s.yaml: unknown key 'general.num_chunk' \(did you mean 'num_chunks'\?\)"):
+        load_suite(tmp_path / "s.yaml")
+    (tmp_path / "t.yaml").write_text("name: x\nmultiple_choice: [{bigbench: a, local: b}]\n")
+    with pytest.raises(UsageError, match="exactly one of"):
+        load_suite(tmp_path / "t.yaml")
