@@ -88,6 +88,24 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_assets(args) -> int:
+    from .evals.suite import load_suite
+    from .evals.tasks import fetch_bigbench
+    from .models import ensure_embedded_default
+
+    names = list(args.bigbench)
+    for path in args.suite:
+        suite, _ = load_suite(path)
+        names += [task.bigbench for task in suite.multiple_choice if task.bigbench]
+        names += [s.removeprefix("bigbench:").split(":")[0] for s in (suite.target.heldout, suite.target.train)
+                  if suite.target and s and s.startswith("bigbench:")]
+    print(f"model: {ensure_embedded_default()}")
+    if names:
+        for name, path in fetch_bigbench(sorted(set(names))).items():
+            print(f"bigbench {name}: {path}")
+    return 0
+
+
 def cmd_recipes(args) -> int:
     import yaml
 
@@ -146,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("inputs", nargs="+", type=Path, metavar="RUN_OR_RESULTS")
     report.add_argument("--out", required=True, type=Path, help="output directory")
     report.set_defaults(func=cmd_report)
+
+    assets = sub.add_parser("assets", help="fetch and cache the embedded default model and BIG-bench tasks")
+    assets.add_argument("--bigbench", nargs="*", default=[], metavar="TASK", help="BIG-bench task names")
+    assets.add_argument("--suite", action="append", type=Path, default=[],
+                        help="also every BIG-bench task this suite names; repeatable")
+    assets.set_defaults(func=cmd_assets)
 
     recipes = sub.add_parser("recipes", help="list the recipes, or show one fully resolved")
     recipes.add_argument("recipe", nargs="?")

@@ -155,10 +155,42 @@ READERS: dict[str, Callable[[Path], list[dict]]] = {
     ".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
+BIGBENCH_SPLITS = {"train": (0.2, 1.0), "val": (0.1, 0.2), "test": (0.0, 0.1)}
+
+
+def _bigbench(spec: str) -> list[dict]:
+    """`bigbench:TASK[:SPLIT]`: a BIG-bench task's targets as prompt/completion records.
+
+    The split is a fixed seeded shuffle: test is the first 10%, val the next 10%, train the rest,
+    so recipes and eval suites name the same disjoint examples without writing any files.
+    """
+    from .evals.tasks import bigbench_generative
+
+    name, _, split = spec.partition(":")
+    if split and split not in BIGBENCH_SPLITS:
+        raise UsageError(f"bigbench:{spec}: unknown split {split!r} (expected {', '.join(BIGBENCH_SPLITS)})")
+    records = bigbench_generative(name)
+    if not split:
+        return records
+    random.Random(0).shuffle(records)
+    low, high = BIGBENCH_SPLITS[split]
+    return records[round(low * len(records)):round(high * len(records))]
+
+
+def is_named_source(source: str) -> bool:
+    """builtin:NAME and bigbench:TASK name data that is not a path."""
+    return source.startswith(("builtin:", "bigbench:"))
+
+
 def read_records(source: str) -> list[dict]:
-    """The records of `source` (a file, a save_to_disk dir, or builtin:NAME), each a dict."""
+    """The records of `source` (a file, a save_to_disk dir, builtin:NAME or bigbench:TASK[:SPLIT])."""
     if source.startswith("builtin:"):
         return _builtin(source.removeprefix("builtin:"))
+    if source.startswith("bigbench:"):
+        records = _bigbench(source.removeprefix("bigbench:"))
+        if not records:
+            raise UsageError(f"{source}: no records")
+        return records
     path = Path(source)
     if path.is_dir():
         records = _read_saved_dataset(path)
@@ -348,10 +380,12 @@ def task_splits(data: "DataSection", tokenizer, seed: int, counts: dict | None =
     records = read_records(data.train)
     if data.val:
         val_records = read_records(data.val)
-        val = _format_all(val_records, range(len(val_records)), data, tokenizer, data.val, counts)
+        n_val = min(len(val_records), data.max_val_examples or len(val_records))
+        val = _format_all(val_records, range(n_val), data, tokenizer, data.val, counts)
         train_idx = list(range(len(records)))
     else:
         train_idx, val_idx = _split(records, data.val_fraction, seed)
+        val_idx = val_idx[:data.max_val_examples]
         val = _format_all(records, val_idx, data, tokenizer, data.train, counts)
     train_idx = train_idx[:data.max_examples]
     train = _format_all(records, train_idx, data, tokenizer, data.train, counts)

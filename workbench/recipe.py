@@ -64,6 +64,7 @@ class DataSection(Section):
     format: Literal["auto", "messages", "prompt_completion"] = "auto"
     max_length: int = Field(default=512, ge=8)
     max_examples: int | None = Field(default=None, ge=1)
+    max_val_examples: int | None = Field(default=None, ge=1, description="Caps the validation set.")
     replay: ReplaySection | None = None
 
 

@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..data import data_fingerprint, format_example, general_text_examples, read_records, task_splits
+from ..data import (data_fingerprint, format_example, general_text_examples, is_named_source, read_records,
+                    task_splits)
 from ..errors import UsageError
 from ..io import fingerprint, write_json
 from ..models import load_model, load_tokenizer, model_fingerprint
 from ..recipe import ModelSection, Recipe
-from ..regularizers.lora_delta import gram, lora_factors, unwrap_peft
+from ..regularizers.lora_delta import gram, lora_factors
 from .base_cache import BaseCache
 from .results import KIND, SCHEMA_VERSION
 from .runner import Entry, EvalData, Evaluator, TargetData
@@ -137,6 +138,10 @@ def _format_file(source: str, suite: Suite, tokenizer) -> list[dict]:
             for i, r in enumerate(read_records(source))]
 
 
+def _suite_path(source: str, suite_dir: Path) -> str:
+    return source if is_named_source(source) or Path(source).is_absolute() else str(suite_dir / source)
+
+
 def target_data(spec: AdapterSpec, suite: Suite, suite_dir: Path, tokenizer) -> TargetData | None:
     t = suite.target
     if t is None:
@@ -145,9 +150,9 @@ def target_data(spec: AdapterSpec, suite: Suite, suite_dir: Path, tokenizer) -> 
     if spec.recipe is not None:
         members, heldout = task_splits(spec.recipe.data, tokenizer, spec.recipe.train.seed)
     elif t.train:
-        members = _format_file(str(suite_dir / t.train), suite, tokenizer)
+        members = _format_file(_suite_path(t.train, suite_dir), suite, tokenizer)
     if t.heldout:
-        heldout = _format_file(str(suite_dir / t.heldout), suite, tokenizer)
+        heldout = _format_file(_suite_path(t.heldout, suite_dir), suite, tokenizer)
     if not heldout:
         if spec.recipe is None and not t.train:
             return None  # nothing names target data: skip the target evals

@@ -313,4 +313,4 @@ def chunks_key(examples: list[dict]) -> str:
 def items_key(items: list) -> str:
     from ..io import fingerprint
 
-    return fingerprint([[i.context, list(i.choices), i.gold] for i in items])
+    return fingerprint([[i.context, list(i.choices), i.gold, i.delimiter] for i in items])

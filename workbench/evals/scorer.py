@@ -149,18 +149,18 @@ class Scorer:
 
 
 def multiple_choice(scorer, context: str, choices: Sequence[str], gold: int,
-                    adapter: str = "tuned") -> dict:
-    """lm-eval's acc and acc_norm for one item; each choice is scored as " " + choice.
+                    adapter: str = "tuned", delimiter: str = " ") -> dict:
+    """lm-eval's acc and acc_norm for one item; each choice is scored as delimiter + choice.
 
-    acc_norm divides each log-likelihood by the choice's length in characters, without the
-    leading space, as lm-eval does (`len(choice)` over `doc_to_choice`). "probs" is the softmax
-    over the choice log-likelihoods.
+    `delimiter` is lm-eval's target_delimiter (" " by default). acc_norm divides each
+    log-likelihood by the choice's length in characters, without the delimiter, as lm-eval does
+    (`len(choice)` over `doc_to_choice`). "probs" is the softmax over the choice log-likelihoods.
     """
     if not choices:
         raise ValueError("choices is empty")
     if not 0 <= gold < len(choices):
         raise ValueError(f"gold {gold} out of range for {len(choices)} choices")
-    continuations = [" " + choice for choice in choices]
+    continuations = [delimiter + choice for choice in choices]
     responses = scorer.loglikelihood([Request(context, c) for c in continuations], adapter=adapter)
     logprobs = np.array([r.logprob for r in responses], dtype=np.float64)
     lengths = np.array([len(c) for c in choices], dtype=np.float64)
