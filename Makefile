@@ -13,7 +13,7 @@ $(BIN)/workbench: pyproject.toml
 	touch $@
 
 demo: $(BIN)/workbench
-	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
+	PATH="$(CURDIR)/$(BIN):$$PATH" QUICK=$(QUICK) bash scripts/demo.sh
 
 test: $(BIN)/workbench
 	$(BIN)/pytest -q

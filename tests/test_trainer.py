@@ -67,12 +67,16 @@ def test_weight_decay_groups_exclude_biases_and_norms(tmp_path):
     assert len(decayed) + len(undecayed) == len(list(model.parameters()))
 
 
-def test_a_non_finite_term_stops_the_run_naming_it(tmp_path):
+def test_a_non_finite_term_stops_before_backward_naming_it(tmp_path):
     from workbench.errors import RunFailed
 
+    class Scaled(DeltaL2):
+        def penalty(self, model, inputs, outputs):
+            return super().penalty(model, inputs, outputs) * float("inf")
+
     model = make_peft()
-    trainer = trainer_for(model, tmp_path, penalties=[DeltaL2(PenaltyConfig(weight=1.0))])
-    trainer._terms["task_loss"].append(torch.tensor(1.0))
-    trainer._terms["delta_l2"].append(torch.tensor(float("nan")))
-    with pytest.raises(RunFailed, match="non-finite delta_l2"):
-        trainer.log({"loss": 1.0})
+    trainer = trainer_for(model, tmp_path, penalties=[Scaled(PenaltyConfig(weight=1.0))])
+    model.train()
+    with pytest.raises(RunFailed, match=r"diverged at step 1: non-finite delta_l2=inf, delta_l2_weighted=inf"):
+        trainer.compute_loss(model, make_batch())
+    assert not trainer._terms  # nothing half-logged

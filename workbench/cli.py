@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 
 from .distributed import is_main_process, shutdown_distributed
-from .errors import RunFailed, UsageError
+from .errors import Interrupted, RunFailed, UsageError
 
 RECIPES_DIR = Path("recipes")
 
@@ -18,7 +18,11 @@ def _quiet_libraries() -> None:
     """Keep the terminal for our own progress: no telemetry, no per-import advisories."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import warnings
+
     from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices inside libraries
 
     hf_logging.set_verbosity_error()
 
@@ -31,7 +35,7 @@ def cmd_train(args) -> int:
     output_dir = Path(args.output_dir or recipe.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"{output_dir}: output directory is an existing file")
-    run_dir = train(recipe, output_dir)
+    run_dir = train(recipe, output_dir, resume=args.resume)
     if is_main_process():
         print(f"run: {run_dir / 'run.json'}\nadapter: {run_dir / 'adapter'}")
     return 0
@@ -135,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe YAML")
     train.add_argument("overrides", nargs="*", metavar="key.path=value", help="recipe overrides")
     train.add_argument("--output-dir", type=Path, help="default: train.output_dir or runs/<name>")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest complete checkpoint in the output directory")
     train.set_defaults(func=cmd_train)
 
     fisher = sub.add_parser("fisher", help="estimate the EWC Fisher of the LoRA-targeted base weights")
@@ -202,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"failed: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,4 +1,4 @@
-"""The two ways a command fails, mapped to exit codes by the CLI."""
+"""The ways a command stops short, mapped to exit codes by the CLI."""
 
 
 class UsageError(Exception):
@@ -7,3 +7,11 @@ class UsageError(Exception):
 
 class RunFailed(Exception):
     """The job ran and failed (training diverged, a gate failed): exit code 1."""
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal after saving a checkpoint: exit 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum

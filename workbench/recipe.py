@@ -162,7 +162,8 @@ def _read_yaml(path: Path, kind: str = "recipe") -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UsageError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, always
+        raise UsageError(f"{path}:{where} invalid YAML: {problem}") from exc
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: not UTF-8 text") from exc
     if data is None:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import platform
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
-from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments, set_seed
 
 from . import __version__
 from .data import Collator, build_datasets, data_fingerprint, general_text_examples
 from .distributed import init_distributed, is_main_process, world_size
+from .errors import Interrupted, UsageError
 from .fisher import estimate_fisher, load_fisher, save_fisher
 from .io import cache_dir, fingerprint, write_json
 from .models import apply_lora, count_parameters, load_model, load_tokenizer, model_fingerprint
@@ -70,7 +75,9 @@ def fisher_for(recipe: Recipe, model, tokenizer, base_fingerprint: str):
     if ewc.fisher:
         return load_fisher(ewc.fisher, model, base_fingerprint)
     modules = sorted(f.key for f in lora_factors(model))
-    key = fingerprint(base_fingerprint, ewc.model_dump(exclude={"weight"}), recipe.train.seed, modules)
+    # keyed by the reference tokens too: the same settings over changed text are another Fisher
+    reference = data_fingerprint(reference_examples(recipe, tokenizer))
+    key = fingerprint(base_fingerprint, ewc.model_dump(exclude={"weight"}), recipe.train.seed, modules, reference)
     path = cache_dir() / "fisher" / f"{key}.safetensors"
     if path.is_file():
         print(f"fisher: cached {path}")
@@ -131,13 +138,91 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
     return trainer, record
 
 
-def train(recipe: Recipe, output_dir: Path | None = None) -> Path:
-    """Fine-tune under the recipe; returns the run directory."""
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete Trainer checkpoint: the Trainer writes trainer_state.json last, so a
+    checkpoint whose state does not parse was cut short by a kill and is passed over."""
+    def step(path: Path) -> int:
+        return int(path.name.rpartition("-")[2]) if path.name.rpartition("-")[2].isdigit() else -1
+
+    for checkpoint in sorted((output_dir / "checkpoints").glob("checkpoint-*"), key=step, reverse=True):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+            return checkpoint
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _check_resumable(recipe: Recipe, output_dir: Path) -> Path:
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is None:
+        raise UsageError(f"{output_dir}: no complete checkpoint to resume from")
+    try:
+        started = json.loads((output_dir / "run.json").read_text())["recipe"]
+    except (OSError, ValueError, KeyError):
+        raise UsageError(f"{output_dir}/run.json: missing or unreadable; cannot check the recipe matches") from None
+    now = resolved(recipe)
+    changed = [key for key in sorted(set(started) | set(now)) if started.get(key) != now.get(key)]
+    if changed:
+        raise UsageError(f"{output_dir}: the recipe changed since the run started (section "
+                         f"{', '.join(changed)}); resume needs the same recipe")
+    return checkpoint
+
+
+class GracefulStop(TrainerCallback):
+    """On SIGTERM or SIGINT, finish the current step, save a checkpoint and stop."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stopper: GracefulStop):
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, stopper.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train(recipe: Recipe, output_dir: Path | None = None, resume: bool = False) -> Path:
+    """Fine-tune under the recipe; returns the run directory.
+
+    resume: continue from the newest complete checkpoint in output_dir (same recipe required);
+    the Trainer restores the model, optimiser, scheduler, RNG states and the data position.
+    """
     output_dir = Path(output_dir or recipe.output_dir)
+    checkpoint = _check_resumable(recipe, output_dir) if resume else None
     trainer, record = build_trainer(recipe, output_dir)
+    stopper = GracefulStop()
+    trainer.add_callback(stopper)
     if trainer.is_world_process_zero():
+        if checkpoint is not None:
+            print(f"resume: from {checkpoint}")
+            record["resumed_from"] = str(checkpoint)
         write_json(output_dir / "run.json", record)
-    result = trainer.train()
+    with _stop_on_signals(stopper):
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if stopper.signal is not None:
+        if trainer.is_world_process_zero():
+            record.update(status="interrupted", history=trainer.state.log_history,
+                          global_step=trainer.state.global_step)
+            write_json(output_dir / "run.json", record)
+        raise Interrupted(stopper.signal, f"stopped by {signal.Signals(stopper.signal).name} at step "
+                          f"{trainer.state.global_step}; checkpoint saved in {output_dir / 'checkpoints'}; "
+                          f"continue with --resume")
     final = dict(result.metrics)
     if trainer.eval_dataset is not None:
         final.update(trainer.evaluate())

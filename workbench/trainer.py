@@ -52,14 +52,35 @@ class RegularizedTrainer(Trainer):
         batch = dict(inputs)  # the label smoother pops "labels"; penalties need the mask
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         token_scale, step_scale = self._scales(batch, num_items_in_batch)
-        self._terms["task_loss"].append(loss.detach() / token_scale)
+        terms = {"task_loss": loss.detach() / token_scale}
         for penalty in self.penalties:
             value = penalty.penalty(model, batch, outputs)
             weighted = penalty.weight(self.state.global_step) * value
             loss = loss + weighted * (token_scale if penalty.per_token else step_scale)
-            self._terms[penalty.name].append(value.detach())
-            self._terms[f"{penalty.name}_weighted"].append(weighted.detach())
+            terms[penalty.name] = value.detach()
+            terms[f"{penalty.name}_weighted"] = weighted.detach()
+        self._check_finite(terms)
+        for name, value in terms.items():
+            self._terms[name].append(value)
         return (loss, outputs) if return_outputs else loss
+
+    def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
+        """Stop before backward when a term is NaN or inf, naming it: no step is taken on it, so
+        the last checkpoint is the last good state."""
+        bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
+        if bad:
+            values = ", ".join(f"{name}={float(terms[name]):g}" for name in bad)
+            raise RunFailed(f"training diverged at step {self.state.global_step + 1}: non-finite {values}; "
+                            f"no update was made, the last good checkpoint is in {self.args.output_dir}")
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The parent's gradient norm, refused when non-finite before the optimiser applies it."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            raise RunFailed(f"training diverged at step {self.state.global_step + 1}: non-finite gradient "
+                            f"(norm {float(grad_norm):g}) although every loss term was finite; no update "
+                            f"was made, the last good checkpoint is in {self.args.output_dir}")
+        return grad_norm
 
     def _scales(self, batch: dict, num_items_in_batch) -> tuple[float | torch.Tensor, float]:
         """How the parent scaled this micro-batch's loss, to scale penalties the same way.
@@ -91,12 +112,6 @@ class RegularizedTrainer(Trainer):
                 logs[name] = torch.stack(values).float().mean().item()
             self._terms.clear()
         super().log(logs, *args, **kwargs)
-        diverged = [k for k, v in logs.items() if isinstance(v, float) and not math.isfinite(v)
-                    and k in ("loss", "grad_norm", "task_loss", *(p.name for p in self.penalties))]
-        if diverged:
-            raise RunFailed(f"training diverged at step {self.state.global_step}: non-finite "
-                            f"{', '.join(diverged)}; checkpoints in {self.args.output_dir} are from "
-                            "before this step")
 
     def get_decay_parameter_names(self, model) -> list[str]:
         """Decoupled weight decay on weight matrices only: never biases, norms or other 1-D tensors."""

@@ -112,7 +112,8 @@ class Evaluator:
             values[i], ids[i] = (t.cpu() for t in base_topk(logprobs, k))
 
         with self.base():
-            rows = token_logprobs(self.model, chunks, self.suite.batch_size, self.pad_id, keep)
+            rows = token_logprobs(self.model, chunks, self.suite.batch_size, self.pad_id, keep,
+                                  desc="base: general text")
         return {"nll": torch.from_numpy(_mean_nll(rows)), "topk_values": torch.cat(values),
                 "topk_ids": torch.cat(ids).to(torch.int32),
                 "offsets": ragged([r for r in rows])["offsets"]}
@@ -133,7 +134,8 @@ class Evaluator:
             per_chunk["agree"].append((i, float(agree)))
 
         with self.tuned(entry):
-            rows = token_logprobs(self.model, chunks, self.suite.batch_size, self.pad_id, compare)
+            rows = token_logprobs(self.model, chunks, self.suite.batch_size, self.pad_id, compare,
+                                  desc=f"{entry.name}: general text")
         ppl = M.ratio_bootstrap_ci(base["nll"].numpy(), _mean_nll(rows), n_boot=self.suite.bootstrap)
         ordered = {key: np.array([v for _, v in sorted(vals)]) for key, vals in per_chunk.items()}
         out = {"retention.general.ppl.base": metric(ppl["base"]),
@@ -146,25 +148,25 @@ class Evaluator:
 
     # --- multiple choice: accuracy and calibration --------------------------------------------
 
-    def _choice_logprobs(self, items: list) -> list[np.ndarray]:
+    def _choice_logprobs(self, items: list, desc: str) -> list[np.ndarray]:
         requests = [Request(item.context, item.delimiter + choice) for item in items for choice in item.choices]
-        responses = self.scorer.loglikelihood(requests)
+        responses = self.scorer.loglikelihood(requests, desc=desc)
         flat = np.array([r.logprob for r in responses], dtype=np.float64)
         bounds = np.cumsum([0] + [len(item.choices) for item in items])
         return [flat[bounds[i]:bounds[i + 1]] for i in range(len(items))]
 
-    def _mc_base(self, items: list) -> dict[str, torch.Tensor]:
+    def _mc_base(self, task: str, items: list) -> dict[str, torch.Tensor]:
         with self.base():
-            rows = self._choice_logprobs(items)
+            rows = self._choice_logprobs(items, f"base: {task}")
         return ragged([torch.from_numpy(r) for r in rows])
 
     def _multiple_choice(self, entry: Entry, tasks: dict[str, list]) -> tuple[dict, dict]:
         outcomes: dict[str, dict[str, list]] = {}
         for task, items in tasks.items():
-            stored = self.cache.get(f"mc:{task}", (items_key(items),), lambda: self._mc_base(items))
+            stored = self.cache.get(f"mc:{task}", (items_key(items),), lambda: self._mc_base(task, items))
             base_rows = [r.numpy() for r in unragged(stored["values"], stored["offsets"])]
             with self.tuned(entry):
-                tuned_rows = self._choice_logprobs(items)
+                tuned_rows = self._choice_logprobs(items, f"{entry.name}: {task}")
             outcomes[task] = {side: [mc_outcome(lp, item.choices, item.gold) for lp, item in zip(rows, items)]
                               for side, rows in (("base", base_rows), ("tuned", tuned_rows))}
         if len(tasks) > 1:
@@ -202,13 +204,13 @@ class Evaluator:
 
     # --- target: learning, overfitting, memorisation, membership --------------------------------
 
-    def _generate(self, examples: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
+    def _generate(self, examples: list[dict], desc: str) -> tuple[list[list[int]], list[list[int]]]:
         """(greedy generations, references), both capped at the suite's max_new_tokens."""
         cap = self.suite.target.max_new_tokens
         pairs = [prompt_and_reference(ex) for ex in examples]
         references = [reference[:cap] for _, reference in pairs]
         generated = greedy_generate(self.model, [prompt for prompt, _ in pairs], [len(r) for r in references],
-                                    self.suite.batch_size, self.pad_id, self.tokenizer.eos_token_id)
+                                    self.suite.batch_size, self.pad_id, self.tokenizer.eos_token_id, desc)
         return generated, references
 
     def _exact_matches(self, generated: list[list[int]], references: list[list[int]]) -> np.ndarray:
@@ -220,10 +222,12 @@ class Evaluator:
 
     def _target_base(self, target: TargetData) -> dict[str, torch.Tensor]:
         with self.base():
-            heldout_rows = token_logprobs(self.model, target.heldout, self.suite.batch_size, self.pad_id)
-            member_rows = token_logprobs(self.model, target.members, self.suite.batch_size, self.pad_id)
+            heldout_rows = token_logprobs(self.model, target.heldout, self.suite.batch_size, self.pad_id,
+                                          desc="base: target held-out")
+            member_rows = token_logprobs(self.model, target.members, self.suite.batch_size, self.pad_id,
+                                         desc="base: target train")
             learn = target.heldout[:self.suite.target.num_examples]
-            matches = self._exact_matches(*self._generate(learn))
+            matches = self._exact_matches(*self._generate(learn, "base: generate"))
         return {"heldout_nll": torch.from_numpy(_mean_nll(heldout_rows)),
                 "member_nll": torch.from_numpy(_mean_nll(member_rows).reshape(-1, 2)),
                 "exact_match": torch.from_numpy(matches)}
@@ -234,10 +238,12 @@ class Evaluator:
         n_learn = min(t.num_examples, len(target.heldout))
         n_pairs = min(len(target.members), len(target.heldout))
         with self.tuned(entry):
-            heldout_rows = token_logprobs(self.model, target.heldout, self.suite.batch_size, self.pad_id)
-            member_rows = token_logprobs(self.model, target.members, self.suite.batch_size, self.pad_id)
-            heldout_gen = self._generate(target.heldout[:max(n_learn, n_pairs)])
-            member_gen = self._generate(target.members[:n_pairs])
+            heldout_rows = token_logprobs(self.model, target.heldout, self.suite.batch_size, self.pad_id,
+                                          desc=f"{entry.name}: target held-out")
+            member_rows = token_logprobs(self.model, target.members, self.suite.batch_size, self.pad_id,
+                                         desc=f"{entry.name}: target train")
+            heldout_gen = self._generate(target.heldout[:max(n_learn, n_pairs)], f"{entry.name}: generate held-out")
+            member_gen = self._generate(target.members[:n_pairs], f"{entry.name}: generate train")
         learn = M.ratio_bootstrap_ci(base["heldout_nll"].numpy()[:n_learn], _mean_nll(heldout_rows[:n_learn]),
                                      n_boot=self.suite.bootstrap)
         log = math.log

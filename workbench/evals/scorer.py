@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from workbench.regularizers.lora_delta import adapter_scale, unwrap_peft
 
@@ -86,7 +87,7 @@ class Scorer:
         return adapter_scale(self.model, scale)
 
     def loglikelihood(self, requests: Sequence[Request], adapter: str = "tuned",
-                      scale: float = 1.0) -> list[Response]:
+                      scale: float = 1.0, desc: str | None = None) -> list[Response]:
         """One `Response` per request, in the order given."""
         adapter_ctx = self._adapter_context(adapter, scale)
         # (inputs, targets, n_scored) per request: the scored targets are the last n_scored.
@@ -111,7 +112,8 @@ class Scorer:
         try:
             self.model.eval()
             with torch.no_grad(), adapter_ctx:
-                for start in range(0, len(todo), self.batch_size):
+                starts = range(0, len(todo), self.batch_size)
+                for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
                     chunk = todo[start:start + self.batch_size]
                     for i, response in zip(chunk, self._score_batch([items[i] for i in chunk], pad_id, device)):
                         responses[i] = response

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data import IGNORE
 
@@ -27,8 +28,8 @@ def scored_positions(labels: list[int]) -> list[int]:
 
 @torch.no_grad()
 def token_logprobs(model, examples: list[dict], batch_size: int, pad_id: int,
-                   with_distribution: Callable[[int, torch.Tensor], None] | None = None
-                   ) -> list[torch.Tensor]:
+                   with_distribution: Callable[[int, torch.Tensor], None] | None = None,
+                   desc: str | None = None) -> list[torch.Tensor]:
     """Per example, the log-probs of its label tokens: a list of [n_i] float64 tensors.
 
     with_distribution(i, logprobs): called with example i's full log-softmax [n_i, V] (fp32) at
@@ -36,7 +37,8 @@ def token_logprobs(model, examples: list[dict], batch_size: int, pad_id: int,
     """
     device = next(model.parameters()).device
     out: list[torch.Tensor | None] = [None] * len(examples)
-    for batch in _batches(examples, batch_size):
+    batches = list(_batches(examples, batch_size))
+    for batch in tqdm(batches, desc=desc, leave=False, disable=desc is None):
         width = max(len(examples[i]["input_ids"]) for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -67,12 +69,13 @@ def prompt_and_reference(example: dict) -> tuple[list[int], list[int]]:
 
 @torch.no_grad()
 def greedy_generate(model, prompts: list[list[int]], max_new_tokens: list[int], batch_size: int,
-                    pad_id: int, eos_id: int) -> list[list[int]]:
+                    pad_id: int, eos_id: int, desc: str | None = None) -> list[list[int]]:
     """Greedy continuations of each prompt, up to its max_new_tokens, cut after the first eos."""
     device = next(model.parameters()).device
     out: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
         batch = order[start:start + batch_size]
         width = max(len(prompts[i]) for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
