@@ -227,6 +227,8 @@ def train(recipe: Recipe, output_dir: Path | None = None, resume: bool = False) 
     if trainer.eval_dataset is not None:
         final.update(trainer.evaluate())
     trainer.save_model(str(output_dir / "adapter"))
+    # the Trainer pickles its arguments next to the adapter; nothing loads it and pickles run code
+    (output_dir / "adapter" / "training_args.bin").unlink(missing_ok=True)
     if trainer.is_world_process_zero():
         record.update(status="completed", history=trainer.state.log_history, final=final,
                       global_step=trainer.state.global_step, adapter="adapter")
