@@ -1,4 +1,4 @@
-"""`workbench train | fisher | eval | gate | report | recipes`: exit 0 on success, 1 when a job fails, 2 on bad input."""
+"""`workbench train | fisher | eval | gate | report | sweep | recipes`: exit 0 on success, 1 when a job fails, 2 on bad input."""
 
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ def _quiet_libraries() -> None:
 def cmd_train(args) -> int:
     from .recipe import load_recipe
     from .run import train
+    from .tracking import enable
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = enable(load_recipe(args.recipe, args.overrides), args.recipe, on=args.wandb)
     output_dir = Path(args.output_dir or recipe.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"{output_dir}: output directory is an existing file")
@@ -72,10 +73,19 @@ def cmd_eval(args) -> int:
     results = run_eval(args.suite, runs=args.run, adapters=args.adapter, base=args.base, out=args.out,
                        use_cache=not args.no_cache)
     from .report import summary_table
+    from .tracking import log_eval
 
     print(summary_table(results))
     print(f"results: {args.out}")
+    log_eval(results, args.out, force=args.wandb)  # after the results are safe on disk
     return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    return run_sweep(args.spec, parallel=args.parallel, wandb=args.wandb, output_dir=args.output_dir,
+                     dry_run=args.dry_run)
 
 
 def cmd_gate(args) -> int:
@@ -120,7 +130,7 @@ def cmd_recipes(args) -> int:
         print(yaml.safe_dump(resolved(recipe), sort_keys=False), end="")
         return 0
     for path in sorted(RECIPES_DIR.rglob("*.yaml")):
-        if "accelerate" in path.parts:
+        if "accelerate" in path.parts or "sweeps" in path.parts:  # launch configs and sweep specs
             continue
         recipe = load_recipe(path)
         on = [name for name in ("weight_decay", "lora_dropout", "label_smoothing", "neftune_alpha")
@@ -141,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", type=Path, help="default: train.output_dir or runs/<name>")
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest complete checkpoint in the output directory")
+    train.add_argument("--wandb", action="store_true",
+                       help="track in Weights & Biases (offline when there is no API key)")
     train.set_defaults(func=cmd_train)
 
     fisher = sub.add_parser("fisher", help="estimate the EWC Fisher of the LoRA-targeted base weights")
@@ -158,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a PEFT adapter directory; repeatable")
     ev.add_argument("--out", required=True, type=Path, help="results JSON to write")
     ev.add_argument("--no-cache", action="store_true", help="score the base again instead of reading the cache")
+    ev.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
+                    help="log results to W&B (default: into each run's W&B run when run.json names one)")
     ev.set_defaults(func=cmd_eval)
 
     gate = sub.add_parser("gate", help="release decision over a results file: exit 0 pass, 1 fail")
@@ -176,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     assets.add_argument("--suite", action="append", type=Path, default=[],
                         help="also every BIG-bench task this suite names; repeatable")
     assets.set_defaults(func=cmd_assets)
+
+    sweep = sub.add_parser("sweep", help="grid or random search over recipe overrides, ranked in a leaderboard")
+    sweep.add_argument("spec", type=Path, help="sweep spec YAML (see recipes/sweeps/)")
+    sweep.add_argument("--parallel", type=int, default=1, metavar="N", help="local processes at once")
+    sweep.add_argument("--wandb", action="store_true", help="track every run in W&B, in one group")
+    sweep.add_argument("--output-dir", type=Path, help="default: the spec's output_dir or runs/sweeps/<name>")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="validate, list the runs and write the wandb sweep YAML; train nothing")
+    sweep.set_defaults(func=cmd_sweep)
 
     recipes = sub.add_parser("recipes", help="list the recipes, or show one fully resolved")
     recipes.add_argument("recipe", nargs="?")

@@ -107,6 +107,21 @@ def _regularizers_schema() -> type[Section]:
 Regularizers = _regularizers_schema()
 
 
+class WandbSection(Section):
+    """Weights & Biases tracking; on when this section is present or with `--wandb`.
+
+    The run name defaults to the recipe name plus a short hash of the resolved recipe, the group
+    to the recipe family; `mode: auto` is online with an API key and offline without one.
+    """
+
+    project: str = "workbench"
+    entity: str | None = None
+    group: str | None = Field(default=None, description="Default: the recipe family.")
+    name: str | None = Field(default=None, description="Default: <recipe name>-<hash>.")
+    tags: list[str] = []
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+
+
 class Recipe(Section):
     name: str = "recipe"
     description: str = ""
@@ -115,6 +130,7 @@ class Recipe(Section):
     data: DataSection
     train: TrainSection = TrainSection()
     regularizers: Regularizers = Regularizers()  # type: ignore[valid-type]
+    wandb: WandbSection | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments, set_seed
 
-from . import __version__
+from . import __version__, tracking
 from .data import Collator, build_datasets, data_fingerprint, general_text_examples
 from .distributed import init_distributed, is_main_process, world_size
 from .errors import Interrupted, UsageError
@@ -73,7 +73,8 @@ def fisher_for(recipe: Recipe, model, tokenizer, base_fingerprint: str):
     """The recipe's Fisher: a given file, else the cache, else estimated now and cached."""
     ewc = recipe.regularizers.ewc
     if ewc.fisher:
-        return load_fisher(ewc.fisher, model, base_fingerprint)
+        fisher, metadata = load_fisher(ewc.fisher, model, base_fingerprint)
+        return fisher, {**metadata, "path": str(ewc.fisher)}  # the path: tracking logs the file
     modules = sorted(f.key for f in lora_factors(model))
     # keyed by the reference tokens too: the same settings over changed text are another Fisher
     reference = data_fingerprint(reference_examples(recipe, tokenizer))
@@ -81,11 +82,12 @@ def fisher_for(recipe: Recipe, model, tokenizer, base_fingerprint: str):
     path = cache_dir() / "fisher" / f"{key}.safetensors"
     if path.is_file():
         print(f"fisher: cached {path}")
-        return load_fisher(path, model, base_fingerprint)
+        fisher, metadata = load_fisher(path, model, base_fingerprint)
+        return fisher, {**metadata, "path": str(path)}
     fisher, metadata = compute_fisher(recipe, model, tokenizer, base_fingerprint)
     if is_main_process():
         save_fisher(path, fisher, metadata)
-    return fisher, metadata
+    return fisher, {**metadata, "path": str(path)}
 
 
 def training_arguments(recipe: Recipe, output_dir: Path, has_val: bool) -> TrainingArguments:
@@ -162,7 +164,8 @@ def _check_resumable(recipe: Recipe, output_dir: Path) -> Path:
     except (OSError, ValueError, KeyError):
         raise UsageError(f"{output_dir}/run.json: missing or unreadable; cannot check the recipe matches") from None
     now = resolved(recipe)
-    changed = [key for key in sorted(set(started) | set(now)) if started.get(key) != now.get(key)]
+    # the wandb section only says where results go: resuming with tracking changed is fine
+    changed = [key for key in sorted((set(started) | set(now)) - {"wandb"}) if started.get(key) != now.get(key)]
     if changed:
         raise UsageError(f"{output_dir}: the recipe changed since the run started (section "
                          f"{', '.join(changed)}); resume needs the same recipe")
@@ -206,6 +209,7 @@ def train(recipe: Recipe, output_dir: Path | None = None, resume: bool = False) 
     output_dir = Path(output_dir or recipe.output_dir)
     checkpoint = _check_resumable(recipe, output_dir) if resume else None
     trainer, record = build_trainer(recipe, output_dir)
+    tracker = tracking.start_training(recipe, trainer, output_dir, record, resume)
     stopper = GracefulStop()
     trainer.add_callback(stopper)
     if trainer.is_world_process_zero():
@@ -213,13 +217,14 @@ def train(recipe: Recipe, output_dir: Path | None = None, resume: bool = False) 
             print(f"resume: from {checkpoint}")
             record["resumed_from"] = str(checkpoint)
         write_json(output_dir / "run.json", record)
-    with _stop_on_signals(stopper):
+    with _stop_on_signals(stopper), tracker.finishing_on_error():
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stopper.signal is not None:
         if trainer.is_world_process_zero():
             record.update(status="interrupted", history=trainer.state.log_history,
                           global_step=trainer.state.global_step)
             write_json(output_dir / "run.json", record)
+        tracker.finish(exit_code=1)
         raise Interrupted(stopper.signal, f"stopped by {signal.Signals(stopper.signal).name} at step "
                           f"{trainer.state.global_step}; checkpoint saved in {output_dir / 'checkpoints'}; "
                           f"continue with --resume")
@@ -233,4 +238,5 @@ def train(recipe: Recipe, output_dir: Path | None = None, resume: bool = False) 
         record.update(status="completed", history=trainer.state.log_history, final=final,
                       global_step=trainer.state.global_step, adapter="adapter")
         write_json(output_dir / "run.json", record)
+    tracking.finish_training(tracker, output_dir, record)
     return output_dir
