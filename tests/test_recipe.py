@@ -80,7 +80,7 @@ def test_bad_recipes_give_one_line_naming_the_key(overrides, message):
 
 def test_yaml_errors_name_the_file_and_line(tmp_path):
     path = write(tmp_path, "bad.yaml", "data:\n  train: x\n  max_length: [1,\n")
-    with pytest.raises(UsageError, match=r"bad.yaml: line \d+ invalid YAML"):
+    with pytest.raises(UsageError, match=r"bad.yaml: line \d+: invalid YAML"):
         load_recipe(path)
     with pytest.raises(UsageError, match="recipe file not found"):
         load_recipe(tmp_path / "missing.yaml")

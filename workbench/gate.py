@@ -27,7 +27,6 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import (BaseModel, ConfigDict, FiniteFloat, PrivateAttr, ValidationError,
                       field_validator, model_validator)
 from rich import box
@@ -36,6 +35,7 @@ from rich.table import Table
 
 from .errors import UsageError
 from .evals.results import load_results
+from .recipe import read_yaml
 
 Status = Literal["pass", "fail", "missing", "skipped"]
 OK_STATUSES = ("pass", "skipped")
@@ -160,27 +160,17 @@ def _describe(exc: ValidationError) -> str:
     return f"{key}: {err['msg'].removeprefix('Value error, ')}{shown}"
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise UsageError(f"{path}: gate policy file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}:" if mark else ""
-        raise UsageError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: not UTF-8 text") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: a gate policy must be a mapping with 'rules', "
-                         f"got {type(data).__name__}")
+def _read_policy(path: Path) -> dict:
+    data = read_yaml(path, kind="gate policy")
+    if not data:
+        raise UsageError(f"{path}: a gate policy must be a mapping with 'rules', got an empty file")
     return data
 
 
 def load_policy(path: str | Path) -> Policy:
     """Read and validate a policy file, or raise a one-line UsageError naming the file and key."""
     path = Path(path)
-    data = _read_yaml(path)
+    data = _read_policy(path)
     data.setdefault("name", path.stem)
     try:
         policy = Policy.model_validate(data)

@@ -169,7 +169,7 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def _read_yaml(path: Path, kind: str = "recipe") -> dict:
+def read_yaml(path: Path, kind: str = "recipe") -> dict:
     """A YAML mapping, loaded safely (no `!!python` tags); `kind` names the file in errors."""
     if not path.is_file():
         raise UsageError(f"{path}: {kind} file not found")
@@ -177,7 +177,7 @@ def _read_yaml(path: Path, kind: str = "recipe") -> dict:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
+        where = f" line {mark.line + 1}:" if mark else ""
         problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, always
         raise UsageError(f"{path}:{where} invalid YAML: {problem}") from exc
     except UnicodeDecodeError as exc:
@@ -194,7 +194,7 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     path = Path(path).resolve()
     if path in _seen:
         raise UsageError(f"{path}: `extends` cycle through {' -> '.join(p.name for p in _seen)}")
-    data = _read_yaml(path)
+    data = read_yaml(path)
     parent = data.pop("extends", None)
     if parent is None:
         return data

@@ -39,7 +39,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import Interrupted, RunFailed, UsageError
 from .io import write_json
-from .recipe import Section, WandbSection, _read_yaml, describe_error, load_recipe
+from .recipe import Section, WandbSection, read_yaml, describe_error, load_recipe
 from .tracking import PREFIXES, trainer_key, wandb_key
 
 
@@ -146,7 +146,7 @@ def is_eval_metric(metric: str) -> bool:
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a sweep spec; bad input is one UsageError line naming the file and key."""
     path = Path(path)
-    raw = _read_yaml(path, kind="sweep spec")
+    raw = read_yaml(path, kind="sweep spec")
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as exc:

@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 
 from .distributed import is_main_process
 from .io import fingerprint
-from .recipe import Recipe, WandbSection, _read_yaml, resolved
+from .recipe import Recipe, WandbSection, read_yaml, resolved
 
 # results.json sections -> W&B summary prefixes (`retention/*`, `overfit/*`, `learning/*`)
 PREFIXES = {"retention": "retention", "overfitting": "overfit", "learning": "learning",
@@ -53,7 +53,7 @@ def family(recipe_path: str | Path) -> str:
     if path.parent.name != "recipes":
         return path.parent.name
     for _ in range(32):  # load_recipe has refused cycles already; the bound only guards misuse
-        parent = _read_yaml(path).get("extends")
+        parent = read_yaml(path).get("extends")
         if not isinstance(parent, str):
             break
         path = (path.parent / parent).resolve()

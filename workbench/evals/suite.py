@@ -22,7 +22,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from ..errors import UsageError
 from ..io import fingerprint
-from ..recipe import Section, _read_yaml, describe_error
+from ..recipe import Section, read_yaml, describe_error
 
 
 class GeneralText(Section):
@@ -110,7 +110,7 @@ class Suite(Section):
 def load_suite(path: str | Path) -> tuple[Suite, Path]:
     """The validated suite and its directory (for relative paths); bad input is one UsageError line."""
     path = Path(path)
-    raw = _read_yaml(path, kind="suite")
+    raw = read_yaml(path, kind="suite")
     try:
         suite = Suite(**raw)
     except ValidationError as exc:
