@@ -28,7 +28,7 @@ def naive(model, tokenizer, request):
         context_ids = tok(stripped)
         cont_ids = tok(stripped + continuation)[len(context_ids):]
     else:
-        context_ids, cont_ids = [tokenizer.eos_token_id], tok(continuation)
+        context_ids, cont_ids = [tokenizer.bos_token_id], tok(continuation)
     ids = torch.tensor([context_ids + cont_ids])
     with torch.no_grad():
         logprobs = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0]

@@ -51,8 +51,8 @@ class Scorer:
 
     @property
     def prefix_token_id(self) -> int:
-        """lm-eval's prefix for an empty context: the end-of-text token (else bos)."""
-        for token_id in (self.tokenizer.eos_token_id, self.tokenizer.bos_token_id):
+        """lm-eval's prefix for an empty context (HFLM 0.4.13): bos, else the end-of-text token."""
+        for token_id in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id):
             if token_id is not None:
                 return int(token_id)
         raise ValueError("an empty context needs a tokenizer with an eos or bos token")
