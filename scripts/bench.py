@@ -59,7 +59,7 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workbench.data import IGNORE, Collator, general_text_examples  # noqa: E402
 from workbench.evals.lmeval import run_lm_eval  # noqa: E402
-from workbench.evals.runner import mc_outcome  # noqa: E402
+from workbench.evals.scorer import choice_outcome  # noqa: E402
 from workbench.evals.scorer import Request, Scorer  # noqa: E402
 from workbench.evals.tasks import bigbench_mc, local_task  # noqa: E402
 from workbench.evals.tokens import token_logprobs  # noqa: E402
@@ -492,7 +492,7 @@ def bench_multiple_choice(model, tokenizer, s: Settings, directory: Path) -> lis
         with timed(scorer, "loglikelihood", scoring["ours"]):
             flat = np.array([r.logprob for r in scorer.loglikelihood(requests)])
         bounds = np.cumsum([0] + [len(item.choices) for item in items])
-        results["ours"] = [mc_outcome(flat[bounds[i]:bounds[i + 1]], item.choices, item.gold)
+        results["ours"] = [choice_outcome(flat[bounds[i]:bounds[i + 1]], item.choices, item.gold)
                            | {"logprobs": flat[bounds[i]:bounds[i + 1]].tolist()} for i, item in enumerate(items)]
 
     def lm_eval():

@@ -15,11 +15,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..data import data_fingerprint
+from ..io import fingerprint
 from ..regularizers.lora_delta import adapter_scale, unwrap_peft
 from . import metrics as M
 from .base_cache import BaseCache, ragged, unragged
 from .results import metric
-from .scorer import Request, Scorer
+from .scorer import Request, Scorer, choice_outcome
 from .suite import Suite
 from .tokens import greedy_generate, prompt_and_reference, token_logprobs
 from .topk_kl import base_topk, kl_bounds
@@ -116,11 +118,11 @@ class Evaluator:
                                   desc="base: general text")
         return {"nll": torch.from_numpy(_mean_nll(rows)), "topk_values": torch.cat(values),
                 "topk_ids": torch.cat(ids).to(torch.int32),
-                "offsets": ragged([r for r in rows])["offsets"]}
+                "offsets": ragged(rows)["offsets"]}
 
     def _general(self, entry: Entry, chunks: list[dict]) -> dict:
         g = self.suite.general
-        base = self.cache.get("general", (g.model_dump(), chunks_key(chunks)), lambda: self._general_base(chunks))
+        base = self.cache.get("general", (g.model_dump(), data_fingerprint(chunks)), lambda: self._general_base(chunks))
         offsets = base["offsets"]
         per_chunk = {"kl_low": [], "kl_high": [], "agree": []}
 
@@ -167,7 +169,7 @@ class Evaluator:
             base_rows = [r.numpy() for r in unragged(stored["values"], stored["offsets"])]
             with self.tuned(entry):
                 tuned_rows = self._choice_logprobs(items, f"{entry.name}: {task}")
-            outcomes[task] = {side: [mc_outcome(lp, item.choices, item.gold) for lp, item in zip(rows, items)]
+            outcomes[task] = {side: [choice_outcome(lp, item.choices, item.gold) for lp, item in zip(rows, items)]
                               for side, rows in (("base", base_rows), ("tuned", tuned_rows))}
         if len(tasks) > 1:
             outcomes["all"] = {side: [o for t in tasks for o in outcomes[t][side]] for side in ("base", "tuned")}
@@ -290,17 +292,6 @@ class Evaluator:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def mc_outcome(logprobs: np.ndarray, choices, gold: int) -> dict:
-    """lm-eval's acc and acc_norm for one item from its choice log-likelihoods, plus calibration
-    inputs: the softmax over choices and the confidence of the predicted choice."""
-    lengths = np.array([len(c) for c in choices], dtype=np.float64)
-    pred = int(np.argmax(logprobs))
-    shifted = np.exp(logprobs - logprobs.max())
-    probs = shifted / shifted.sum()
-    return {"acc": float(pred == gold), "acc_norm": float(int(np.argmax(logprobs / lengths)) == gold),
-            "probs": probs.tolist(), "confidence": float(probs[pred]), "gold": gold}
-
-
 def _paired(prefix: str, ci: dict) -> dict:
     return {f"{prefix}.base": metric(ci["base"]), f"{prefix}.tuned": metric(ci["tuned"]),
             f"{prefix}.delta": metric(ci["delta"], (ci["ci_low"], ci["ci_high"]))}
@@ -310,13 +301,5 @@ def _json_bins(bins: list[dict]) -> list[dict]:
     return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in b.items()} for b in bins]
 
 
-def chunks_key(examples: list[dict]) -> str:
-    from ..data import data_fingerprint
-
-    return data_fingerprint(examples)
-
-
 def items_key(items: list) -> str:
-    from ..io import fingerprint
-
     return fingerprint([[i.context, list(i.choices), i.gold, i.delimiter] for i in items])

@@ -165,16 +165,17 @@ def multiple_choice(scorer, context: str, choices: Sequence[str], gold: int,
     continuations = [delimiter + choice for choice in choices]
     responses = scorer.loglikelihood([Request(context, c) for c in continuations], adapter=adapter)
     logprobs = np.array([r.logprob for r in responses], dtype=np.float64)
+    return {**choice_outcome(logprobs, choices, gold), "logprobs": logprobs.tolist()}
+
+
+def choice_outcome(logprobs: np.ndarray, choices: Sequence[str], gold: int) -> dict:
+    """acc and acc_norm of one item from its choice log-likelihoods [n_choices], plus what
+    calibration needs: the softmax over the choices and the predicted choice's probability."""
     lengths = np.array([len(c) for c in choices], dtype=np.float64)
     pred = int(np.argmax(logprobs))
     pred_norm = int(np.argmax(logprobs / lengths))
     shifted = np.exp(logprobs - logprobs.max())
     probs = shifted / shifted.sum()
-    return {
-        "acc": float(pred == gold),
-        "acc_norm": float(pred_norm == gold),
-        "pred": pred,
-        "pred_norm": pred_norm,
-        "logprobs": logprobs.tolist(),
-        "probs": probs.tolist(),
-    }
+    return {"acc": float(pred == gold), "acc_norm": float(pred_norm == gold), "pred": pred,
+            "pred_norm": pred_norm, "probs": probs.tolist(), "confidence": float(probs[pred]),
+            "gold": gold}

@@ -35,11 +35,14 @@ class EWC(Penalty):
         if fisher is None:
             raise ValueError("EWC needs a Fisher: pass fisher=... (see workbench.fisher)")
         self.fisher = fisher
+        self._device: torch.device | None = None
 
     def _fisher_on(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """The Fisher on the adapter's device, moved once rather than every step."""
-        if any(t.device != device for t in self.fisher.values()):
+        """The Fisher on the adapter's device, moved once rather than every step (O(1) per call:
+        it is asked once per LoRA module per step)."""
+        if device != self._device:
             self.fisher = {k: t.to(device) for k, t in self.fisher.items()}
+            self._device = device
         return self.fisher
 
     def penalty(self, model, inputs, outputs) -> torch.Tensor:
