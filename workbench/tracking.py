@@ -26,6 +26,7 @@ import tempfile
 import time
 import zlib
 from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -157,6 +158,19 @@ def _artifact_name(text: str) -> str:
 # ---------------------------------------------------------------- one W&B run, guarded
 
 
+def _wait_for_a_fresh_offline_folder(directory: Path, run_id: str) -> None:
+    """An offline rejoin goes to `offline-run-<start second>-<id>`; a rejoin within the same second
+    as the run's last start (an eval right after a short training) would reuse that folder and
+    overwrite its log, so wait for the clock to move on (at most about a second)."""
+    def taken() -> bool:
+        stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+        return (directory / "wandb" / f"offline-run-{stamp}-{run_id}").exists()
+
+    deadline = time.monotonic() + 1.5
+    while taken() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 class Tracker:
     """One W&B run behind calls that never raise: the first failure warns in one line and turns
     the tracker off for the rest of the job. An inactive tracker (`Tracker()`) does nothing."""
@@ -185,6 +199,8 @@ class Tracker:
         directory = Path(os.environ.get("WANDB_DIR") or directory)  # WANDB_DIR wins, as in wandb itself
         try:
             directory.mkdir(parents=True, exist_ok=True)
+            if run_id and mode == "offline":
+                _wait_for_a_fresh_offline_folder(directory, run_id)
             run = wandb.init(
                 project=section.project, entity=section.entity, group=group, name=name,
                 tags=list(section.tags), job_type=job_type, config=config, dir=str(directory),
