@@ -379,14 +379,15 @@ def kl_term_peaks(head: torch.nn.Linear, seq: int, chunk_size: int) -> dict[str,
     dtype = head.weight.dtype
     logits = torch.randn(1, seq, head.out_features, device=DEVICE, dtype=dtype, requires_grad=True)
     ref_hidden = torch.randn(1, seq, head.in_features, device=DEVICE, dtype=dtype)
-    mask = torch.ones(1, seq - 1, dtype=torch.bool, device=DEVICE)
+    mask = torch.ones(1, seq, dtype=torch.bool, device=DEVICE)
+    mask[:, -1] = False  # the last position predicts nothing, as in KLToBase.penalty
 
     def ours():
-        total, count = chunked_kl(logits[:, :-1], ref_hidden[:, :-1], head, mask, chunk_size=chunk_size)
+        total, count = chunked_kl(logits, ref_hidden, head, mask, chunk_size=chunk_size)
         (total / count).backward()
 
     def naive():
-        naive_kl(logits[:, :-1], ref_hidden[:, :-1], head, mask).backward()
+        naive_kl(logits, ref_hidden, head, mask).backward()
 
     out = {}
     for name, fn in (("ours", ours), ("naive", naive)):

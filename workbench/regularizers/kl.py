@@ -1,9 +1,11 @@
 """KL-to-base: keep the tuned model's next-token distribution close to the base's.
 
 The reference is the same model with the adapter disabled, so no second copy is loaded. The
-reference runs the decoder body only; vocabulary-sized log-softmaxes are formed one chunk of
-tokens at a time and, under autograd, recomputed in backward (activation checkpointing), so the
-term's extra memory is O(chunk_size x vocab) rather than O(batch x seq x vocab).
+reference runs the decoder body only; the base LM head and both vocabulary-sized log-softmaxes are
+applied one chunk of tokens at a time, and each chunk's gradient with respect to the tuned logits
+is written, in closed form, into one buffer shaped like the logits, which backward hands on. So
+the term's extra memory is that one gradient (which the task loss's backward allocates anyway)
+plus O(chunk_size x vocab), and nothing is recomputed in backward.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from .base import Penalty, PenaltyConfig, register
 from .lora_delta import unwrap_peft
@@ -28,15 +30,45 @@ class KLConfig(PenaltyConfig):
     chunk_size: int = Field(default=1024, ge=1, description="Tokens per log-softmax chunk.")
 
 
-def _chunk_kl(logits: torch.Tensor, ref_hidden: torch.Tensor, ref_head: Callable,
-              direction: str, temperature: float) -> torch.Tensor:
-    """Summed KL over one chunk. logits: [n, V] tuned; ref_hidden: [n, H] fed to `ref_head`."""
-    log_q = F.log_softmax(logits.float() / temperature, dim=-1)
-    with torch.no_grad():
-        log_p = F.log_softmax(ref_head(ref_hidden).float() / temperature, dim=-1)
-    if direction == "forward":  # KL(base || tuned)
-        return (log_p.exp() * (log_p - log_q)).sum()
-    return (log_q.exp() * (log_q - log_p)).sum()  # KL(tuned || base)
+class _ChunkedKL(torch.autograd.Function):
+    """Sum over `positions` of KL between softmax(ref_head(ref_hidden) / t) and softmax(logits / t).
+
+    With q = softmax(z / t) the tuned distribution and p the base's, the gradient with respect to
+    the tuned logits z of one position's KL is
+      forward, KL(p || q):  (q - p) / t
+      reverse, KL(q || p):  q * (log q - log p - KL(q || p)) / t
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ref_hidden, positions, ref_head, direction, temperature, chunk_size, want_grad):
+        flat = logits.reshape(-1, logits.shape[-1])
+        hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])
+        grad = torch.zeros_like(flat) if want_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start in range(0, positions.numel(), chunk_size):
+            index = positions[start:start + chunk_size]
+            log_q = F.log_softmax(flat.index_select(0, index).float().div_(temperature), dim=-1)
+            log_p = F.log_softmax(ref_head(hidden.index_select(0, index)).float().div_(temperature), dim=-1)
+            if direction == "forward":
+                p = log_p.exp()
+                total += (p * (log_p - log_q)).sum()
+                if want_grad:
+                    grad.index_copy_(0, index, log_q.exp_().sub_(p).div_(temperature).to(grad.dtype))
+            else:
+                q = log_q.exp()
+                log_ratio = log_q.sub_(log_p)
+                kl = (q * log_ratio).sum(-1, keepdim=True)
+                total += kl.sum()
+                if want_grad:
+                    grad.index_copy_(0, index, log_ratio.sub_(kl).mul_(q).div_(temperature).to(grad.dtype))
+        ctx.grad, ctx.shape = grad, logits.shape
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total):
+        grad, ctx.grad = ctx.grad, None  # handed on, not copied: backward runs once
+        return grad.mul_(grad_total.to(grad.dtype)).view(ctx.shape), None, None, None, None, None, None, None
 
 
 def chunked_kl(logits: torch.Tensor, ref_hidden: torch.Tensor, ref_head: Callable,
@@ -45,19 +77,13 @@ def chunked_kl(logits: torch.Tensor, ref_hidden: torch.Tensor, ref_head: Callabl
     """Sum of per-token KL over the positions where `mask` is True, and their count.
 
     logits: [B, T, V] from the tuned model; ref_hidden: [B, T, H], turned into base logits by
-    `ref_head` one chunk at a time; mask: [B, T] bool.
+    `ref_head` one chunk at a time; mask: [B, T] bool. Pass the whole logits tensor, not a slice
+    of it: the gradient is then handed to it without a copy.
     """
-    flat_logits = logits.reshape(-1, logits.shape[-1])
-    flat_hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])
     positions = mask.reshape(-1).nonzero().squeeze(1)
-    total = logits.new_zeros((), dtype=torch.float32)
-    recompute = torch.is_grad_enabled() and logits.requires_grad
-    for start in range(0, positions.numel(), chunk_size):
-        index = positions[start:start + chunk_size]
-        args = (flat_logits.index_select(0, index), flat_hidden.index_select(0, index),
-                ref_head, direction, temperature)
-        total = total + (checkpoint(_chunk_kl, *args, use_reentrant=False) if recompute
-                         else _chunk_kl(*args))
+    want_grad = torch.is_grad_enabled() and logits.requires_grad
+    total = _ChunkedKL.apply(logits, ref_hidden, positions, ref_head, direction, temperature, chunk_size,
+                             want_grad)
     return total, positions.new_tensor(positions.numel())
 
 
@@ -95,10 +121,9 @@ class KLToBase(Penalty):
         return self.config.weight * ramp
 
     def penalty(self, model, inputs, outputs) -> torch.Tensor:
-        """Mean KL per completion token (positions whose next-token label is not -100)."""
+        """Mean KL per completion token: positions t whose next-token label (t + 1) is not -100."""
         hidden, head = reference_hidden(model, inputs)
-        mask = inputs["labels"][:, 1:] != -100
-        total, count = chunked_kl(outputs.logits[:, :-1], hidden[:, :-1], head, mask,
-                                  self.config.direction, self.config.temperature,
-                                  self.config.chunk_size)
+        mask = F.pad(inputs["labels"][:, 1:] != -100, (0, 1), value=False)  # [B, T]: logits predict t + 1
+        total, count = chunked_kl(outputs.logits, hidden, head, mask, self.config.direction,
+                                  self.config.temperature, self.config.chunk_size)
         return total / count.clamp(min=1)
