@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 
+from .data import NOT_MODEL_INPUTS
 from .errors import RunFailed
 from .regularizers import Penalty
 
@@ -70,10 +71,11 @@ class RegularizedTrainer(Trainer):
         self._terms: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = dict(inputs)  # a compute_loss_func pops "labels"; penalties need the mask
+        inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
         if not model.training:  # validation loss stays plain NLL, comparable across recipes
             with self._without_label_smoothing():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        batch = dict(inputs)  # a compute_loss_func pops "labels"; penalties need the mask
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         token_scale, step_scale = self._scales(batch, num_items_in_batch)
         terms = {"task_loss": loss.detach() / token_scale}
