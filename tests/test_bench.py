@@ -43,7 +43,6 @@ def test_training_rows_carry_times_and_peak_memory(figures):
     for name in NAMES[:7]:
         assert rows[name]["unit"] == "s/step" and rows[name]["a"] > 0 and rows[name]["b"] > 0
         assert rows[name]["peak_mb_a"] >= 0 and rows[name]["peak_mb_b"] >= 0
-    assert rows["kl_topk_cache"]["implemented"] is False
     assert rows["kl_topk_cache"]["kl_cache_lower"] <= rows["kl_topk_cache"]["kl_exact"] + 1e-6
     assert rows["kl_topk_cache"]["kl_exact"] <= rows["kl_topk_cache"]["kl_cache_upper"] + 1e-6
 

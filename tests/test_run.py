@@ -48,8 +48,9 @@ def test_training_changes_every_trainable_parameter_and_no_frozen_one(tmp_path):
 
 
 def test_gradient_accumulation_and_batch_split_give_the_same_adapter(tmp_path):
-    """Penalties are normalised like the task loss: 1x4 and 2x2 micro-batches agree."""
-    common = FAST + ["regularizers.lora_dropout=0", "regularizers.label_smoothing=0",
+    """Penalties and label smoothing are normalised like the task loss: 1x4 and 2x2 micro-batches
+    agree."""
+    common = FAST + ["regularizers.lora_dropout=0", "regularizers.label_smoothing=0.1",
                      "regularizers.kl_to_base.warmup_steps=0", "train.eval_steps=null",
                      "data.val_fraction=0"]
     adapters = []
@@ -84,3 +85,20 @@ def test_optimizer_side_knobs_reach_the_trainer(tmp_path):
         5, 0.1, 0.5, 0.1)
     assert trainer.model.peft_config["default"].lora_dropout == 0.2
     assert record["recipe"]["regularizers"]["lora_dropout"] == 0.2
+
+
+def test_kl_from_a_full_top_k_cache_trains_the_same_adapter_as_the_exact_kl(tmp_path):
+    """With k = the vocabulary the cached reference is the base's whole distribution, so training
+    against it must reproduce the exact KL's run; a second run reuses the cache."""
+    common = FAST + ["regularizers.kl_to_base.weight=2.0", "regularizers.lora_dropout=0", "train.eval_steps=null",
+                     "data.val_fraction=0"]
+    exact = train(load_recipe("recipes/tiny.yaml", common), tmp_path / "exact")
+    cached_args = common + ["regularizers.kl_to_base.reference=topk_cache", "regularizers.kl_to_base.top_k=512"]
+    cached = train(load_recipe("recipes/tiny.yaml", cached_args), tmp_path / "cached")
+    adapters = [load_file(d / "adapter" / "adapter_model.safetensors") for d in (exact, cached)]
+    assert_adapters_match(adapters[0], adapters[1], rtol=1e-4, atol=1e-5, norm_tol=1e-3, min_close=0.99)
+    record = json.loads((cached / "run.json").read_text())["reference_cache"]
+    assert record["cached"] is False and record["top_k"] < 512  # min(k, vocab)
+    again = train(load_recipe("recipes/tiny.yaml", cached_args + ["train.max_steps=2"]), tmp_path / "again")
+    assert json.loads((again / "run.json").read_text())["reference_cache"]["cached"] is True
+

@@ -421,8 +421,13 @@ def data_fingerprint(examples: list[dict]) -> str:
     return fingerprint([[ex["input_ids"], ex["labels"]] for ex in examples])
 
 
+EXAMPLE_INDEX = "index"  # an example's position in the training set, where a penalty needs it
+NOT_MODEL_INPUTS = (EXAMPLE_INDEX,)  # batch keys the trainer keeps from the model's forward
+
+
 class Collator:
-    """Right-pads a batch to its longest example: input_ids with pad, attention_mask 0, labels -100."""
+    """Right-pads a batch to its longest example: input_ids with pad, attention_mask 0, labels -100.
+    An example's `index`, when it has one, is passed through as a [batch] tensor."""
 
     def __init__(self, pad_token_id: int):
         self.pads = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE}
@@ -430,6 +435,9 @@ class Collator:
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         """features: dicts of equal-length lists; returns LongTensors of shape (batch, longest)."""
         longest = max(len(f["input_ids"]) for f in features)
-        return {key: torch.tensor([f[key] + [pad] * (longest - len(f[key])) for f in features],
-                                  dtype=torch.long)
-                for key, pad in self.pads.items()}
+        batch = {key: torch.tensor([f[key] + [pad] * (longest - len(f[key])) for f in features],
+                                   dtype=torch.long)
+                 for key, pad in self.pads.items()}
+        if EXAMPLE_INDEX in features[0]:
+            batch[EXAMPLE_INDEX] = torch.tensor([f[EXAMPLE_INDEX] for f in features], dtype=torch.long)
+        return batch

@@ -14,13 +14,14 @@ import torch
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments, set_seed
 
 from . import __version__, tracking
-from .data import Collator, build_datasets, data_fingerprint, general_text_examples
+from .data import EXAMPLE_INDEX, Collator, build_datasets, data_fingerprint, general_text_examples
 from .distributed import init_distributed, is_main_process, world_size
 from .errors import Interrupted, UsageError
 from .fisher import estimate_fisher, load_fisher, save_fisher
 from .io import cache_dir, fingerprint, write_json
 from .models import apply_lora, count_parameters, load_model, load_tokenizer, model_fingerprint
 from .recipe import Recipe, resolved
+from .reference import topk_reference_for
 from .regularizers import PENALTIES
 from .regularizers.lora_delta import lora_factors
 from .trainer import RegularizedTrainer
@@ -119,9 +120,15 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
         print(f"data: {st['n_train']} train ({st['n_replay']} replay), {st['n_val']} val, "
               f"{st['n_truncated']} truncated to {st['max_length']} tokens, "
               f"{st['n_dropped_all_masked']} dropped with no completion token left")
-    context, fisher_meta = {}, None
+    context, fisher_meta, reference_meta = {}, None, None
+    collator, train = Collator(tokenizer.pad_token_id), data.train
     if "ewc" in recipe.penalties():
         context["fisher"], fisher_meta = fisher_for(recipe, model, tokenizer, base_fingerprint)
+    kl = recipe.penalties().get("kl_to_base")
+    if kl is not None and kl.reference == "topk_cache":
+        context["reference_cache"], reference_meta = topk_reference_for(
+            model, data.train, collator, base_fingerprint, kl.top_k, kl.temperature, recipe.train.batch_size)
+        train = [{**example, EXAMPLE_INDEX: i} for i, example in enumerate(data.train)]  # for its lookup
     penalties = [PENALTIES[name](cfg, **context) for name, cfg in recipe.penalties().items()]
     args = training_arguments(recipe, output_dir, has_val=bool(data.val))
     callbacks = []
@@ -129,14 +136,15 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
         es = recipe.train.early_stopping
         callbacks.append(EarlyStoppingCallback(es.patience, es.min_delta))
     trainer = RegularizedTrainer(
-        model=model, args=args, train_dataset=data.train, eval_dataset=data.val or None,
-        data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
+        model=model, args=args, train_dataset=train, eval_dataset=data.val or None,
+        data_collator=collator, processing_class=tokenizer,
         penalties=penalties, callbacks=callbacks)
     record = {"schema_version": RUN_SCHEMA_VERSION, "status": "running", "recipe": resolved(recipe),
               "versions": versions(), "world_size": args.world_size, "command": sys.argv,
               "model_fingerprint": base_fingerprint, "parameters": count_parameters(model),
               "data": {**data.stats, "train_fingerprint": data_fingerprint(data.train)},
-              "fisher": fisher_meta, "penalties": [p.name for p in penalties]}
+              "fisher": fisher_meta, "reference_cache": reference_meta,
+              "penalties": [p.name for p in penalties]}
     return trainer, record
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 
+from .data import NOT_MODEL_INPUTS
 from .errors import RunFailed
 from .regularizers import Penalty
 
@@ -29,6 +32,24 @@ class TermsProgress(ProgressCallback):
                                            for k, v in shown.items()}, refresh=False)
 
 
+def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None,
+                   label_smoothing: float = 0.0) -> torch.Tensor:
+    """Next-token cross-entropy as transformers' causal-LM loss computes it (the labels shifted by
+    padding, so the logits are not copied; summed over label tokens and divided by the tokens in
+    the accumulated batch when that is given), with label smoothing done inside torch's
+    `cross_entropy` rather than by HF's `LabelSmoother`, which builds several more
+    vocabulary-sized tensors and averages per micro-batch, so accumulation would change the loss.
+    """
+    logits = outputs["logits"]
+    labels = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
+    summed = num_items_in_batch is not None
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum" if summed else "mean", label_smoothing=label_smoothing)
+    if summed:
+        loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+    return loss
+
+
 class RegularizedTrainer(Trainer):
     """Adds `weight(step) * penalty` for each penalty to the task loss and logs every term.
 
@@ -42,14 +63,19 @@ class RegularizedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(TermsProgress)
+        if self.label_smoother is not None:
+            self.label_smoother = None
+            self.compute_loss_func = functools.partial(causal_lm_loss,
+                                                       label_smoothing=self.args.label_smoothing_factor)
         self.penalties = list(penalties)
         self._terms: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        batch = dict(inputs)  # a compute_loss_func pops "labels"; penalties need the mask
+        inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
         if not model.training:  # validation loss stays plain NLL, comparable across recipes
             with self._without_label_smoothing():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        batch = dict(inputs)  # the label smoother pops "labels"; penalties need the mask
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         token_scale, step_scale = self._scales(batch, num_items_in_batch)
         terms = {"task_loss": loss.detach() / token_scale}
@@ -89,7 +115,8 @@ class RegularizedTrainer(Trainer):
         (local tokens / tokens in the accumulated batch, times world size when tokens are averaged
         across devices). step_scale makes a parameter penalty count once per optimiser step.
         """
-        if not (self.model_accepts_loss_kwargs and num_items_in_batch is not None):
+        normalised = self.model_accepts_loss_kwargs or self.compute_loss_func is not None
+        if not (normalised and num_items_in_batch is not None):
             return 1.0, 1.0  # the parent divides the whole loss by the accumulation steps
         local = (batch["labels"][:, 1:] != -100).sum()
         token_scale = local / num_items_in_batch
@@ -99,11 +126,12 @@ class RegularizedTrainer(Trainer):
 
     @contextlib.contextmanager
     def _without_label_smoothing(self):
-        smoother, self.label_smoother = self.label_smoother, None
+        """The model's own loss: plain next-token NLL, normalised the same way."""
+        loss_func, self.compute_loss_func = self.compute_loss_func, None
         try:
             yield
         finally:
-            self.label_smoother = smoother
+            self.compute_loss_func = loss_func
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """Flush the mean of every term since the last log into the log record."""

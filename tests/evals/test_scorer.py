@@ -185,3 +185,33 @@ def test_acc_norm_length_excludes_the_leading_space():
     # Counting the space (2 and 3 chars) would give -0.5 > -0.633 and pick "a".
     result = multiple_choice(FakeScorer([-1.0, -1.9]), "Q", ["a", "bb"], gold=1)
     assert result["pred_norm"] == 1 and result["acc_norm"] == 1.0
+
+
+SHARED = [  # three items of choices: contexts of different lengths (left padding), continuations of
+    # one token and of several, and a lone request scored the ordinary way
+    *(Request("Question: which colour is the sky? Answer:", c) for c in (" blue", " green", " a deep red", "!")),
+    *(Request("Pick one", c) for c in (" x", " yy", " zzz zz")),
+    Request("Alone here", " and on its own"),
+    *(Request("Two", c) for c in ("!", "?")),
+]
+
+
+def test_shared_contexts_match_one_sequence_per_request(model, tok):
+    shared = Scorer(model, tok, batch_size=2)
+    separate = Scorer(model, tok, batch_size=2, share_context=False)
+    ours = shared.loglikelihood(SHARED)
+    assert_same(ours, separate.loglikelihood(SHARED))
+    for request, response in zip(SHARED, ours):
+        logprob, n_tokens, greedy = naive(model, tok, request)
+        assert (response.n_tokens, response.is_greedy) == (n_tokens, greedy)
+        assert response.logprob == pytest.approx(logprob, abs=1e-4)
+    # 3 shared contexts in 2 batches: the longest two take a context pass and a continuation
+    # pass, "Two" (single-token choices) only a context pass; plus the lone request: 4 calls for
+    # 10 requests, where one sequence per request takes 5 batches of 2
+    assert shared.forward_calls == 4 and separate.forward_calls == 5
+
+
+def test_shared_contexts_under_base_and_scaled_adapter(model, tok):
+    for kwargs in ({"adapter": "base"}, {"scale": 0.5}):
+        ours = Scorer(model, tok, batch_size=3).loglikelihood(SHARED, **kwargs)
+        assert_same(ours, Scorer(model, tok, batch_size=3, share_context=False).loglikelihood(SHARED, **kwargs))

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import make_batch, make_peft
-from workbench.regularizers.kl import KLConfig, KLToBase, chunked_kl
+from workbench.evals.topk_kl import base_topk, kl_bounds
+from workbench.regularizers.kl import KLConfig, KLToBase, cached_topk_kl, chunked_kl
 from workbench.regularizers.lora_delta import adapter_scale
 
 
@@ -47,6 +48,18 @@ def test_chunked_kl_applies_reference_head_per_chunk():
     torch.testing.assert_close(ours.double(), theirs, rtol=1e-6, atol=1e-7)
 
 
+def test_upstream_gradient_scales_the_handed_on_gradient():
+    """backward multiplies the precomputed gradient by the upstream gradient (the penalty weight)."""
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 4, 10, generator=gen).requires_grad_()
+    ref = torch.randn(2, 4, 10, generator=gen)
+    mask = torch.tensor([[True, False, True, False], [False, True, True, False]])
+    total, _ = chunked_kl(logits, ref, lambda h: h, mask, chunk_size=2)
+    (-3.0 * total).backward()
+    (expected,) = torch.autograd.grad(-3.0 * reference_kl(logits, ref, mask, "forward", 1.0), logits)
+    torch.testing.assert_close(logits.grad, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_all_masked_batch_is_zero():
     logits = torch.randn(2, 4, 10, requires_grad=True)
     total, count = chunked_kl(logits, torch.randn(2, 4, 10), lambda h: h, torch.zeros(2, 4, dtype=torch.bool))
@@ -85,6 +98,70 @@ def test_penalty_equals_two_forward_passes(direction):
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_penalty_gradient_matches_autograd_through_kl_div(direction):
+    """The closed-form gradient handed to the logits, taken on to every LoRA parameter (the head's
+    included), against autograd through the obvious full-tensor implementation."""
+    model, batch = make_peft(targets=("q_proj", "v_proj", "lm_head"), perturb=True), make_batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = torch.autograd.grad(_penalty(model, batch, direction=direction, temperature=0.7, chunk_size=3), params)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad(), model.disable_adapter():
+        base = model(**inputs).logits
+    mask = batch["labels"][:, 1:] != -100
+    reference = reference_kl(model(**inputs).logits[:, :-1], base[:, :-1], mask, direction, 0.7) / mask.sum()
+    theirs = torch.autograd.grad(reference, params)
+    assert sum(g.abs().sum() for g in theirs) > 0
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_warmup_ramps_weight_linearly():
     penalty = KLToBase(KLConfig(weight=0.8, warmup_steps=4))
     assert [penalty.weight(s) for s in (0, 2, 4, 100)] == [0.0, 0.4, 0.8, 0.8]
+
+
+def lumped_tail_kl(logits, values, ids, mask, temperature):
+    """The top-k cache's KL written the obvious way, for autograd: the base's tail as one outcome."""
+    log_q = F.log_softmax(logits[mask] / temperature, -1)
+    q_head = log_q.gather(-1, ids).exp()
+    p = values.exp()
+    mass, q_tail = 1 - p.sum(-1), 1 - q_head.sum(-1)
+    return ((p * (values - log_q.gather(-1, ids))).sum(-1) + mass * (mass.log() - q_tail.log())).sum()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_cached_topk_kl_is_the_lumped_tail_kl_with_its_gradient(temperature):
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 6, 40, generator=gen, dtype=torch.float64).requires_grad_()
+    ref = torch.randn(2, 6, 40, generator=gen, dtype=torch.float64) * 2
+    mask = torch.rand(2, 6, generator=gen) > 0.3
+    values, ids = base_topk(F.log_softmax(ref[mask] / temperature, -1), 7)
+    ours, count = cached_topk_kl(logits, values, ids, mask, temperature, chunk_size=4)
+    theirs = lumped_tail_kl(logits, values, ids, mask, temperature)
+    lower, _ = kl_bounds(values, ids, F.log_softmax(logits[mask].detach() / temperature, -1))
+    assert count.item() == mask.sum().item()
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.double(), lower.sum(), rtol=1e-5, atol=1e-6)  # the eval's lower bound
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    (g_theirs,) = torch.autograd.grad(theirs, logits)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_cached_topk_kl_with_the_whole_vocabulary_is_the_exact_kl():
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 5, 30, generator=gen).requires_grad_()
+    ref = torch.randn(2, 5, 30, generator=gen)
+    mask = torch.rand(2, 5, generator=gen) > 0.3
+    values, ids = base_topk(F.log_softmax(ref[mask], -1), 30)
+    ours, _ = cached_topk_kl(logits, values, ids, mask)
+    exact, _ = chunked_kl(logits, ref, lambda h: h, mask)
+    torch.testing.assert_close(ours, exact, rtol=1e-5, atol=1e-6)
+    g_ours, g_exact = (torch.autograd.grad(v, logits)[0] for v in (ours, exact))
+    torch.testing.assert_close(g_ours, g_exact, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_topk_kl_refuses_a_cache_of_the_wrong_length():
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="3 positions for this batch, the batch 4"):
+        cached_topk_kl(torch.randn(1, 4, 10), torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.long), mask)

@@ -38,13 +38,17 @@ class Response:
 class Scorer:
     """Log-likelihoods of continuations under one causal LM, batched with right padding."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 8, max_length: int = 2048):
+    def __init__(self, model: torch.nn.Module, tokenizer, batch_size: int = 8, max_length: int = 2048,
+                 share_context: bool = True):
+        """share_context: requests with the same context (a multiple-choice item's choices) run the
+        context once and their continuations on its KV cache, instead of once per request."""
         if batch_size < 1 or max_length < 1:
             raise ValueError("batch_size and max_length must be >= 1")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_length
+        self.share_context = share_context
         self.forward_calls = 0
 
     # --- encoding --------------------------------------------------------------------------
@@ -91,19 +95,30 @@ class Scorer:
         """One `Response` per request, in the order given."""
         adapter_ctx = self._adapter_context(adapter, scale)
         # (inputs, targets, n_scored) per request: the scored targets are the last n_scored.
-        items = []
+        items, contexts = [], []
         for request in requests:
             context_ids, continuation_ids = self.encode(request)
             full = (context_ids + continuation_ids)[-(self.max_length + 1):]
             n_scored = min(len(continuation_ids), len(full) - 1)
             items.append((full[:-1], full[1:], n_scored))
+            untruncated = len(full) == len(context_ids) + len(continuation_ids)
+            contexts.append(tuple(context_ids) if untruncated and continuation_ids else None)
 
         responses: list[Response | None] = [None] * len(items)
-        todo = [i for i, (_, _, n) in enumerate(items) if n > 0]
         for i, (_, _, n) in enumerate(items):
             if n == 0:
                 responses[i] = Response(0.0, 0, True, ())
+        groups: dict[tuple, list[int]] = {}  # context -> the requests sharing it
+        for i, context in enumerate(contexts):
+            if responses[i] is None and context is not None and self.share_context:
+                groups.setdefault(context, []).append(i)
+        shared = [members for members in groups.values() if len(members) > 1]
+        in_shared = {i for members in shared for i in members}
+        todo = [i for i in range(len(items)) if responses[i] is None and i not in in_shared]
         todo.sort(key=lambda i: (-len(items[i][0]), i))  # longest first
+        shared.sort(key=lambda members: (-len(contexts[members[0]]), members[0]))
+        batches = [("single", todo[s:s + self.batch_size]) for s in range(0, len(todo), self.batch_size)]
+        batches += [("shared", shared[s:s + self.batch_size]) for s in range(0, len(shared), self.batch_size)]
 
         was_training = self.model.training
         device = next(self.model.parameters()).device
@@ -112,14 +127,73 @@ class Scorer:
         try:
             self.model.eval()
             with torch.no_grad(), adapter_ctx:
-                starts = range(0, len(todo), self.batch_size)
-                for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
-                    chunk = todo[start:start + self.batch_size]
-                    for i, response in zip(chunk, self._score_batch([items[i] for i in chunk], pad_id, device)):
+                for kind, batch in tqdm(batches, desc=desc, leave=False, disable=desc is None):
+                    if kind == "single":
+                        answered = zip(batch, self._score_batch([items[i] for i in batch], pad_id, device))
+                    else:
+                        members = [i for group in batch for i in group]
+                        continuations = [[items[i][1][-items[i][2]:] for i in group] for group in batch]
+                        prefixes = [list(contexts[group[0]]) for group in batch]
+                        answered = zip(members, self._score_shared(prefixes, continuations, pad_id, device))
+                    for i, response in answered:
                         responses[i] = response
         finally:
             self.model.train(was_training)
         return responses  # type: ignore[return-value]
+
+    def _score_shared(self, contexts: list[list[int]], continuations: list[list[list[int]]], pad_id: int,
+                      device) -> list[Response]:
+        """Each context once, left-padded so their last tokens align; then all continuations of all
+        contexts in one batch on the contexts' KV cache, each row repeating its context's cache.
+        Token for token this is the computation of one full sequence per request."""
+        width = max(len(c) for c in contexts)
+        input_ids = torch.full((len(contexts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(contexts), width), dtype=torch.long)
+        for g, context in enumerate(contexts):
+            input_ids[g, width - len(context):] = torch.tensor(context)
+            mask[g, width - len(context):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                         position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+        self.forward_calls += 1
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [G, V]: predicts each first token
+
+        owner = torch.tensor([g for g, conts in enumerate(continuations) for _ in conts])
+        rows = [cont for conts in continuations for cont in conts]
+        rest_width = max(len(cont) - 1 for cont in rows)
+        first_targets = torch.tensor([cont[0] for cont in rows], device=first.device)
+        first_lp = first[owner.to(first.device)].gather(-1, first_targets[:, None]).squeeze(-1)
+        first_greedy = first.argmax(-1)[owner.to(first.device)] == first_targets
+        token_lps = [[lp] for lp in first_lp.cpu().tolist()]
+        greedy = [[g] for g in first_greedy.cpu().tolist()]
+        if rest_width > 0:  # continuations of two or more tokens: feed all but their last token
+            cache = out.past_key_values
+            cache.reorder_cache(owner.to(device))
+            rest = torch.full((len(rows), rest_width), pad_id, dtype=torch.long)
+            rest_mask = torch.zeros((len(rows), rest_width), dtype=torch.long)
+            for r, cont in enumerate(rows):
+                rest[r, :len(cont) - 1] = torch.tensor(cont[:-1])
+                rest_mask[r, :len(cont) - 1] = 1
+            full_mask = torch.cat([mask[owner], rest_mask], dim=1)
+            rest_positions = mask.sum(-1)[owner][:, None] + torch.arange(rest_width)
+            logits = self.model(input_ids=rest.to(device), attention_mask=full_mask.to(device),
+                                position_ids=rest_positions.to(device), past_key_values=cache).logits
+            self.forward_calls += 1
+            pick_rows = [r for r, cont in enumerate(rows) for _ in cont[1:]]
+            pick_cols = [t for cont in rows for t in range(len(cont) - 1)]
+            targets = torch.tensor([tok for cont in rows for tok in cont[1:]], device=logits.device)
+            picked = logits[torch.tensor(pick_rows, device=logits.device), torch.tensor(pick_cols, device=logits.device)]
+            logprobs = torch.log_softmax(picked.float(), dim=-1)
+            lps = logprobs.gather(-1, targets[:, None]).squeeze(-1).cpu().tolist()
+            hits = (logprobs.argmax(-1) == targets).cpu().tolist()
+            offset = 0
+            for r, cont in enumerate(rows):
+                n = len(cont) - 1
+                token_lps[r] += lps[offset:offset + n]
+                greedy[r] += hits[offset:offset + n]
+                offset += n
+        return [Response(float(sum(lps)), len(lps), bool(all(g)), tuple(float(x) for x in lps))
+                for lps, g in zip(token_lps, greedy)]
 
     def _score_batch(self, batch, pad_id: int, device) -> list[Response]:
         width = max(len(inputs) for inputs, _, _ in batch)

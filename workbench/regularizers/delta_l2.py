@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import Penalty, register
-from .lora_delta import gram, lora_factors
+from .lora_delta import grouped_factors, grouped_gram
 
 
 @register
@@ -15,5 +15,4 @@ class DeltaL2(Penalty):
     name = "delta_l2"
 
     def penalty(self, model, inputs, outputs) -> torch.Tensor:
-        terms = [f.scale**2 * gram(f.A.float(), f.B.float()) for f in lora_factors(model)]
-        return torch.stack(terms).sum()
+        return torch.stack([(g.scale**2 * grouped_gram(g.A, g.B)).sum() for g in grouped_factors(model)]).sum()

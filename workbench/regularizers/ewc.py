@@ -1,7 +1,8 @@
 """EWC on the LoRA delta: weight/2 * sum(F * dW**2), with dW = scale * B @ A.
 
 With the K-FAC diagonal Fisher F_ij = g_i * a_j the sum is an r-by-r computation per module
-(see `gram`), so the penalty never materialises an out-by-in matrix.
+(see `gram`), so the penalty never materialises an out-by-in matrix. Modules with the same shapes
+are stacked and contracted in one batched call (`grouped_factors`), their Fishers stacked once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from pydantic import Field
 
 from .base import Penalty, PenaltyConfig, register
-from .lora_delta import gram, lora_factors
+from .lora_delta import FactorGroup, grouped_factors, grouped_gram
 
 
 class EWCConfig(PenaltyConfig):
@@ -34,24 +35,30 @@ class EWC(Penalty):
         super().__init__(config)
         if fisher is None:
             raise ValueError("EWC needs a Fisher: pass fisher=... (see workbench.fisher)")
-        self.fisher = fisher
-        self._device: torch.device | None = None
+        self.fisher = dict(fisher)  # entries are popped as they are stacked
+        self._stacked: dict[tuple[str, ...], tuple[torch.Tensor, ...]] = {}
 
-    def _fisher_on(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """The Fisher on the adapter's device, moved once rather than every step (O(1) per call:
-        it is asked once per LoRA module per step)."""
-        if device != self._device:
-            self.fisher = {k: t.to(device) for k, t in self.fisher.items()}
-            self._device = device
-        return self.fisher
+    def _stacked_fisher(self, group: FactorGroup) -> tuple[torch.Tensor, ...]:
+        """The group's Fisher stacked in its module order, on its device: (diag [G, out, in],) or
+        (g [G, out], a [G, in]). Built once; the per-module tensors are then dropped, so an exact
+        diagonal (as large as the adapted weights) is not held twice."""
+        stacked = self._stacked.get(group.keys)
+        if stacked is None:
+            kinds = ("diag",) if f"{group.keys[0]}.diag" in self.fisher else ("g", "a")
+            stacked = tuple(torch.stack([self.fisher.pop(f"{k}.{kind}") for k in group.keys]).float()
+                            for kind in kinds)
+        if stacked[0].device != group.A.device:
+            stacked = tuple(t.to(group.A.device) for t in stacked)
+        self._stacked[group.keys] = stacked
+        return stacked
 
     def penalty(self, model, inputs, outputs) -> torch.Tensor:
         terms = []
-        for f in lora_factors(model):
-            A, B = f.A.float(), f.B.float()
-            fisher = self._fisher_on(A.device)
-            if f"{f.key}.diag" in fisher:
-                terms.append(f.scale**2 * (fisher[f"{f.key}.diag"] * (B @ A) ** 2).sum())
+        for group in grouped_factors(model):
+            fisher = self._stacked_fisher(group)
+            if len(fisher) == 1:  # the exact diagonal: out x in per module
+                per_module = (fisher[0] * (group.B @ group.A) ** 2).sum((1, 2))
             else:
-                terms.append(f.scale**2 * gram(A, B, fisher[f"{f.key}.g"], fisher[f"{f.key}.a"]))
+                per_module = grouped_gram(group.A, group.B, *fisher)
+            terms.append((group.scale**2 * per_module).sum())
         return 0.5 * torch.stack(terms).sum()

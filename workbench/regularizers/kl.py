@@ -1,9 +1,11 @@
 """KL-to-base: keep the tuned model's next-token distribution close to the base's.
 
 The reference is the same model with the adapter disabled, so no second copy is loaded. The
-reference runs the decoder body only; vocabulary-sized log-softmaxes are formed one chunk of
-tokens at a time and, under autograd, recomputed in backward (activation checkpointing), so the
-term's extra memory is O(chunk_size x vocab) rather than O(batch x seq x vocab).
+reference runs the decoder body only; the base LM head and both vocabulary-sized log-softmaxes are
+applied one chunk of tokens at a time, and each chunk's gradient with respect to the tuned logits
+is written, in closed form, into one buffer shaped like the logits, which backward hands on. So
+the term's extra memory is that one gradient (which the task loss's backward allocates anyway)
+plus O(chunk_size x vocab), and nothing is recomputed in backward.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
-from torch.utils.checkpoint import checkpoint
+from pydantic import Field, model_validator
+from torch.autograd.function import once_differentiable
 
 from .base import Penalty, PenaltyConfig, register
 from .lora_delta import unwrap_peft
@@ -26,17 +28,87 @@ class KLConfig(PenaltyConfig):
     temperature: float = Field(default=1.0, gt=0.0)
     warmup_steps: int = Field(default=0, ge=0, description="Ramp the weight linearly from 0.")
     chunk_size: int = Field(default=1024, ge=1, description="Tokens per log-softmax chunk.")
+    reference: Literal["model", "topk_cache"] = Field(
+        default="model", description="model: the base's forward pass at every step (exact KL). topk_cache: "
+        "the base's top-k log-probs on the training set, computed once and cached across epochs and "
+        "recipes; the KL's base tail is then lumped into one outcome (a lower bound).")
+    top_k: int = Field(default=256, ge=1, description="Log-probs per token kept by reference: topk_cache.")
+
+    @model_validator(mode="after")
+    def _cache_needs_forward(self) -> "KLConfig":
+        if self.reference == "topk_cache" and self.direction != "forward":
+            raise ValueError("reference: topk_cache supports direction: forward only (the reverse KL "
+                             "weighs every token by the tuned model, so it needs the base's whole distribution)")
+        return self
 
 
-def _chunk_kl(logits: torch.Tensor, ref_hidden: torch.Tensor, ref_head: Callable,
-              direction: str, temperature: float) -> torch.Tensor:
-    """Summed KL over one chunk. logits: [n, V] tuned; ref_hidden: [n, H] fed to `ref_head`."""
-    log_q = F.log_softmax(logits.float() / temperature, dim=-1)
-    with torch.no_grad():
-        log_p = F.log_softmax(ref_head(ref_hidden).float() / temperature, dim=-1)
-    if direction == "forward":  # KL(base || tuned)
-        return (log_p.exp() * (log_p - log_q)).sum()
-    return (log_q.exp() * (log_q - log_p)).sum()  # KL(tuned || base)
+class _HandedOnGradient(torch.autograd.Function):
+    """A scalar of the logits whose gradient `compute` works out alongside its value, chunk by
+    chunk into one logits-shaped buffer; backward scales that buffer and hands it on."""
+
+    @staticmethod
+    def forward(ctx, logits, compute, want_grad):
+        total, ctx.grad = compute(logits, want_grad)
+        ctx.shape = logits.shape
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total):
+        grad, ctx.grad = ctx.grad, None  # handed on, not copied: backward runs once
+        return grad.mul_(grad_total.to(grad.dtype)).view(ctx.shape), None, None
+
+
+def _by_chunk(logits: torch.Tensor, positions: torch.Tensor, chunk_size: int, want_grad: bool,
+              chunk_kl: Callable) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sum over chunks of `positions` of `chunk_kl(z, start, index) -> (KL sum, gradient in z)`,
+    z being the chunk's tuned logits [n, V] in fp32; each chunk's gradient is written into its
+    rows of one logits-shaped buffer."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    grad = torch.zeros_like(flat) if want_grad else None
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for start in range(0, positions.numel(), chunk_size):
+        index = positions[start:start + chunk_size]
+        value, chunk_grad = chunk_kl(flat.index_select(0, index).float(), start, index)
+        total += value
+        if want_grad:
+            grad.index_copy_(0, index, chunk_grad.to(grad.dtype))
+    return total, grad
+
+
+def _exact_chunk(z, ref_hidden, ref_head, direction, temperature):
+    """KL summed over a chunk, and its gradient in the tuned logits z [n, V]. With q = softmax(z/t)
+    the tuned distribution and p the base's:
+      forward, KL(p || q):  (q - p) / t
+      reverse, KL(q || p):  q * (log q - log p - KL(q || p)) / t"""
+    log_q = F.log_softmax(z.div_(temperature), dim=-1)
+    log_p = F.log_softmax(ref_head(ref_hidden).float().div_(temperature), dim=-1)
+    if direction == "forward":
+        p = log_p.exp()
+        return (p * (log_p - log_q)).sum(), log_q.exp_().sub_(p).div_(temperature)
+    q = log_q.exp()
+    log_ratio = log_q.sub_(log_p)
+    kl = (q * log_ratio).sum(-1, keepdim=True)
+    return kl.sum(), log_ratio.sub_(kl).mul_(q).div_(temperature)
+
+
+def _topk_chunk(z, values, ids, temperature):
+    """KL(p~ || q) summed over a chunk, and its gradient in z: the base's cached top-k log-probs
+    (values, ids) [n, k], completed with its tail mass m = 1 - sum(p_k) spread over the other
+    tokens in the tuned model's proportions (m q_j / q_tail). This equals the top-k eval's lower
+    bound (`evals.topk_kl`: the tail as one outcome), and its gradient is (q - p~) / t."""
+    log_q = F.log_softmax(z.div_(temperature), dim=-1)
+    q = log_q.exp()
+    p = values.float().exp()
+    head = (p * (values.float() - log_q.gather(-1, ids))).sum()
+    mass = (1.0 - p.sum(-1)).clamp(min=0.0)
+    if ids.shape[-1] >= z.shape[-1]:  # the whole vocabulary: no tail (1 - sum p is rounding error)
+        mass = torch.zeros_like(mass)
+    q_tail = q.scatter(-1, ids, 0.0).sum(-1).clamp(min=torch.finfo(torch.float32).tiny)
+    tail = torch.where(mass > 0, mass * (mass.clamp(min=1e-30).log() - q_tail.log()), torch.zeros_like(mass))
+    grad = q.mul_((1.0 - mass / q_tail)[:, None])  # off the top-k: q_j - m q_j / q_tail
+    grad.scatter_(-1, ids, log_q.gather(-1, ids).exp() - p)  # on it: q_j - p_j
+    return head + tail.sum(), grad.div_(temperature)
 
 
 def chunked_kl(logits: torch.Tensor, ref_hidden: torch.Tensor, ref_head: Callable,
@@ -45,19 +117,34 @@ def chunked_kl(logits: torch.Tensor, ref_hidden: torch.Tensor, ref_head: Callabl
     """Sum of per-token KL over the positions where `mask` is True, and their count.
 
     logits: [B, T, V] from the tuned model; ref_hidden: [B, T, H], turned into base logits by
-    `ref_head` one chunk at a time; mask: [B, T] bool.
+    `ref_head` one chunk at a time; mask: [B, T] bool. Pass the whole logits tensor, not a slice
+    of it: the gradient is then handed to it without a copy.
     """
-    flat_logits = logits.reshape(-1, logits.shape[-1])
-    flat_hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])
     positions = mask.reshape(-1).nonzero().squeeze(1)
-    total = logits.new_zeros((), dtype=torch.float32)
-    recompute = torch.is_grad_enabled() and logits.requires_grad
-    for start in range(0, positions.numel(), chunk_size):
-        index = positions[start:start + chunk_size]
-        args = (flat_logits.index_select(0, index), flat_hidden.index_select(0, index),
-                ref_head, direction, temperature)
-        total = total + (checkpoint(_chunk_kl, *args, use_reentrant=False) if recompute
-                         else _chunk_kl(*args))
+    hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])
+
+    def compute(logits, want_grad):
+        return _by_chunk(logits, positions, chunk_size, want_grad, lambda z, start, index: _exact_chunk(
+            z, hidden.index_select(0, index), ref_head, direction, temperature))
+
+    total = _HandedOnGradient.apply(logits, compute, torch.is_grad_enabled() and logits.requires_grad)
+    return total, positions.new_tensor(positions.numel())
+
+
+def cached_topk_kl(logits: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                   temperature: float = 1.0, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """`chunked_kl` (forward direction) against a cached top-k of the base instead of a forward
+    pass: values, ids [n, k] for the n positions where mask [B, T] is True, in row-major order."""
+    positions = mask.reshape(-1).nonzero().squeeze(1)
+    if values.shape[0] != positions.numel():
+        raise ValueError(f"the reference cache has {values.shape[0]} positions for this batch, "
+                         f"the batch {positions.numel()}")
+
+    def compute(logits, want_grad):
+        return _by_chunk(logits, positions, chunk_size, want_grad, lambda z, start, index: _topk_chunk(
+            z, values[start:start + len(index)], ids[start:start + len(index)], temperature))
+
+    total = _HandedOnGradient.apply(logits, compute, torch.is_grad_enabled() and logits.requires_grad)
     return total, positions.new_tensor(positions.numel())
 
 
@@ -90,15 +177,27 @@ class KLToBase(Penalty):
     Config = KLConfig
     per_token = True
 
+    def __init__(self, config: KLConfig, reference_cache=None, **_):
+        """reference_cache: a `TopKReference` over the training set, needed by reference: topk_cache."""
+        super().__init__(config)
+        if config.reference == "topk_cache" and reference_cache is None:
+            raise ValueError("kl_to_base with reference: topk_cache needs reference_cache=... "
+                             "(see workbench.reference)")
+        self.reference_cache = reference_cache if config.reference == "topk_cache" else None
+
     def weight(self, step: int) -> float:
         ramp = min(1.0, step / self.config.warmup_steps) if self.config.warmup_steps else 1.0
         return self.config.weight * ramp
 
     def penalty(self, model, inputs, outputs) -> torch.Tensor:
-        """Mean KL per completion token (positions whose next-token label is not -100)."""
-        hidden, head = reference_hidden(model, inputs)
-        mask = inputs["labels"][:, 1:] != -100
-        total, count = chunked_kl(outputs.logits[:, :-1], hidden[:, :-1], head, mask,
-                                  self.config.direction, self.config.temperature,
-                                  self.config.chunk_size)
+        """Mean KL per completion token: positions t whose next-token label (t + 1) is not -100."""
+        mask = F.pad(inputs["labels"][:, 1:] != -100, (0, 1), value=False)  # [B, T]: logits predict t + 1
+        cfg = self.config
+        if self.reference_cache is not None:
+            values, ids = self.reference_cache.lookup(inputs["index"], outputs.logits.device)
+            total, count = cached_topk_kl(outputs.logits, values, ids, mask, cfg.temperature, cfg.chunk_size)
+        else:
+            hidden, head = reference_hidden(model, inputs)
+            total, count = chunked_kl(outputs.logits, hidden, head, mask, cfg.direction, cfg.temperature,
+                                      cfg.chunk_size)
         return total / count.clamp(min=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections import defaultdict
 from typing import Iterator, NamedTuple
 
 import torch
@@ -50,6 +51,35 @@ def gram(A: torch.Tensor, B: torch.Tensor, g: torch.Tensor | None = None,
     B_side = B.T @ (B if g is None else g[:, None] * B)
     A_side = (A if a is None else A * a[None, :]) @ A.T
     return (B_side * A_side).sum()
+
+
+class FactorGroup(NamedTuple):
+    """LoRA modules whose factors have the same shapes, stacked so one batched contraction covers
+    them all: a step then costs a few kernels per shape rather than a few per module."""
+
+    keys: tuple[str, ...]
+    A: torch.Tensor  # [G, r, in], fp32
+    B: torch.Tensor  # [G, out, r], fp32
+    scale: torch.Tensor  # [G]
+
+
+def grouped_factors(model: torch.nn.Module) -> list[FactorGroup]:
+    """`lora_factors` grouped by factor shapes, in model order; differentiable in A and B."""
+    groups: dict[tuple, list[LoraFactors]] = defaultdict(list)
+    for f in lora_factors(model):
+        groups[f.A.shape, f.B.shape, f.A.device].append(f)
+    return [FactorGroup(tuple(f.key for f in fs), torch.stack([f.A for f in fs]).float(),
+                        torch.stack([f.B for f in fs]).float(),
+                        torch.tensor([f.scale for f in fs], device=fs[0].A.device))
+            for fs in groups.values()]
+
+
+def grouped_gram(A: torch.Tensor, B: torch.Tensor, g: torch.Tensor | None = None,
+                 a: torch.Tensor | None = None) -> torch.Tensor:
+    """`gram` for a stack of modules: A [G, r, in], B [G, out, r], g [G, out], a [G, in] -> [G]."""
+    B_side = B.transpose(1, 2) @ (B if g is None else g[:, :, None] * B)
+    A_side = (A if a is None else A * a[:, None, :]) @ A.transpose(1, 2)
+    return (B_side * A_side).sum((1, 2))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,77 @@
+"""The KL-to-base reference as a cache: the base model's top-k next-token log-probs at every
+completion position of a training set, computed once, stored on disk and reused across epochs,
+resumed runs and every recipe that trains the same base on the same examples.
+
+Entries live under `<cache>/reference/`, keyed by the base-weight fingerprint, the training
+examples' fingerprint, k and the temperature; they are written under a file lock and renamed into
+place (see `evals.base_cache`), so concurrent runs or ranks compute an entry once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import Collator, data_fingerprint
+from .distributed import is_main_process
+from .evals.base_cache import BaseCache
+from .evals.topk_kl import base_topk
+from .io import cache_dir
+from .regularizers.kl import reference_mode
+
+
+class TopKReference:
+    """values, ids [N, k]: the cached positions of all examples, in order; offsets [n + 1]:
+    example i owns rows offsets[i]:offsets[i + 1] (its completion positions, in sequence order)."""
+
+    def __init__(self, values: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor):
+        self.values, self.ids, self.offsets = values, ids.long(), offsets.tolist()
+
+    @property
+    def top_k(self) -> int:
+        return self.values.shape[1]
+
+    def lookup(self, index: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of a batch's examples (`index`: their positions in the training set), in batch
+        order: row-major, as `mask.nonzero()` visits a right-padded batch."""
+        rows = [torch.arange(self.offsets[i], self.offsets[i + 1]) for i in index.tolist()]
+        rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+        return self.values[rows].to(device), self.ids[rows].to(device)
+
+
+def build_topk_reference(model, examples: list[dict], collator: Collator, top_k: int, temperature: float,
+                         batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """The base's (adapter disabled) top-k log-probs of softmax(logits / temperature) at every
+    position whose next token carries a label, for each example; tensors for `TopKReference`."""
+    device = next(model.parameters()).device
+    values, ids, counts = [], [], []
+    starts = range(0, len(examples), batch_size)
+    with reference_mode(model) as peft_model:
+        for start in tqdm(starts, desc=f"reference top-{top_k}", disable=not is_main_process()):
+            batch = collator(examples[start:start + batch_size])
+            logits = peft_model(input_ids=batch["input_ids"].to(device),
+                                attention_mask=batch["attention_mask"].to(device)).logits
+            mask = F.pad(batch["labels"][:, 1:] != -100, (0, 1), value=False).to(device)
+            logprobs = F.log_softmax(logits[mask].float() / temperature, dim=-1)
+            v, i = base_topk(logprobs, top_k)
+            values.append(v.cpu())
+            ids.append(i.to(torch.int32).cpu())
+            counts.extend(mask.sum(1).tolist())
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor(counts, dtype=torch.long).cumsum(0)])
+    return {"values": torch.cat(values), "ids": torch.cat(ids), "offsets": offsets}
+
+
+def topk_reference_for(model, examples: list[dict], collator: Collator, base_fingerprint: str, top_k: int,
+                       temperature: float, batch_size: int = 8) -> tuple[TopKReference, dict]:
+    """The cached reference for these examples (computed and stored on a miss), and a record of
+    it for run.json."""
+    cache = BaseCache(base_fingerprint, root=cache_dir() / "reference")
+    key = (data_fingerprint(examples), top_k, temperature)
+    tensors = cache.get("kl_topk", key, lambda: build_topk_reference(model, examples, collator, top_k,
+                                                                        temperature, batch_size))
+    reference = TopKReference(tensors["values"], tensors["ids"], tensors["offsets"])
+    record = {"path": str(cache.path("kl_topk", *key)), "top_k": reference.top_k,
+              "positions": int(reference.values.shape[0]), "cached": bool(cache.hits),
+              "bytes": int(sum(t.numel() * t.element_size() for t in tensors.values()))}
+    return reference, record
