@@ -5,9 +5,11 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -72,3 +74,46 @@ def test_launch_configs_load_with_accelerate(path):
 
     config = load_config_from_file(path)
     assert config.num_processes >= 2 and config.distributed_type.value in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+
+
+def test_two_processes_evaluate_as_one(tmp_path):
+    """`accelerate launch -m workbench eval`: each rank scores a share of every component's items
+    (general text, multiple choice, target loss and generation), rank 0 writes; the metrics equal
+    one process's, and a second eval finds the base side cached without any rank recomputing it."""
+    run = tmp_path / "run"
+    workbench(["train", "recipes/tiny.yaml", "--output-dir", str(run), "train.max_steps=6", "train.eval_steps=null",
+               "data.max_examples=48"], 1, tmp_path)
+    suite = yaml.safe_load(open("evals/tiny.yaml"))
+    suite["multiple_choice"] = [{"local": str(Path("evals/tasks/capitals.yaml").resolve())}]
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    results = {}
+    for processes in (1, 2, 2):
+        out = tmp_path / f"results{processes}.json"
+        done = workbench(["eval", "--suite", str(tmp_path / "suite.yaml"), "--run", str(run), "--out", str(out)],
+                         processes, tmp_path)
+        assert done.stdout.count("results:") == 1  # the summary is printed once
+        results.setdefault(processes, []).append(json.loads(out.read_text()))
+    one, two = results[1][0], results[2][0]
+    assert two["base"]["cache"]["misses"] and two["base"]["forward_calls"]["base"] > 0
+    for side in ("base", "tuned"):  # rank 0 ran about half the forward passes: the work was shared
+        assert two["base"]["forward_calls"][side] < 0.75 * one["base"]["forward_calls"][side]
+    assert results[2][1]["base"]["forward_calls"]["base"] == 0 and not results[2][1]["base"]["cache"]["misses"]
+    assert [e["name"] for e in one["entries"]] == [e["name"] for e in two["entries"]]
+    for a, b in zip(one["entries"], two["entries"]):
+        assert a["metrics"].keys() == b["metrics"].keys() and any(k.startswith("retention.mc.") for k in a["metrics"])
+        for name in a["metrics"]:
+            assert b["metrics"][name]["value"] == pytest.approx(a["metrics"][name]["value"], rel=1e-4, abs=1e-6), name
+
+
+def test_kl_to_base_under_fsdp2_sharding(tmp_path):
+    """Under FSDP 2 the LM head is sharded outside the root forward; the reference must still equal
+    the unsharded KL (accelerate runs FSDP only on GPUs, so fully_shard is applied directly)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()), "tests/fsdp_kl_worker.py"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["expected"] > 1e-4 and result["gradient_reached"] and result["head_sharded"]
+    assert result["value"] == pytest.approx(result["expected"], rel=1e-5)
+    assert result["resharded"] == pytest.approx(result["expected"], rel=1e-5)

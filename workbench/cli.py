@@ -72,6 +72,8 @@ def cmd_eval(args) -> int:
         raise UsageError(f"{args.out}: --out is a directory; give a file name such as {args.out / 'results.json'}")
     results = run_eval(args.suite, runs=args.run, adapters=args.adapter, base=args.base, out=args.out,
                        use_cache=not args.no_cache)
+    if not is_main_process():
+        return 0
     from .report import summary_table
     from .tracking import log_eval
 

@@ -1,10 +1,15 @@
-"""Data-parallel helpers: start the process group early, and know who writes."""
+"""Data-parallel helpers: start the process group early, know who writes, and split work that
+every rank needs the whole of (eval scoring) across ranks."""
 
 from __future__ import annotations
 
 import os
+from typing import Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def world_size() -> int:
@@ -35,3 +40,45 @@ def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def local_device() -> torch.device:
+    """This process's accelerator: its own GPU under a multi-process launch, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _group_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def shard_map(fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R]:
+    """fn over this rank's contiguous share of `items`, the results of every rank gathered back
+    in the original order on every rank. fn maps a list to one result per item and must accept
+    an empty list. Contiguous shares keep neighbours together (a multiple-choice item's choices
+    share a context). One process: fn(items)."""
+    n = _group_size()
+    if n == 1:
+        return fn(items)
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    bounds = [len(items) * r // n for r in range(n + 1)]
+    local = fn(items[bounds[rank]:bounds[rank + 1]])
+    gathered: list = [None] * n
+    dist.all_gather_object(gathered, local)
+    return [result for part in gathered for result in part]
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when `flag` is true on every rank (a collective: every rank must call it)."""
+    if _group_size() == 1:
+        return flag
+    import torch.distributed as dist
+
+    flags: list = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, bool(flag))
+    return all(flags)

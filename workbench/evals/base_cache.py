@@ -16,6 +16,7 @@ from filelock import FileLock
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..distributed import all_ranks, is_main_process, world_size
 from ..io import atomic_path, cache_dir, fingerprint
 
 
@@ -39,6 +40,8 @@ class BaseCache:
             return compute()
         path = self.path(component, *key_parts)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if world_size() > 1:
+            return self._get_collectively(path, component, compute)
         with FileLock(str(path) + ".lock"):
             if path.is_file():
                 try:
@@ -52,6 +55,26 @@ class BaseCache:
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
             self.misses.append(component)
             return tensors
+
+
+    def _get_collectively(self, path: Path, component: str, compute: Callable[[], dict[str, torch.Tensor]]
+                          ) -> dict[str, torch.Tensor]:
+        """Under a multi-process launch the base side is scored by all ranks together, so whether
+        to compute is decided together: a hit only when every rank can read the entry (no rank may
+        wait on the lock while the others need it to score); the main process writes."""
+        try:
+            tensors = load_file(path) if path.is_file() else None
+        except (SafetensorError, OSError):
+            tensors = None
+        if all_ranks(tensors is not None):
+            self.hits.append(component)
+            return tensors
+        tensors = compute()
+        if is_main_process():
+            with FileLock(str(path) + ".lock"), atomic_path(path) as tmp:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        self.misses.append(component)
+        return tensors
 
 
 def ragged(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:

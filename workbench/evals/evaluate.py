@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from ..data import (data_fingerprint, format_example, general_text_examples, is_named_source, read_records,
                     task_splits)
+from ..distributed import init_distributed, is_main_process, local_device
 from ..errors import UsageError
 from ..io import fingerprint, write_json
 from ..models import load_model, load_tokenizer, model_fingerprint
@@ -213,7 +214,12 @@ def delta_norm(peft_model, name: str) -> float:
 
 def run_eval(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path] = (), base: str | None = None,
              out: str | Path | None = None, use_cache: bool = True) -> dict:
-    """Evaluate every run/adapter against the base under the suite; returns the results dict."""
+    """Evaluate every run/adapter against the base under the suite; returns the results dict.
+
+    Under `accelerate launch` with several processes every rank loads the model on its own device
+    and scores a share of each component's items; every rank then holds all the scores and
+    computes the same metrics, and the main process writes."""
+    init_distributed()
     suite, suite_dir = load_suite(suite_path)
     specs = resolve_specs(list(runs), list(adapters))
     if not specs:
@@ -231,6 +237,8 @@ def run_eval(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path]
             raise UsageError(f"{spec.run_dir}: trained on base weights {spec.run['model_fingerprint']}, "
                              f"but {section.name} has {base_fp}")
     peft_model = load_adapters(model, specs)
+    if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit model is placed as it loads
+        peft_model.to(local_device())
     evaluator = Evaluator(peft_model, tokenizer, suite, BaseCache(base_fp, enabled=use_cache))
     entries = []
     for i, spec in enumerate(specs):
@@ -249,7 +257,7 @@ def run_eval(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path]
     }
     if suite.lm_eval is not None:
         results["lm_eval"] = _lm_eval(evaluator, specs, suite, suite_dir)
-    if out is not None:
+    if out is not None and is_main_process():
         write_json(out, results)
     return results
 
@@ -260,7 +268,8 @@ def _evaluate_entry(evaluator: Evaluator, spec: AdapterSpec, adapter: str, scale
     start = time.perf_counter()
     data = EvalData(shared.general, shared.multiple_choice, target)
     metrics, curves = evaluator.evaluate(Entry(name, adapter, scale), data)
-    print(f"eval: {name}: {len(metrics)} metrics in {time.perf_counter() - start:.1f} s", flush=True)
+    if is_main_process():
+        print(f"eval: {name}: {len(metrics)} metrics in {time.perf_counter() - start:.1f} s", flush=True)
     return {"name": name, "adapter": str(spec.path), "run": str(spec.run_dir) if spec.run_dir else None,
             "scale": scale, "changes_model": norm * scale > 0.0, "delta_norm": norm * scale,
             "metrics": metrics, "curves": curves}

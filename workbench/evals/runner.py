@@ -23,7 +23,7 @@ from .base_cache import BaseCache, ragged, unragged
 from .results import metric
 from .scorer import Request, Scorer, choice_outcome
 from .suite import Suite
-from .tokens import greedy_generate, prompt_and_reference, token_logprobs
+from .tokens import greedy_generate, prompt_and_reference, scored_tokens, token_logprobs
 from .topk_kl import base_topk, kl_bounds
 
 
@@ -108,38 +108,38 @@ class Evaluator:
 
     def _general_base(self, chunks: list[dict]) -> dict[str, torch.Tensor]:
         k = self.suite.general.top_k
-        values, ids = [None] * len(chunks), [None] * len(chunks)
 
         def keep(i, logprobs):
-            values[i], ids[i] = (t.cpu() for t in base_topk(logprobs, k))
+            return tuple(t.cpu() for t in base_topk(logprobs, k))
 
         with self.base():
-            rows = token_logprobs(self.model, chunks, self.suite.batch_size, self.pad_id, keep,
-                                  desc="base: general text")
-        return {"nll": torch.from_numpy(_mean_nll(rows)), "topk_values": torch.cat(values),
-                "topk_ids": torch.cat(ids).to(torch.int32),
+            scored = scored_tokens(self.model, chunks, self.suite.batch_size, self.pad_id, keep,
+                                   desc="base: general text")
+        rows = [row for row, _ in scored]
+        return {"nll": torch.from_numpy(_mean_nll(rows)), "topk_values": torch.cat([v for _, (v, _) in scored]),
+                "topk_ids": torch.cat([ids for _, (_, ids) in scored]).to(torch.int32),
                 "offsets": ragged(rows)["offsets"]}
 
     def _general(self, entry: Entry, chunks: list[dict]) -> dict:
         g = self.suite.general
         base = self.cache.get("general", (g.model_dump(), data_fingerprint(chunks)), lambda: self._general_base(chunks))
         offsets = base["offsets"]
-        per_chunk = {"kl_low": [], "kl_high": [], "agree": []}
 
         def compare(i, logprobs):
+            """(KL lower bound, KL upper bound, top-1 agreement), each a mean over chunk i's tokens."""
             lo, hi = offsets[i], offsets[i + 1]
             b_values, b_ids = base["topk_values"][lo:hi], base["topk_ids"][lo:hi].long()
             low, high = kl_bounds(b_values, b_ids, logprobs.cpu())
-            per_chunk["kl_low"].append((i, float(low.mean())))
-            per_chunk["kl_high"].append((i, float(high.mean())))
             agree = (logprobs.argmax(-1).cpu() == b_ids[:, 0]).double().mean()
-            per_chunk["agree"].append((i, float(agree)))
+            return float(low.mean()), float(high.mean()), float(agree)
 
         with self.tuned(entry):
-            rows = token_logprobs(self.model, chunks, self.suite.batch_size, self.pad_id, compare,
-                                  desc=f"{entry.name}: general text")
+            scored = scored_tokens(self.model, chunks, self.suite.batch_size, self.pad_id, compare,
+                                   desc=f"{entry.name}: general text")
+        rows = [row for row, _ in scored]
+        per_chunk = np.array([summary for _, summary in scored])  # [chunks, 3]
+        ordered = {"kl_low": per_chunk[:, 0], "kl_high": per_chunk[:, 1], "agree": per_chunk[:, 2]}
         ppl = M.ratio_bootstrap_ci(base["nll"].numpy(), _mean_nll(rows), n_boot=self.suite.bootstrap)
-        ordered = {key: np.array([v for _, v in sorted(vals)]) for key, vals in per_chunk.items()}
         out = {"retention.general.ppl.base": metric(ppl["base"]),
                "retention.general.ppl.tuned": metric(ppl["tuned"]),
                "retention.general.ppl.ratio": metric(ppl["ratio"], (ppl["ci_low"], ppl["ci_high"]))}

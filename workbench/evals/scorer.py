@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from workbench.distributed import is_main_process, shard_map
 from workbench.regularizers.lora_delta import adapter_scale, unwrap_peft
 
 ADAPTERS = ("tuned", "base")
@@ -92,7 +93,13 @@ class Scorer:
 
     def loglikelihood(self, requests: Sequence[Request], adapter: str = "tuned",
                       scale: float = 1.0, desc: str | None = None) -> list[Response]:
-        """One `Response` per request, in the order given."""
+        """One `Response` per request, in the order given. Under a multi-process launch each rank
+        scores a contiguous share of the requests and every rank gets all responses."""
+        desc = desc if is_main_process() else None
+        return shard_map(lambda share: self._loglikelihood(share, adapter, scale, desc), list(requests))
+
+    def _loglikelihood(self, requests: list[Request], adapter: str, scale: float, desc: str | None
+                       ) -> list[Response]:
         adapter_ctx = self._adapter_context(adapter, scale)
         # (inputs, targets, n_scored) per request: the scored targets are the last n_scored.
         items, contexts = [], []

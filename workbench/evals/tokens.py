@@ -6,12 +6,13 @@ general text, loss and membership scores on target examples, and exact-match gen
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from ..data import IGNORE
+from ..distributed import is_main_process, shard_map
 
 
 def _batches(examples: list[dict], batch_size: int) -> Iterator[list[int]]:
@@ -26,17 +27,33 @@ def scored_positions(labels: list[int]) -> list[int]:
     return [p for p in range(len(labels) - 1) if labels[p + 1] != IGNORE]
 
 
-@torch.no_grad()
-def token_logprobs(model, examples: list[dict], batch_size: int, pad_id: int,
-                   with_distribution: Callable[[int, torch.Tensor], None] | None = None,
-                   desc: str | None = None) -> list[torch.Tensor]:
-    """Per example, the log-probs of its label tokens: a list of [n_i] float64 tensors.
+def token_logprobs(model, examples: list[dict], batch_size: int, pad_id: int, desc: str | None = None
+                   ) -> list[torch.Tensor]:
+    """Per example, the log-probs of its label tokens: a list of [n_i] float64 tensors."""
+    return [row for row, _ in scored_tokens(model, examples, batch_size, pad_id, None, desc)]
 
-    with_distribution(i, logprobs): called with example i's full log-softmax [n_i, V] (fp32) at
-    the same positions, for KL and agreement, so no [batch, seq, V] tensor outlives its batch.
+
+def scored_tokens(model, examples: list[dict], batch_size: int, pad_id: int,
+                  summarize: Callable[[int, torch.Tensor], Any] | None = None, desc: str | None = None
+                  ) -> list[tuple[torch.Tensor, Any]]:
+    """Per example (its label log-probs [n_i] float64, summarize(i, logprobs) or None).
+
+    summarize(i, logprobs) gets example i's full log-softmax [n_i, V] (fp32) at the same
+    positions, for KL and agreement, and returns what to keep of it, so no [batch, seq, V] tensor
+    outlives its batch. Under a multi-process launch each rank scores a contiguous share of the
+    examples and every rank gets all results.
     """
+    desc = desc if is_main_process() else None
+    return shard_map(lambda share: _scored_tokens(model, share, batch_size, pad_id, summarize, desc),
+                     list(enumerate(examples)))
+
+
+@torch.no_grad()
+def _scored_tokens(model, indexed: list[tuple[int, dict]], batch_size: int, pad_id: int, summarize,
+                   desc: str | None) -> list[tuple[torch.Tensor, Any]]:
     device = next(model.parameters()).device
-    out: list[torch.Tensor | None] = [None] * len(examples)
+    examples = [example for _, example in indexed]
+    out: list[tuple[torch.Tensor, Any] | None] = [None] * len(examples)
     batches = list(_batches(examples, batch_size))
     for batch in tqdm(batches, desc=desc, leave=False, disable=desc is None):
         width = max(len(examples[i]["input_ids"]) for i in batch)
@@ -52,9 +69,8 @@ def token_logprobs(model, examples: list[dict], batch_size: int, pad_id: int,
             positions = torch.tensor(scored_positions(labels), dtype=torch.long, device=logits.device)
             logprobs = torch.log_softmax(logits[row, positions].float(), dim=-1)  # [n_i, V]
             targets = torch.tensor([labels[p + 1] for p in positions.tolist()], device=logits.device)
-            out[i] = logprobs.gather(-1, targets[:, None]).squeeze(-1).double().cpu()
-            if with_distribution is not None:
-                with_distribution(i, logprobs)
+            scores = logprobs.gather(-1, targets[:, None]).squeeze(-1).double().cpu()
+            out[i] = (scores, None if summarize is None else summarize(indexed[i][0], logprobs))
     return out  # type: ignore[return-value]
 
 
@@ -67,10 +83,22 @@ def prompt_and_reference(example: dict) -> tuple[list[int], list[int]]:
     return list(example["input_ids"][:start]), list(labels[start:end])
 
 
-@torch.no_grad()
 def greedy_generate(model, prompts: list[list[int]], max_new_tokens: list[int], batch_size: int,
                     pad_id: int, eos_id: int, desc: str | None = None) -> list[list[int]]:
-    """Greedy continuations of each prompt, up to its max_new_tokens, cut after the first eos."""
+    """Greedy continuations of each prompt, up to its max_new_tokens, cut after the first eos.
+    Under a multi-process launch each rank generates a contiguous share."""
+    desc = desc if is_main_process() else None
+
+    def generate(share: list[tuple[list[int], int]]) -> list[list[int]]:
+        return _greedy_generate(model, [p for p, _ in share], [n for _, n in share], batch_size, pad_id, eos_id,
+                                desc)
+
+    return shard_map(generate, list(zip(prompts, max_new_tokens)))
+
+
+@torch.no_grad()
+def _greedy_generate(model, prompts: list[list[int]], max_new_tokens: list[int], batch_size: int,
+                     pad_id: int, eos_id: int, desc: str | None) -> list[list[int]]:
     device = next(model.parameters()).device
     out: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

@@ -162,13 +162,38 @@ def reference_mode(model: torch.nn.Module):
 
 
 def reference_hidden(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, Callable]:
-    """Final hidden states of the base model [B, T, H], and the base LM head to apply to them."""
+    """Final hidden states of the base model [B, T, H], and the base LM head to apply to them.
+
+    Under FSDP the LM head's weights are sharded outside the root module's forward and cannot be
+    applied on their own: the reference is then the whole wrapped model's forward, base logits
+    [B, T, V] (memory like the tuned logits'), with an identity head.
+    """
+    inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
+    if _sharded(model):
+        with reference_mode(model):
+            return model(**inputs).logits, _identity
     with reference_mode(model) as peft_model:
         base = peft_model.get_base_model()
-        hidden = base.get_decoder()(input_ids=inputs["input_ids"],
-                                    attention_mask=inputs.get("attention_mask")).last_hidden_state
+        hidden = base.get_decoder()(**inputs).last_hidden_state
     head = base.get_output_embeddings()
     return hidden, getattr(head, "base_layer", head)  # a LoRA-wrapped head: use its base weights
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    """FSDP 2 (the head's weight is a DTensor) or FSDP 1 (a FullyShardedDataParallel wrapper)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(unwrap_peft(model).get_base_model().get_output_embeddings().weight, DTensor):
+        return True
+    while type(model).__name__ != "FullyShardedDataParallel":
+        if not hasattr(model, "module"):
+            return False
+        model = model.module
+    return True
 
 
 @register
