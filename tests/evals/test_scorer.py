@@ -205,10 +205,11 @@ def test_shared_contexts_match_one_sequence_per_request(model, tok):
         logprob, n_tokens, greedy = naive(model, tok, request)
         assert (response.n_tokens, response.is_greedy) == (n_tokens, greedy)
         assert response.logprob == pytest.approx(logprob, abs=1e-4)
-    # 3 shared contexts in 2 batches: the longest two take a context pass and a continuation
-    # pass, "Two" (single-token choices) only a context pass; plus the lone request: 4 calls for
-    # 10 requests, where one sequence per request takes 5 batches of 2
-    assert shared.forward_calls == 4 and separate.forward_calls == 5
+    # 3 shared contexts in 2 batches: the longest two take a context pass and two continuation
+    # passes (their 6 multi-token choices, 4 rows at a time), "Two" (single-token choices) only a
+    # context pass; plus the lone request: 5 calls, as many as one sequence per request in batches
+    # of 2, but over far fewer tokens
+    assert shared.forward_calls == 5 and separate.forward_calls == 5
 
 
 def test_shared_contexts_under_base_and_scaled_adapter(model, tok):

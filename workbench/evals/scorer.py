@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from workbench.distributed import is_main_process, shard_map
 from workbench.regularizers.lora_delta import adapter_scale, unwrap_peft
@@ -50,6 +51,9 @@ class Scorer:
         self.batch_size = batch_size
         self.max_length = max_length
         self.share_context = share_context
+        # rows per pass over shared contexts' continuations: short rows (a few tokens each), so
+        # twice the batch costs about what a batch of whole requests does
+        self.continuation_batch = 2 * batch_size
         self.forward_calls = 0
 
     # --- encoding --------------------------------------------------------------------------
@@ -167,35 +171,38 @@ class Scorer:
 
         owner = torch.tensor([g for g, conts in enumerate(continuations) for _ in conts])
         rows = [cont for conts in continuations for cont in conts]
-        rest_width = max(len(cont) - 1 for cont in rows)
         first_targets = torch.tensor([cont[0] for cont in rows], device=first.device)
         first_lp = first[owner.to(first.device)].gather(-1, first_targets[:, None]).squeeze(-1)
         first_greedy = first.argmax(-1)[owner.to(first.device)] == first_targets
         token_lps = [[lp] for lp in first_lp.cpu().tolist()]
         greedy = [[g] for g in first_greedy.cpu().tolist()]
-        if rest_width > 0:  # continuations of two or more tokens: feed all but their last token
-            cache = out.past_key_values
-            cache.reorder_cache(owner.to(device))
-            rest = torch.full((len(rows), rest_width), pad_id, dtype=torch.long)
-            rest_mask = torch.zeros((len(rows), rest_width), dtype=torch.long)
-            for r, cont in enumerate(rows):
-                rest[r, :len(cont) - 1] = torch.tensor(cont[:-1])
-                rest_mask[r, :len(cont) - 1] = 1
-            full_mask = torch.cat([mask[owner], rest_mask], dim=1)
-            rest_positions = mask.sum(-1)[owner][:, None] + torch.arange(rest_width)
-            logits = self.model(input_ids=rest.to(device), attention_mask=full_mask.to(device),
-                                position_ids=rest_positions.to(device), past_key_values=cache).logits
+        # continuations of two or more tokens feed all but their last token on their context's
+        # cache, longest first in batches of similar length, so little of a batch is padding
+        longer = sorted((r for r, cont in enumerate(rows) if len(cont) > 1), key=lambda r: (-len(rows[r]), r))
+        for start in range(0, len(longer), self.continuation_batch):
+            part = longer[start:start + self.continuation_batch]
+            part_owner = owner[part]
+            width = len(rows[part[0]]) - 1
+            rest = torch.full((len(part), width), pad_id, dtype=torch.long)
+            rest_mask = torch.zeros((len(part), width), dtype=torch.long)
+            for j, r in enumerate(part):
+                rest[j, :len(rows[r]) - 1] = torch.tensor(rows[r][:-1])
+                rest_mask[j, :len(rows[r]) - 1] = 1
+            positions = mask.sum(-1)[part_owner][:, None] + torch.arange(width)
+            logits = self.model(input_ids=rest.to(device), attention_mask=torch.cat([mask[part_owner], rest_mask], 1)
+                                .to(device), position_ids=positions.to(device),
+                                past_key_values=_cache_rows(out.past_key_values, part_owner.to(device))).logits
             self.forward_calls += 1
-            pick_rows = [r for r, cont in enumerate(rows) for _ in cont[1:]]
-            pick_cols = [t for cont in rows for t in range(len(cont) - 1)]
-            targets = torch.tensor([tok for cont in rows for tok in cont[1:]], device=logits.device)
+            pick_rows = [j for j, r in enumerate(part) for _ in rows[r][1:]]
+            pick_cols = [t for r in part for t in range(len(rows[r]) - 1)]
+            targets = torch.tensor([tok for r in part for tok in rows[r][1:]], device=logits.device)
             picked = logits[torch.tensor(pick_rows, device=logits.device), torch.tensor(pick_cols, device=logits.device)]
             logprobs = torch.log_softmax(picked.float(), dim=-1)
             lps = logprobs.gather(-1, targets[:, None]).squeeze(-1).cpu().tolist()
             hits = (logprobs.argmax(-1) == targets).cpu().tolist()
             offset = 0
-            for r, cont in enumerate(rows):
-                n = len(cont) - 1
+            for r in part:
+                n = len(rows[r]) - 1
                 token_lps[r] += lps[offset:offset + n]
                 greedy[r] += hits[offset:offset + n]
                 offset += n
@@ -229,6 +236,15 @@ class Scorer:
             out.append(Response(float(sum(lps)), n_scored, bool(all(greedy[offset:offset + n_scored])), lps))
             offset += n_scored
         return out
+
+
+def _cache_rows(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:
+    """A new cache holding the given batch rows of `cache` (rows may repeat)."""
+    rows = []
+    for keys, values, window in cache:
+        selected = (keys.index_select(0, index), values.index_select(0, index))
+        rows.append(selected if window is None else (*selected, window))
+    return DynamicCache(ddp_cache_data=rows)
 
 
 def multiple_choice(scorer, context: str, choices: Sequence[str], gold: int,
