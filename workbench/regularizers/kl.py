@@ -16,9 +16,9 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
-from torch.autograd.function import once_differentiable
 
 from .base import Penalty, PenaltyConfig, register
+from .closed_form import by_chunk, scalar_with_gradient
 from .lora_delta import unwrap_peft
 
 
@@ -40,40 +40,6 @@ class KLConfig(PenaltyConfig):
             raise ValueError("reference: topk_cache supports direction: forward only (the reverse KL "
                              "weighs every token by the tuned model, so it needs the base's whole distribution)")
         return self
-
-
-class _HandedOnGradient(torch.autograd.Function):
-    """A scalar of the logits whose gradient `compute` works out alongside its value, chunk by
-    chunk into one logits-shaped buffer; backward scales that buffer and hands it on."""
-
-    @staticmethod
-    def forward(ctx, logits, compute, want_grad):
-        total, ctx.grad = compute(logits, want_grad)
-        ctx.shape = logits.shape
-        return total
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_total):
-        grad, ctx.grad = ctx.grad, None  # handed on, not copied: backward runs once
-        return grad.mul_(grad_total.to(grad.dtype)).view(ctx.shape), None, None
-
-
-def _by_chunk(logits: torch.Tensor, positions: torch.Tensor, chunk_size: int, want_grad: bool,
-              chunk_kl: Callable) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sum over chunks of `positions` of `chunk_kl(z, start, index) -> (KL sum, gradient in z)`,
-    z being the chunk's tuned logits [n, V] in fp32; each chunk's gradient is written into its
-    rows of one logits-shaped buffer."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    grad = torch.zeros_like(flat) if want_grad else None
-    total = torch.zeros((), dtype=torch.float32, device=logits.device)
-    for start in range(0, positions.numel(), chunk_size):
-        index = positions[start:start + chunk_size]
-        value, chunk_grad = chunk_kl(flat.index_select(0, index).float(), start, index)
-        total += value
-        if want_grad:
-            grad.index_copy_(0, index, chunk_grad.to(grad.dtype))
-    return total, grad
 
 
 def _exact_chunk(z, ref_hidden, ref_head, direction, temperature):
@@ -124,10 +90,10 @@ def chunked_kl(logits: torch.Tensor, ref_hidden: torch.Tensor, ref_head: Callabl
     hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])
 
     def compute(logits, want_grad):
-        return _by_chunk(logits, positions, chunk_size, want_grad, lambda z, start, index: _exact_chunk(
+        return by_chunk(logits, positions, chunk_size, want_grad, lambda z, start, index: _exact_chunk(
             z, hidden.index_select(0, index), ref_head, direction, temperature))
 
-    total = _HandedOnGradient.apply(logits, compute, torch.is_grad_enabled() and logits.requires_grad)
+    total = scalar_with_gradient(logits, compute)
     return total, positions.new_tensor(positions.numel())
 
 
@@ -141,10 +107,10 @@ def cached_topk_kl(logits: torch.Tensor, values: torch.Tensor, ids: torch.Tensor
                          f"the batch {positions.numel()}")
 
     def compute(logits, want_grad):
-        return _by_chunk(logits, positions, chunk_size, want_grad, lambda z, start, index: _topk_chunk(
+        return by_chunk(logits, positions, chunk_size, want_grad, lambda z, start, index: _topk_chunk(
             z, values[start:start + len(index)], ids[start:start + len(index)], temperature))
 
-    total = _HandedOnGradient.apply(logits, compute, torch.is_grad_enabled() and logits.requires_grad)
+    total = scalar_with_gradient(logits, compute)
     return total, positions.new_tensor(positions.numel())
 
 

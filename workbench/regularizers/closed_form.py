@@ -1,0 +1,77 @@
+"""Vocabulary-sized losses whose gradient with respect to the logits has a closed form: the value
+and the gradient are computed together, a chunk of positions at a time, the gradient written into
+one buffer shaped like the logits, which backward scales and hands on. Nothing vocabulary-sized
+is kept per chunk, nothing is recomputed, and no zero-filled gradient is made per chunk or slice.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+class _HandedOnGradient(torch.autograd.Function):
+    """A scalar of the logits whose gradient `compute` works out alongside its value, chunk by
+    chunk into one logits-shaped buffer; backward scales that buffer and hands it on."""
+
+    @staticmethod
+    def forward(ctx, logits, compute, want_grad):
+        total, ctx.grad = compute(logits, want_grad)
+        ctx.shape = logits.shape
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total):
+        grad, ctx.grad = ctx.grad, None  # handed on, not copied: backward runs once
+        return grad.mul_(grad_total.to(grad.dtype)).view(ctx.shape), None, None
+
+
+def by_chunk(logits: torch.Tensor, positions: torch.Tensor, chunk_size: int, want_grad: bool,
+             chunk_fn: Callable) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sum over chunks of `positions` (flat row indices of the logits) of
+    `chunk_fn(z, start, index) -> (the chunk's summed loss, its gradient in z)`, z being a fp32
+    copy of the chunk's logit rows [n, V] that chunk_fn may overwrite; each chunk's gradient is
+    written into its rows of one logits-shaped buffer."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    grad = torch.zeros_like(flat) if want_grad else None
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for start in range(0, positions.numel(), chunk_size):
+        index = positions[start:start + chunk_size]
+        value, chunk_grad = chunk_fn(flat.index_select(0, index).float(), start, index)
+        total += value
+        if want_grad:
+            grad.index_copy_(0, index, chunk_grad.to(grad.dtype))
+    return total, grad
+
+
+def scalar_with_gradient(logits: torch.Tensor, compute: Callable) -> torch.Tensor:
+    """`compute(logits, want_grad) -> (scalar, gradient buffer or None)` as a differentiable scalar."""
+    return _HandedOnGradient.apply(logits, compute, torch.is_grad_enabled() and logits.requires_grad)
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, epsilon: float, chunk_size: int = 1024
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over positions with a label (not -100) of cross-entropy against (1 - e) one-hot + e / V,
+    and their count: torch's `cross_entropy(..., label_smoothing=e, reduction="sum")`. With
+    lse = logsumexp(z): value (1 - e)(lse - z_y) + e (lse - mean z), gradient
+    softmax(z) - e / V - (1 - e) one-hot(y).
+
+    logits: [N, V] (any leading shape flattened by the caller); labels: [N].
+    """
+    positions = (labels != -100).nonzero().squeeze(1)
+    targets = labels[positions]
+
+    def chunk(z, start, index):
+        y = targets[start:start + len(index)][:, None]
+        lse = z.logsumexp(-1, keepdim=True)
+        value = ((1 - epsilon) * (lse - z.gather(-1, y)) + epsilon * (lse - z.mean(-1, keepdim=True))).sum()
+        grad = z.sub_(lse).exp_().sub_(epsilon / z.shape[-1])
+        grad.scatter_add_(-1, y, torch.full_like(y, epsilon - 1.0, dtype=grad.dtype))
+        return value, grad
+
+    total = scalar_with_gradient(logits, lambda logits, want_grad: by_chunk(logits, positions, chunk_size,
+                                                                             want_grad, chunk))
+    return total, positions.new_tensor(positions.numel())
