@@ -15,7 +15,6 @@ from transformers.trainer_callback import ProgressCallback
 from .data import NOT_MODEL_INPUTS
 from .errors import RunFailed
 from .regularizers import Penalty
-from .regularizers.closed_form import smoothed_cross_entropy
 
 
 class TermsProgress(ProgressCallback):
@@ -35,19 +34,20 @@ class TermsProgress(ProgressCallback):
 
 def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None,
                    label_smoothing: float = 0.0) -> torch.Tensor:
-    """Next-token cross-entropy with label smoothing, normalised as transformers' causal-LM loss
-    is: the labels shifted by padding, so the logits are not copied; summed over label tokens and
-    divided by the tokens in the accumulated batch when that is given, else averaged. HF's
-    `LabelSmoother` instead builds several more vocabulary-sized tensors and averages per
-    micro-batch, so accumulation would change the loss. The value and its gradient come in closed
-    form (`smoothed_cross_entropy`), so smoothing costs no more than the plain loss.
+    """Next-token cross-entropy as transformers' causal-LM loss computes it (the labels shifted by
+    padding, so the logits are not copied; summed over label tokens and divided by the tokens in
+    the accumulated batch when that is given), with label smoothing done inside torch's
+    `cross_entropy` rather than by HF's `LabelSmoother`, which builds several more
+    vocabulary-sized tensors and averages per micro-batch, so accumulation would change the loss.
     """
     logits = outputs["logits"]
     labels = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
-    total, count = smoothed_cross_entropy(logits, labels.reshape(-1), label_smoothing)
-    if num_items_in_batch is None:
-        return total / count.clamp(min=1)
-    return total / torch.as_tensor(num_items_in_batch, device=total.device)
+    summed = num_items_in_batch is not None
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum" if summed else "mean", label_smoothing=label_smoothing)
+    if summed:
+        loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+    return loss
 
 
 class RegularizedTrainer(Trainer):

@@ -1,4 +1,4 @@
-"""Vocabulary-sized losses whose gradient with respect to the logits has a closed form: the value
+"""Vocabulary-sized terms whose gradient with respect to the logits has a closed form: the value
 and the gradient are computed together, a chunk of positions at a time, the gradient written into
 one buffer shaped like the logits, which backward scales and hands on. Nothing vocabulary-sized
 is kept per chunk, nothing is recomputed, and no zero-filled gradient is made per chunk or slice.
@@ -50,28 +50,3 @@ def by_chunk(logits: torch.Tensor, positions: torch.Tensor, chunk_size: int, wan
 def scalar_with_gradient(logits: torch.Tensor, compute: Callable) -> torch.Tensor:
     """`compute(logits, want_grad) -> (scalar, gradient buffer or None)` as a differentiable scalar."""
     return _HandedOnGradient.apply(logits, compute, torch.is_grad_enabled() and logits.requires_grad)
-
-
-def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, epsilon: float, chunk_size: int = 1024
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over positions with a label (not -100) of cross-entropy against (1 - e) one-hot + e / V,
-    and their count: torch's `cross_entropy(..., label_smoothing=e, reduction="sum")`. With
-    lse = logsumexp(z): value (1 - e)(lse - z_y) + e (lse - mean z), gradient
-    softmax(z) - e / V - (1 - e) one-hot(y).
-
-    logits: [N, V] (any leading shape flattened by the caller); labels: [N].
-    """
-    positions = (labels != -100).nonzero().squeeze(1)
-    targets = labels[positions]
-
-    def chunk(z, start, index):
-        y = targets[start:start + len(index)][:, None]
-        lse = z.logsumexp(-1, keepdim=True)
-        value = ((1 - epsilon) * (lse - z.gather(-1, y)) + epsilon * (lse - z.mean(-1, keepdim=True))).sum()
-        grad = z.sub_(lse).exp_().sub_(epsilon / z.shape[-1])
-        grad.scatter_add_(-1, y, torch.full_like(y, epsilon - 1.0, dtype=grad.dtype))
-        return value, grad
-
-    total = scalar_with_gradient(logits, lambda logits, want_grad: by_chunk(logits, positions, chunk_size,
-                                                                             want_grad, chunk))
-    return total, positions.new_tensor(positions.numel())
