@@ -130,8 +130,9 @@ def reference_mode(model: torch.nn.Module):
 def reference_hidden(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, Callable]:
     """Final hidden states of the base model [B, T, H], and the base LM head to apply to them.
 
-    Under FSDP the LM head's weights are sharded outside the root module's forward and cannot be
-    applied on their own: the reference is then the whole wrapped model's forward, base logits
+    When FSDP holds the LM head sharded (an FSDP 1 wrapper, or FSDP 2 after the root resharded;
+    FSDP 2 otherwise keeps the root's parameters gathered after its forward), the head cannot be
+    applied on its own: the reference is then the wrapped model's whole forward, base logits
     [B, T, V] (memory like the tuned logits'), with an identity head.
     """
     inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
