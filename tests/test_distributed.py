@@ -38,14 +38,18 @@ def workbench(args, processes, tmp_path):
     return done
 
 
-def test_two_processes_train_the_same_adapter_as_one(tmp_path):
-    """KL-to-base and EWC on; 2 x 4 examples per step vs 1 x 8, same seed, dropout 0."""
+@pytest.mark.parametrize("reference", ["model", "topk_cache"])
+def test_two_processes_train_the_same_adapter_as_one(tmp_path, reference):
+    """KL-to-base and EWC on; 2 x 4 examples per step vs 1 x 8, same seed, dropout 0. With the
+    top-k cache (k above the vocabulary: the exact KL) the ranks build it together."""
     one = tmp_path / "one"
     two = tmp_path / "two"
-    workbench(["train", RECIPE, "--output-dir", str(one), "train.batch_size=8", *COMMON], 1, tmp_path)
-    workbench(["train", RECIPE, "--output-dir", str(two), "train.batch_size=4", *COMMON], 2, tmp_path)
+    common = [*COMMON, f"regularizers.kl_to_base.reference={reference}", "regularizers.kl_to_base.top_k=512"]
+    workbench(["train", RECIPE, "--output-dir", str(one), "train.batch_size=8", *common], 1, tmp_path)
+    workbench(["train", RECIPE, "--output-dir", str(two), "train.batch_size=4", *common], 2, tmp_path)
     run = json.loads((two / "run.json").read_text())
     assert run["world_size"] == 2 and run["status"] == "completed"
+    assert (run["reference_cache"] is not None) == (reference == "topk_cache")
     a = load_file(one / "adapter" / "adapter_model.safetensors")
     b = load_file(two / "adapter" / "adapter_model.safetensors")
     assert_adapters_match(a, b, rtol=1e-5, atol=1e-6, norm_tol=1e-4)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import Collator, data_fingerprint
-from .distributed import is_main_process
+from .distributed import is_main_process, shard_map
 from .evals.base_cache import BaseCache
 from .evals.topk_kl import base_topk
 from .io import cache_dir
@@ -43,9 +43,21 @@ class TopKReference:
 def build_topk_reference(model, examples: list[dict], collator: Collator, top_k: int, temperature: float,
                          batch_size: int = 8) -> dict[str, torch.Tensor]:
     """The base's (adapter disabled) top-k log-probs of softmax(logits / temperature) at every
-    position whose next token carries a label, for each example; tensors for `TopKReference`."""
+    position whose next token carries a label, for each example; tensors for `TopKReference`.
+    Under a multi-process launch each rank computes a contiguous share of the examples."""
+    per_example = shard_map(lambda share: _topk_rows(model, share, collator, top_k, temperature, batch_size),
+                            examples)
+    counts = torch.tensor([len(values) for values, _ in per_example], dtype=torch.long)
+    return {"values": torch.cat([values for values, _ in per_example]),
+            "ids": torch.cat([ids for _, ids in per_example]),
+            "offsets": torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])}
+
+
+def _topk_rows(model, examples: list[dict], collator: Collator, top_k: int, temperature: float,
+               batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per example (values [n_i, k] fp32, ids [n_i, k] int32) on the CPU."""
     device = next(model.parameters()).device
-    values, ids, counts = [], [], []
+    out = []
     starts = range(0, len(examples), batch_size)
     with reference_mode(model) as peft_model:
         for start in tqdm(starts, desc=f"reference top-{top_k}", disable=not is_main_process()):
@@ -53,13 +65,11 @@ def build_topk_reference(model, examples: list[dict], collator: Collator, top_k:
             logits = peft_model(input_ids=batch["input_ids"].to(device),
                                 attention_mask=batch["attention_mask"].to(device)).logits
             mask = F.pad(batch["labels"][:, 1:] != -100, (0, 1), value=False).to(device)
-            logprobs = F.log_softmax(logits[mask].float() / temperature, dim=-1)
-            v, i = base_topk(logprobs, top_k)
-            values.append(v.cpu())
-            ids.append(i.to(torch.int32).cpu())
-            counts.extend(mask.sum(1).tolist())
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor(counts, dtype=torch.long).cumsum(0)])
-    return {"values": torch.cat(values), "ids": torch.cat(ids), "offsets": offsets}
+            values, ids = base_topk(F.log_softmax(logits[mask].float() / temperature, dim=-1), top_k)
+            counts = mask.sum(1).tolist()  # per example; clones, so a gather pickles no whole batch
+            out.extend((v.clone(), i.clone()) for v, i in zip(values.cpu().split(counts),
+                                                               ids.to(torch.int32).cpu().split(counts)))
+    return out
 
 
 def topk_reference_for(model, examples: list[dict], collator: Collator, base_fingerprint: str, top_k: int,
