@@ -154,9 +154,30 @@ class Scorer:
 
     def _score_shared(self, contexts: list[list[int]], continuations: list[list[list[int]]], pad_id: int,
                       device) -> list[Response]:
-        """Each context once, left-padded so their last tokens align; then all continuations of all
-        contexts in one batch on the contexts' KV cache, each row repeating its context's cache.
+        """Each context once; then its continuations on the context's KV cache, all but their
+        last token fed, longest first in passes of similar length so little of a pass is padding.
         Token for token this is the computation of one full sequence per request."""
+        mask, cache, first = self._run_contexts(contexts, pad_id, device)
+        owner = torch.tensor([g for g, conts in enumerate(continuations) for _ in conts])
+        rows = [cont for conts in continuations for cont in conts]
+        targets = torch.tensor([cont[0] for cont in rows], device=first.device)
+        first = first[owner.to(first.device)]  # [rows, V]: each row's first-token distribution
+        token_lps = [[lp] for lp in first.gather(-1, targets[:, None]).squeeze(-1).cpu().tolist()]
+        greedy = [[hit] for hit in (first.argmax(-1) == targets).cpu().tolist()]
+        longer = sorted((r for r, cont in enumerate(rows) if len(cont) > 1), key=lambda r: (-len(rows[r]), r))
+        for start in range(0, len(longer), self.continuation_batch):
+            part = longer[start:start + self.continuation_batch]
+            lps, hits = self._run_continuations([rows[r] for r in part], owner[part], mask, cache, pad_id, device)
+            for r, row_lps, row_hits in zip(part, lps, hits):
+                token_lps[r] += row_lps
+                greedy[r] += row_hits
+        return [Response(float(sum(lps)), len(lps), bool(all(g)), tuple(float(x) for x in lps))
+                for lps, g in zip(token_lps, greedy)]
+
+    def _run_contexts(self, contexts: list[list[int]], pad_id: int, device):
+        """One pass over the contexts, left-padded so their last tokens align, positions counted
+        from each context's first token: (their mask [G, W], their KV cache, the log-softmax
+        [G, V] at each last token, which predicts every continuation's first token)."""
         width = max(len(c) for c in contexts)
         input_ids = torch.full((len(contexts), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(contexts), width), dtype=torch.long)
@@ -167,47 +188,33 @@ class Scorer:
         out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                          position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
         self.forward_calls += 1
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [G, V]: predicts each first token
+        return mask, out.past_key_values, torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
-        owner = torch.tensor([g for g, conts in enumerate(continuations) for _ in conts])
-        rows = [cont for conts in continuations for cont in conts]
-        first_targets = torch.tensor([cont[0] for cont in rows], device=first.device)
-        first_lp = first[owner.to(first.device)].gather(-1, first_targets[:, None]).squeeze(-1)
-        first_greedy = first.argmax(-1)[owner.to(first.device)] == first_targets
-        token_lps = [[lp] for lp in first_lp.cpu().tolist()]
-        greedy = [[g] for g in first_greedy.cpu().tolist()]
-        # continuations of two or more tokens feed all but their last token on their context's
-        # cache, longest first in batches of similar length, so little of a batch is padding
-        longer = sorted((r for r, cont in enumerate(rows) if len(cont) > 1), key=lambda r: (-len(rows[r]), r))
-        for start in range(0, len(longer), self.continuation_batch):
-            part = longer[start:start + self.continuation_batch]
-            part_owner = owner[part]
-            width = len(rows[part[0]]) - 1
-            rest = torch.full((len(part), width), pad_id, dtype=torch.long)
-            rest_mask = torch.zeros((len(part), width), dtype=torch.long)
-            for j, r in enumerate(part):
-                rest[j, :len(rows[r]) - 1] = torch.tensor(rows[r][:-1])
-                rest_mask[j, :len(rows[r]) - 1] = 1
-            positions = mask.sum(-1)[part_owner][:, None] + torch.arange(width)
-            logits = self.model(input_ids=rest.to(device), attention_mask=torch.cat([mask[part_owner], rest_mask], 1)
-                                .to(device), position_ids=positions.to(device),
-                                past_key_values=_cache_rows(out.past_key_values, part_owner.to(device))).logits
-            self.forward_calls += 1
-            pick_rows = [j for j, r in enumerate(part) for _ in rows[r][1:]]
-            pick_cols = [t for r in part for t in range(len(rows[r]) - 1)]
-            targets = torch.tensor([tok for r in part for tok in rows[r][1:]], device=logits.device)
-            picked = logits[torch.tensor(pick_rows, device=logits.device), torch.tensor(pick_cols, device=logits.device)]
-            logprobs = torch.log_softmax(picked.float(), dim=-1)
-            lps = logprobs.gather(-1, targets[:, None]).squeeze(-1).cpu().tolist()
-            hits = (logprobs.argmax(-1) == targets).cpu().tolist()
-            offset = 0
-            for r in part:
-                n = len(rows[r]) - 1
-                token_lps[r] += lps[offset:offset + n]
-                greedy[r] += hits[offset:offset + n]
-                offset += n
-        return [Response(float(sum(lps)), len(lps), bool(all(g)), tuple(float(x) for x in lps))
-                for lps, g in zip(token_lps, greedy)]
+    def _run_continuations(self, rows: list[list[int]], owner: torch.Tensor, mask: torch.Tensor, cache,
+                           pad_id: int, device) -> tuple[list[list[float]], list[list[bool]]]:
+        """One pass feeding each row's continuation but its last token on a copy of its context's
+        cache rows (`owner`: the context of each row): per row, the log-probs of tokens 2.. and
+        whether each is the argmax."""
+        width = max(len(row) for row in rows) - 1
+        inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        rest_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, row in enumerate(rows):
+            inputs[j, :len(row) - 1] = torch.tensor(row[:-1])
+            rest_mask[j, :len(row) - 1] = 1
+        positions = mask.sum(-1)[owner][:, None] + torch.arange(width)
+        logits = self.model(input_ids=inputs.to(device), attention_mask=torch.cat([mask[owner], rest_mask], 1).to(device),
+                            position_ids=positions.to(device),
+                            past_key_values=_cache_rows(cache, owner.to(device))).logits
+        self.forward_calls += 1
+        at = (torch.tensor([j for j, row in enumerate(rows) for _ in row[1:]], device=logits.device),
+              torch.tensor([t for row in rows for t in range(len(row) - 1)], device=logits.device))
+        targets = torch.tensor([token for row in rows for token in row[1:]], device=logits.device)
+        logprobs = torch.log_softmax(logits[at].float(), dim=-1)
+        lps = logprobs.gather(-1, targets[:, None]).squeeze(-1).cpu().tolist()
+        hits = (logprobs.argmax(-1) == targets).cpu().tolist()
+        bounds = np.cumsum([0] + [len(row) - 1 for row in rows])
+        return ([lps[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
+                [hits[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
 
     def _score_batch(self, batch, pad_id: int, device) -> list[Response]:
         width = max(len(inputs) for inputs, _, _ in batch)
