@@ -82,7 +82,8 @@ def fisher_for(recipe: Recipe, model, tokenizer, base_fingerprint: str):
     key = fingerprint(base_fingerprint, ewc.model_dump(exclude={"weight"}), recipe.train.seed, modules, reference)
     path = cache_dir() / "fisher" / f"{key}.safetensors"
     if path.is_file():
-        print(f"fisher: cached {path}")
+        if is_main_process():
+            print(f"fisher: cached {path}")
         fisher, metadata = load_fisher(path, model, base_fingerprint)
         return fisher, {**metadata, "path": str(path)}
     fisher, metadata = compute_fisher(recipe, model, tokenizer, base_fingerprint)
@@ -129,6 +130,10 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
         context["reference_cache"], reference_meta = topk_reference_for(
             model, data.train, collator, base_fingerprint, kl.top_k, kl.temperature, recipe.train.batch_size)
         train = [{**example, EXAMPLE_INDEX: i} for i, example in enumerate(data.train)]  # for its lookup
+        if is_main_process():
+            how = "cached" if reference_meta["cached"] else "computed"
+            print(f"kl reference: top-{reference_meta['top_k']} base log-probs at {reference_meta['positions']} "
+                  f"positions, {how}: {reference_meta['path']}")
     penalties = [PENALTIES[name](cfg, **context) for name, cfg in recipe.penalties().items()]
     args = training_arguments(recipe, output_dir, has_val=bool(data.val))
     callbacks = []
