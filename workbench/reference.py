@@ -18,7 +18,7 @@ from .distributed import is_main_process, shard_map
 from .evals.base_cache import BaseCache
 from .evals.topk_kl import base_topk
 from .io import cache_dir
-from .regularizers.kl import reference_mode
+from .regularizers.kl import next_token_mask, reference_mode
 
 
 class TopKReference:
@@ -64,7 +64,7 @@ def _topk_rows(model, examples: list[dict], collator: Collator, top_k: int, temp
             batch = collator(examples[start:start + batch_size])
             logits = peft_model(input_ids=batch["input_ids"].to(device),
                                 attention_mask=batch["attention_mask"].to(device)).logits
-            mask = F.pad(batch["labels"][:, 1:] != -100, (0, 1), value=False).to(device)
+            mask = next_token_mask(batch["labels"]).to(device)
             values, ids = base_topk(F.log_softmax(logits[mask].float() / temperature, dim=-1), top_k)
             counts = mask.sum(1).tolist()  # per example; clones, so a gather pickles no whole batch
             out.extend((v.clone(), i.clone()) for v, i in zip(values.cpu().split(counts),

@@ -43,38 +43,43 @@ class BaseCache:
         if world_size() > 1:
             return self._get_collectively(path, component, compute)
         with FileLock(str(path) + ".lock"):
-            if path.is_file():
-                try:
-                    tensors = load_file(path)
-                    self.hits.append(component)
-                    return tensors
-                except (SafetensorError, OSError):  # unreadable entry: recompute and replace it
-                    pass
+            tensors = _load(path)  # an unreadable entry is recomputed and replaced
+            if tensors is not None:
+                self.hits.append(component)
+                return tensors
             tensors = compute()
-            with atomic_path(path) as tmp:
-                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            _store(path, tensors)
             self.misses.append(component)
             return tensors
-
 
     def _get_collectively(self, path: Path, component: str, compute: Callable[[], dict[str, torch.Tensor]]
                           ) -> dict[str, torch.Tensor]:
         """Under a multi-process launch the base side is scored by all ranks together, so whether
         to compute is decided together: a hit only when every rank can read the entry (no rank may
         wait on the lock while the others need it to score); the main process writes."""
-        try:
-            tensors = load_file(path) if path.is_file() else None
-        except (SafetensorError, OSError):
-            tensors = None
+        tensors = _load(path)
         if all_ranks(tensors is not None):
             self.hits.append(component)
             return tensors
         tensors = compute()
         if is_main_process():
-            with FileLock(str(path) + ".lock"), atomic_path(path) as tmp:
-                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            with FileLock(str(path) + ".lock"):
+                _store(path, tensors)
         self.misses.append(component)
         return tensors
+
+
+def _load(path: Path) -> dict[str, torch.Tensor] | None:
+    """The entry's tensors, or None when it is missing or unreadable."""
+    try:
+        return load_file(path) if path.is_file() else None
+    except (SafetensorError, OSError):
+        return None
+
+
+def _store(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def ragged(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -51,10 +51,13 @@ class Scorer:
         self.batch_size = batch_size
         self.max_length = max_length
         self.share_context = share_context
-        # rows per pass over shared contexts' continuations: short rows (a few tokens each), so
-        # twice the batch costs about what a batch of whole requests does
-        self.continuation_batch = 2 * batch_size
         self.forward_calls = 0
+
+    @property
+    def continuation_batch(self) -> int:
+        """Rows per pass over shared contexts' continuations: short rows (a few tokens each), so
+        twice the batch costs about what a batch of whole requests does."""
+        return 2 * self.batch_size
 
     # --- encoding --------------------------------------------------------------------------
 

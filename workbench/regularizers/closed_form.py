@@ -29,24 +29,23 @@ class _HandedOnGradient(torch.autograd.Function):
         return grad.mul_(grad_total.to(grad.dtype)).view(ctx.shape), None, None
 
 
-def by_chunk(logits: torch.Tensor, positions: torch.Tensor, chunk_size: int, want_grad: bool,
-             chunk_fn: Callable) -> tuple[torch.Tensor, torch.Tensor | None]:
+def summed_by_chunk(logits: torch.Tensor, positions: torch.Tensor, chunk_size: int,
+                    chunk_fn: Callable) -> torch.Tensor:
     """Sum over chunks of `positions` (flat row indices of the logits) of
     `chunk_fn(z, start, index) -> (the chunk's summed loss, its gradient in z)`, z being a fp32
-    copy of the chunk's logit rows [n, V] that chunk_fn may overwrite; each chunk's gradient is
-    written into its rows of one logits-shaped buffer."""
-    flat = logits.reshape(-1, logits.shape[-1])
-    grad = torch.zeros_like(flat) if want_grad else None
-    total = torch.zeros((), dtype=torch.float32, device=logits.device)
-    for start in range(0, positions.numel(), chunk_size):
-        index = positions[start:start + chunk_size]
-        value, chunk_grad = chunk_fn(flat.index_select(0, index).float(), start, index)
-        total += value
-        if want_grad:
-            grad.index_copy_(0, index, chunk_grad.to(grad.dtype))
-    return total, grad
+    copy of the chunk's logit rows [n, V] that chunk_fn may overwrite, as a scalar differentiable
+    in the logits: each chunk's gradient is written into its rows of one logits-shaped buffer."""
 
+    def compute(logits: torch.Tensor, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        flat = logits.reshape(-1, logits.shape[-1])
+        grad = torch.zeros_like(flat) if want_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start in range(0, positions.numel(), chunk_size):
+            index = positions[start:start + chunk_size]
+            value, chunk_grad = chunk_fn(flat.index_select(0, index).float(), start, index)
+            total += value
+            if want_grad:
+                grad.index_copy_(0, index, chunk_grad.to(grad.dtype))
+        return total, grad
 
-def scalar_with_gradient(logits: torch.Tensor, compute: Callable) -> torch.Tensor:
-    """`compute(logits, want_grad) -> (scalar, gradient buffer or None)` as a differentiable scalar."""
     return _HandedOnGradient.apply(logits, compute, torch.is_grad_enabled() and logits.requires_grad)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from .base import Penalty, PenaltyConfig, register
-from .closed_form import by_chunk, scalar_with_gradient
+from .closed_form import summed_by_chunk
 from .lora_delta import unwrap_peft
 
 
@@ -40,6 +40,11 @@ class KLConfig(PenaltyConfig):
             raise ValueError("reference: topk_cache supports direction: forward only (the reverse KL "
                              "weighs every token by the tuned model, so it needs the base's whole distribution)")
         return self
+
+
+def next_token_mask(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: positions t whose logits predict a labelled token (labels[t + 1] != -100)."""
+    return F.pad(labels[:, 1:] != -100, (0, 1), value=False)
 
 
 def _exact_chunk(z, ref_hidden, ref_head, direction, temperature):
@@ -88,12 +93,8 @@ def chunked_kl(logits: torch.Tensor, ref_hidden: torch.Tensor, ref_head: Callabl
     """
     positions = mask.reshape(-1).nonzero().squeeze(1)
     hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])
-
-    def compute(logits, want_grad):
-        return by_chunk(logits, positions, chunk_size, want_grad, lambda z, start, index: _exact_chunk(
-            z, hidden.index_select(0, index), ref_head, direction, temperature))
-
-    total = scalar_with_gradient(logits, compute)
+    total = summed_by_chunk(logits, positions, chunk_size, lambda z, start, index: _exact_chunk(
+        z, hidden.index_select(0, index), ref_head, direction, temperature))
     return total, positions.new_tensor(positions.numel())
 
 
@@ -106,11 +107,8 @@ def cached_topk_kl(logits: torch.Tensor, values: torch.Tensor, ids: torch.Tensor
         raise ValueError(f"the reference cache has {values.shape[0]} positions for this batch, "
                          f"the batch {positions.numel()}")
 
-    def compute(logits, want_grad):
-        return by_chunk(logits, positions, chunk_size, want_grad, lambda z, start, index: _topk_chunk(
-            z, values[start:start + len(index)], ids[start:start + len(index)], temperature))
-
-    total = scalar_with_gradient(logits, compute)
+    total = summed_by_chunk(logits, positions, chunk_size, lambda z, start, index: _topk_chunk(
+        z, values[start:start + len(index)], ids[start:start + len(index)], temperature))
     return total, positions.new_tensor(positions.numel())
 
 
@@ -183,7 +181,7 @@ class KLToBase(Penalty):
 
     def penalty(self, model, inputs, outputs) -> torch.Tensor:
         """Mean KL per completion token: positions t whose next-token label (t + 1) is not -100."""
-        mask = F.pad(inputs["labels"][:, 1:] != -100, (0, 1), value=False)  # [B, T]: logits predict t + 1
+        mask = next_token_mask(inputs["labels"])
         cfg = self.config
         if self.reference_cache is not None:
             values, ids = self.reference_cache.lookup(inputs["index"], outputs.logits.device)

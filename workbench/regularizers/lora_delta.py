@@ -48,9 +48,7 @@ def gram(A: torch.Tensor, B: torch.Tensor, g: torch.Tensor | None = None,
 
     A: [r, in], B: [out, r], g: [out], a: [in]; g = a = 1 gives the squared Frobenius norm.
     """
-    B_side = B.T @ (B if g is None else g[:, None] * B)
-    A_side = (A if a is None else A * a[None, :]) @ A.T
-    return (B_side * A_side).sum()
+    return grouped_gram(A[None], B[None], None if g is None else g[None], None if a is None else a[None])[0]
 
 
 class FactorGroup(NamedTuple):
