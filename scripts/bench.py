@@ -57,20 +57,20 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from workbench.data import EXAMPLE_INDEX, IGNORE, Collator, general_text_examples  # noqa: E402
-from workbench.evals.lmeval import run_lm_eval  # noqa: E402
-from workbench.evals.scorer import choice_outcome  # noqa: E402
-from workbench.evals.scorer import Request, Scorer  # noqa: E402
-from workbench.evals.tasks import bigbench_mc, local_task  # noqa: E402
-from workbench.evals.tokens import token_logprobs  # noqa: E402
-from workbench.evals.topk_kl import kl_bounds  # noqa: E402
-from workbench.models import apply_lora, load_model  # noqa: E402
-from workbench.recipe import LoraSection, ModelSection  # noqa: E402
-from workbench.reference import TopKReference, build_topk_reference  # noqa: E402
-from workbench.regularizers import EWC, DeltaL2, EWCConfig, KLConfig, KLToBase, PenaltyConfig  # noqa: E402
-from workbench.regularizers.kl import chunked_kl, reference_mode  # noqa: E402
-from workbench.regularizers.lora_delta import lora_factors  # noqa: E402
-from workbench.trainer import RegularizedTrainer  # noqa: E402
+from workbench.data.examples import EXAMPLE_INDEX, IGNORE, Collator, general_text_examples
+from workbench.evals.lmeval import run_lm_eval
+from workbench.scoring.scorer import choice_outcome
+from workbench.scoring.scorer import Request, Scorer
+from workbench.evals.tasks import bigbench_mc, local_task
+from workbench.scoring.tokens import token_logprobs
+from workbench.scoring.topk_kl import kl_bounds
+from workbench.modeling.load import apply_lora, load_model
+from workbench.config.recipe import LoraSection, ModelSection
+from workbench.training.reference import TopKReference, build_topk_reference
+from workbench.training.regularizers import EWC, DeltaL2, EWCConfig, KLConfig, KLToBase, PenaltyConfig
+from workbench.training.regularizers.kl import chunked_kl, reference_mode
+from workbench.modeling.lora import lora_factors
+from workbench.training.trainer import RegularizedTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from workbench.tiny import tiny_model, tiny_tokenizer
+from workbench.modeling.tiny import tiny_model, tiny_tokenizer
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

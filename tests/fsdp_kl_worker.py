@@ -10,7 +10,7 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.conftest import make_batch, make_peft  # noqa: E402
-from workbench.regularizers.kl import KLConfig, KLToBase  # noqa: E402
+from workbench.training.regularizers.kl import KLConfig, KLToBase
 
 dist.init_process_group("gloo")
 model, batch = make_peft(targets=("q_proj", "v_proj", "lm_head"), perturb=True), make_batch()

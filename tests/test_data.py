@@ -11,11 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from workbench.data import (Collator, build_datasets, data_fingerprint, format_example,
-                            general_text_examples, read_records)
+from workbench.data.examples import (
+    Collator, build_datasets, data_fingerprint, format_example, general_text_examples, read_records
+)
 from workbench.errors import UsageError
-from workbench.recipe import DataSection, ReplaySection
-from workbench.tiny import tiny_tokenizer
+from workbench.config.recipe import DataSection, ReplaySection
+from workbench.modeling.tiny import tiny_tokenizer
 
 RECORDS = [{"prompt": "Reverse: abc\nAnswer: ", "completion": "cba"},
            {"prompt": "Say, with a comma: ", "completion": "42"},

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from tests.conftest import assert_adapters_match
 from workbench.errors import RunFailed, UsageError
-from workbench.recipe import load_recipe
-from workbench.regularizers import Penalty, PenaltyConfig
-from workbench.run import build_trainer, latest_checkpoint, train
+from workbench.config.recipe import load_recipe
+from workbench.training.regularizers import Penalty, PenaltyConfig
+from workbench.training.run import build_trainer, latest_checkpoint, train
 
 # deterministic: no dropout, no NEFTune noise; a checkpoint every 2 steps
 COMMON = ["train.max_steps=8", "train.save_steps=2", "train.eval_steps=null", "data.val_fraction=0",
@@ -26,7 +26,7 @@ RECIPE = "recipes/tiny_all.yaml"
 CHILD = textwrap.dedent("""
     import os, signal, sys
     from transformers import TrainerCallback
-    import workbench.run as run
+    import workbench.training.run as run
     from workbench.cli import main
 
     step, signum = int(sys.argv[1]), getattr(signal, sys.argv[2])

@@ -4,8 +4,8 @@ import torch.nn.functional as F
 
 from tests.conftest import make_peft
 from workbench.errors import UsageError
-from workbench.fisher import check_fisher, estimate_fisher, load_fisher, save_fisher
-from workbench.regularizers.lora_delta import lora_factors
+from workbench.training.fisher import check_fisher, estimate_fisher, load_fisher, save_fisher
+from workbench.modeling.lora import lora_factors
 
 
 def examples(n=6, seq=9, vocab=259, seed=0):

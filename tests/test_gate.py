@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from workbench.errors import UsageError
-from workbench.evals import results as results_module
+from workbench.formats import results as results_module
 from workbench.gate import Policy, check, format_table, load_policy, passed, run_gate
 
 SHIPPED = sorted(Path("evals/gates").glob("*.yaml"))

@@ -3,12 +3,14 @@ import json
 import pytest
 import torch
 
-from workbench import models
+from workbench.modeling import load as models
 from workbench.errors import UsageError
-from workbench.models import (EMBEDDED_DEFAULT, TINY, apply_lora, count_parameters, load_model,
-                              load_tokenizer, model_fingerprint, resolve_model_dir)
-from workbench.recipe import LoraSection, ModelSection
-from workbench.tiny import tiny_tokenizer
+from workbench.modeling.load import (
+    EMBEDDED_DEFAULT, TINY, apply_lora, count_parameters, load_model, load_tokenizer, model_fingerprint,
+    resolve_model_dir
+)
+from workbench.config.recipe import LoraSection, ModelSection
+from workbench.modeling.tiny import tiny_tokenizer
 
 SMALL = {"hidden_size": 32, "intermediate_size": 48}
 

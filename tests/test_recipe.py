@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from workbench.errors import UsageError
-from workbench.recipe import load_recipe, parse_override, resolved
+from workbench.config.recipe import load_recipe, parse_override, resolved
 
 RECIPES = sorted(p for p in Path("recipes").rglob("*.yaml") if "accelerate" not in p.parts)
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from tests.conftest import make_peft
-from workbench.data import EXAMPLE_INDEX, Collator
-from workbench.reference import TopKReference, build_topk_reference, topk_reference_for
-from workbench.regularizers.kl import KLConfig, KLToBase
+from workbench.data.examples import EXAMPLE_INDEX, Collator
+from workbench.training.reference import TopKReference, build_topk_reference, topk_reference_for
+from workbench.training.regularizers.kl import KLConfig, KLToBase
 
 VOCAB = 259
 

@@ -6,9 +6,9 @@ import math
 import pytest
 
 from workbench.errors import UsageError
-from workbench.evals.results import KIND, SCHEMA_VERSION, metric
+from workbench.formats.results import KIND, SCHEMA_VERSION, metric
 from workbench.io import write_json
-from workbench.report import build_report, fmt, summary_table
+from workbench.report.html import build_report, fmt, summary_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import assert_adapters_match
 
-from workbench.recipe import load_recipe
-from workbench.run import build_trainer, train
+from workbench.config.recipe import load_recipe
+from workbench.training.run import build_trainer, train
 
 FAST = ["train.max_steps=4", "train.eval_steps=2", "data.max_examples=32"]
 

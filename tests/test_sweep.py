@@ -9,8 +9,7 @@ import yaml
 
 from workbench.cli import main
 from workbench.errors import UsageError
-from workbench.sweep import (Trial, format_leaderboard, leaderboard, load_spec, trials,
-                             wandb_sweep_config)
+from workbench.sweep.core import Trial, format_leaderboard, leaderboard, load_spec, trials, wandb_sweep_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny.yaml"
@@ -194,5 +193,5 @@ def test_missing_spec_and_bad_parallel_are_usage_errors(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "nope.yaml")]) == 2
     assert "sweep spec file not found" in one_error_line(capsys)
     with pytest.raises(UsageError, match="--parallel 0"):
-        from workbench.sweep import run_sweep
+        from workbench.sweep.core import run_sweep
         run_sweep(write_spec(tmp_path), parallel=0)

@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workbench import tracking
+from workbench.tracking import core as tracking
 from workbench.cli import main
 from workbench.errors import UsageError
-from workbench.recipe import WandbSection, load_recipe, resolved
-from workbench.tracking import (enable, flatten, family, has_api_key, metric_rows, read_records,
-                                recipe_hash, resolve_mode, run_name, trainer_key, wandb_key)
+from workbench.config.recipe import WandbSection, load_recipe, resolved
+from workbench.tracking.core import (
+    enable, flatten, family, has_api_key, metric_rows, read_records, recipe_hash, resolve_mode, run_name,
+    trainer_key, wandb_key
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["train.max_steps=3", "data.max_examples=24", "train.eval_steps=null", "data.max_val_examples=8"]
@@ -103,7 +105,7 @@ def tracked(tmp_path_factory):
         assert main(["train", "recipes/tiny.yaml", *FAST, *PENALTIES, "--output-dir", str(run_dir), "--wandb"]) == 0
         results = run_dir / "results.json"
         assert main(["eval", "--suite", str(suite), "--run", str(run_dir), "--out", str(results)]) == 0
-        from workbench.report import build_report
+        from workbench.report.html import build_report
         build_report([results, run_dir], root / "report")
     return {"root": root, "run_dir": run_dir, "run": json.loads((run_dir / "run.json").read_text()),
             "results": json.loads(results.read_text()), "stdout": out.getvalue(), "stderr": err.getvalue()}

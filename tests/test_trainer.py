@@ -4,10 +4,10 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from tests.conftest import make_batch, make_peft
-from workbench.regularizers import PenaltyConfig
-from workbench.regularizers.delta_l2 import DeltaL2
-from workbench.regularizers.kl import KLConfig, KLToBase
-from workbench.trainer import RegularizedTrainer
+from workbench.training.regularizers import PenaltyConfig
+from workbench.training.regularizers.delta_l2 import DeltaL2
+from workbench.training.regularizers.kl import KLConfig, KLToBase
+from workbench.training.trainer import RegularizedTrainer
 
 
 def trainer_for(model, tmp_path, penalties=(), **args):

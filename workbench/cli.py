@@ -8,8 +8,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from .distributed import is_main_process, shutdown_distributed
-from .errors import Interrupted, RunFailed, UsageError
+from workbench.distributed import is_main_process, shutdown_distributed
+from workbench.errors import Interrupted, RunFailed, UsageError
 
 RECIPES_DIR = Path("recipes")
 
@@ -28,9 +28,9 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(args) -> int:
-    from .recipe import load_recipe
-    from .run import train
-    from .tracking import enable
+    from workbench.config.recipe import load_recipe
+    from workbench.training.run import train
+    from workbench.tracking.core import enable
 
     recipe = enable(load_recipe(args.recipe, args.overrides), args.recipe, on=args.wandb)
     output_dir = Path(args.output_dir or recipe.output_dir)
@@ -43,9 +43,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_fisher(args) -> int:
-    from .fisher import save_fisher
-    from .recipe import load_recipe
-    from .run import compute_fisher, prepare
+    from workbench.training.fisher import save_fisher
+    from workbench.config.recipe import load_recipe
+    from workbench.training.run import compute_fisher, prepare
 
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.regularizers.ewc is None or not recipe.regularizers.ewc.reference:
@@ -64,7 +64,7 @@ def cmd_fisher(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evals.evaluate import run_eval
+    from workbench.evals.evaluate import run_eval
 
     if not args.run and not args.adapter:
         raise UsageError("eval: give --run RUN_DIR, or --base MODEL --adapter DIR")
@@ -74,8 +74,8 @@ def cmd_eval(args) -> int:
                        use_cache=not args.no_cache)
     if not is_main_process():
         return 0
-    from .report import summary_table
-    from .tracking import log_eval
+    from workbench.report.html import summary_table
+    from workbench.tracking.core import log_eval
 
     print(summary_table(results))
     print(f"results: {args.out}")
@@ -84,20 +84,20 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import run_sweep
+    from workbench.sweep.core import run_sweep
 
     return run_sweep(args.spec, parallel=args.parallel, wandb=args.wandb, output_dir=args.output_dir,
                      dry_run=args.dry_run)
 
 
 def cmd_gate(args) -> int:
-    from .gate import run_gate
+    from workbench.gate import run_gate
 
     return run_gate(args.results, args.policy, args.entry)
 
 
 def cmd_report(args) -> int:
-    from .report import build_report
+    from workbench.report.html import build_report
 
     index = build_report(args.inputs, args.out)
     print(f"report: {index}")
@@ -105,9 +105,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_assets(args) -> int:
-    from .evals.suite import load_suite
-    from .evals.tasks import fetch_bigbench
-    from .models import ensure_embedded_default
+    from workbench.evals.suite import load_suite
+    from workbench.evals.tasks import fetch_bigbench
+    from workbench.modeling.load import ensure_embedded_default
 
     names = list(args.bigbench)
     for path in args.suite:
@@ -125,7 +125,7 @@ def cmd_assets(args) -> int:
 def cmd_recipes(args) -> int:
     import yaml
 
-    from .recipe import load_recipe, resolved
+    from workbench.config.recipe import load_recipe, resolved
 
     if args.recipe:
         recipe = load_recipe(args.recipe, args.overrides)

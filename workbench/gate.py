@@ -33,9 +33,9 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .errors import UsageError
-from .evals.results import load_results
-from .recipe import read_yaml
+from workbench.errors import UsageError
+from workbench.formats.results import load_results
+from workbench.config.recipe import read_yaml
 
 Status = Literal["pass", "fail", "missing", "skipped"]
 OK_STATUSES = ("pass", "skipped")

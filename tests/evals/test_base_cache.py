@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from workbench.evals.base_cache import BaseCache, ragged, unragged
+from workbench.scoring.base_cache import BaseCache, ragged, unragged
 
 
 def compute_slowly(marker):

@@ -11,8 +11,8 @@ from workbench.cli import main
 from workbench.errors import UsageError
 from workbench.evals.evaluate import run_eval
 from workbench.io import fingerprint
-from workbench.models import apply_lora, load_model, load_tokenizer, model_fingerprint
-from workbench.recipe import load_recipe, resolved
+from workbench.modeling.load import apply_lora, load_model, load_tokenizer, model_fingerprint
+from workbench.config.recipe import load_recipe, resolved
 
 SUITE = {
     "name": "test", "batch_size": 8, "max_length": 96, "bootstrap": 50,

@@ -13,9 +13,9 @@ import yaml
 from tests.conftest import make_peft
 from workbench.errors import UsageError
 from workbench.evals.lmeval import run_lm_eval
-from workbench.evals.scorer import Scorer, multiple_choice
+from workbench.scoring.scorer import Scorer, multiple_choice
 from workbench.evals.tasks import local_task
-from workbench.tiny import tiny_tokenizer
+from workbench.modeling.tiny import tiny_tokenizer
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "evals" / "tasks" / "capitals.yaml"  # the shipped example
 WORDS = "red blue green stone river cloud apple seven quiet north tall bright old small".split()

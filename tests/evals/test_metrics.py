@@ -3,10 +3,10 @@ import math
 import numpy as np
 import pytest
 
-from workbench.evals.metrics import (brier_score, ece, exact_match_rate, extraction_rate,
-                                     membership_scores, min_k_prob, paired_bootstrap_ci,
-                                     ratio_bootstrap_ci, reliability_bins, roc_auc, roc_curve,
-                                     tpr_at_fpr)
+from workbench.evals.metrics import (
+    brier_score, ece, exact_match_rate, extraction_rate, membership_scores, min_k_prob, paired_bootstrap_ci,
+    ratio_bootstrap_ci, reliability_bins, roc_auc, roc_curve, tpr_at_fpr
+)
 
 
 def pairwise_auc(pos, neg):

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tests.conftest import make_peft
-from workbench.evals.scorer import Request, Response, Scorer, multiple_choice
-from workbench.regularizers.lora_delta import adapter_scale
-from workbench.tiny import tiny_tokenizer
+from workbench.scoring.scorer import Request, Response, Scorer, multiple_choice
+from workbench.modeling.lora import adapter_scale
+from workbench.modeling.tiny import tiny_tokenizer
 
 REQUESTS = [
     Request("The quick brown fox", " jumps over"),

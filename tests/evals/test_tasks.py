@@ -7,8 +7,9 @@ import pytest
 
 from workbench.errors import UsageError
 from workbench.evals import tasks
-from workbench.evals.tasks import (MCItem, bigbench_generative, bigbench_mc, fetch_bigbench, load_task_yaml,
-                                   local_task)
+from workbench.evals.tasks import (
+    MCItem, bigbench_generative, bigbench_mc, fetch_bigbench, load_task_yaml, local_task
+)
 
 # ---------------------------------------------------------------- local lm-eval task files
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from workbench.evals.topk_kl import base_topk, kl_bounds
+from workbench.scoring.topk_kl import base_topk, kl_bounds
 
 
 def exact_kl(base_lp, tuned_lp):

@@ -1,10 +1,10 @@
 import torch
 
 from tests.conftest import make_peft
-from workbench.regularizers.delta_l2 import DeltaL2
-from workbench.regularizers.ewc import EWC, EWCConfig
-from workbench.regularizers.base import PenaltyConfig
-from workbench.regularizers.lora_delta import adapter_scale, lora_factors
+from workbench.training.regularizers.delta_l2 import DeltaL2
+from workbench.training.regularizers.ewc import EWC, EWCConfig
+from workbench.training.regularizers.base import PenaltyConfig
+from workbench.modeling.lora import adapter_scale, lora_factors
 
 
 def dense_deltas(model):

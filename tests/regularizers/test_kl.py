@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import make_batch, make_peft
-from workbench.evals.topk_kl import base_topk, kl_bounds
-from workbench.regularizers.kl import KLConfig, KLToBase, cached_topk_kl, chunked_kl
-from workbench.regularizers.lora_delta import adapter_scale
+from workbench.scoring.topk_kl import base_topk, kl_bounds
+from workbench.training.regularizers.kl import KLConfig, KLToBase, cached_topk_kl, chunked_kl
+from workbench.modeling.lora import adapter_scale
 
 
 def reference_kl(logits, ref_logits, mask, direction, temperature):

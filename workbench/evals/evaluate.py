@@ -18,18 +18,19 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..data import (data_fingerprint, format_example, general_text_examples, is_named_source, read_records,
-                    task_splits)
-from ..distributed import init_distributed, is_main_process, local_device
-from ..errors import UsageError
-from ..io import fingerprint, write_json
-from ..models import load_model, load_tokenizer, model_fingerprint
-from ..recipe import ModelSection, Recipe
-from ..regularizers.lora_delta import gram, lora_factors
-from .base_cache import BaseCache
-from .results import KIND, SCHEMA_VERSION
-from .runner import Entry, EvalData, Evaluator, TargetData
-from .suite import Suite, load_suite
+from workbench.data.examples import (
+    data_fingerprint, format_example, general_text_examples, is_named_source, read_records, task_splits
+)
+from workbench.distributed import init_distributed, is_main_process, local_device
+from workbench.errors import UsageError
+from workbench.io import fingerprint, write_json
+from workbench.modeling.load import load_model, load_tokenizer, model_fingerprint
+from workbench.config.recipe import ModelSection, Recipe
+from workbench.modeling.lora import gram, lora_factors
+from workbench.scoring.base_cache import BaseCache
+from workbench.formats.results import KIND, SCHEMA_VERSION
+from workbench.evals.runner import Entry, EvalData, Evaluator, TargetData
+from workbench.evals.suite import Suite, load_suite
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -119,7 +120,7 @@ def check_tokenizer(spec: AdapterSpec, tokenizer) -> None:
 
 
 def _mc_items(suite: Suite, suite_dir: Path) -> dict[str, list]:
-    from .tasks import bigbench_mc, local_task
+    from workbench.evals.tasks import bigbench_mc, local_task
 
     tasks = {}
     for task in suite.multiple_choice:
@@ -276,7 +277,7 @@ def _evaluate_entry(evaluator: Evaluator, spec: AdapterSpec, adapter: str, scale
 
 
 def _lm_eval(evaluator: Evaluator, specs: list[AdapterSpec], suite: Suite, suite_dir: Path) -> dict:
-    from .lmeval import run_lm_eval
+    from workbench.evals.lmeval import run_lm_eval
 
     cfg = suite.lm_eval
     include = str(suite_dir / cfg.include_path) if cfg.include_path else None
@@ -289,6 +290,6 @@ def _lm_eval(evaluator: Evaluator, specs: list[AdapterSpec], suite: Suite, suite
 
 
 def _versions() -> dict:
-    from ..run import versions
+    from workbench.training.run import versions
 
     return versions()

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from ..errors import UsageError
-from ..regularizers.lora_delta import unwrap_peft
-from .scorer import ADAPTERS
-from .tasks import load_task_yaml, resolve_data_files
+from workbench.errors import UsageError
+from workbench.modeling.lora import unwrap_peft
+from workbench.scoring.scorer import ADAPTERS
+from workbench.evals.tasks import load_task_yaml, resolve_data_files
 
 # Read by huggingface_hub and datasets when they are first imported, hence set before lm_eval is.
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

@@ -15,16 +15,16 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..data import data_fingerprint
-from ..io import fingerprint
-from ..regularizers.lora_delta import adapter_scale, unwrap_peft
-from . import metrics as M
-from .base_cache import BaseCache, ragged, unragged
-from .results import metric
-from .scorer import Request, Scorer, choice_outcome
-from .suite import Suite
-from .tokens import greedy_generate, prompt_and_reference, scored_tokens, token_logprobs
-from .topk_kl import base_topk, kl_bounds
+from workbench.data.examples import data_fingerprint
+from workbench.io import fingerprint
+from workbench.modeling.lora import adapter_scale, unwrap_peft
+from workbench.evals import metrics as M
+from workbench.scoring.base_cache import BaseCache, ragged, unragged
+from workbench.formats.results import metric
+from workbench.scoring.scorer import Request, Scorer, choice_outcome
+from workbench.evals.suite import Suite
+from workbench.scoring.tokens import greedy_generate, prompt_and_reference, scored_tokens, token_logprobs
+from workbench.scoring.topk_kl import base_topk, kl_bounds
 
 
 @dataclass

@@ -20,9 +20,9 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from ..errors import UsageError
-from ..io import fingerprint
-from ..recipe import Section, read_yaml, describe_error
+from workbench.errors import UsageError
+from workbench.io import fingerprint
+from workbench.config.recipe import Section, read_yaml, describe_error
 
 
 class GeneralText(Section):

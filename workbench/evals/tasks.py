@@ -34,8 +34,8 @@ import jinja2
 import yaml
 from filelock import FileLock
 
-from ..errors import UsageError
-from ..io import atomic_path, cache_dir
+from workbench.errors import UsageError
+from workbench.io import atomic_path, cache_dir
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Penalty, register
-from .lora_delta import grouped_factors, grouped_gram
+from workbench.training.regularizers.base import Penalty, register
+from workbench.modeling.lora import grouped_factors, grouped_gram
 
 
 @register

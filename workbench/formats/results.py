@@ -52,7 +52,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from workbench.errors import UsageError
 
 SCHEMA_VERSION = 1
 KIND = "workbench.eval"

@@ -4,7 +4,7 @@ resumed runs and every recipe that trains the same base on the same examples.
 
 Entries live under `<cache>/reference/`, keyed by the base-weight fingerprint, the training
 examples' fingerprint, k and the temperature; they are written under a file lock and renamed into
-place (see `evals.base_cache`), so concurrent runs or ranks compute an entry once.
+place (see `scoring.base_cache`), so concurrent runs or ranks compute an entry once.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import Collator, data_fingerprint
-from .distributed import is_main_process, shard_map
-from .evals.base_cache import BaseCache
-from .evals.topk_kl import base_topk
-from .io import cache_dir
-from .regularizers.kl import next_token_mask, reference_mode
+from workbench.data.examples import Collator, data_fingerprint
+from workbench.distributed import is_main_process, shard_map
+from workbench.scoring.base_cache import BaseCache
+from workbench.scoring.topk_kl import base_topk
+from workbench.io import cache_dir
+from workbench.training.regularizers.kl import next_token_mask, reference_mode
 
 
 class TopKReference:

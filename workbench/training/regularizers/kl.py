@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from .base import Penalty, PenaltyConfig, register
-from .closed_form import summed_by_chunk
-from .lora_delta import unwrap_peft
+from workbench.training.regularizers.base import Penalty, PenaltyConfig, register
+from workbench.training.regularizers.closed_form import summed_by_chunk
+from workbench.modeling.lora import unwrap_peft
 
 
 class KLConfig(PenaltyConfig):
@@ -67,7 +67,7 @@ def _topk_chunk(z, values, ids, temperature):
     """KL(p~ || q) summed over a chunk, and its gradient in z: the base's cached top-k log-probs
     (values, ids) [n, k], completed with its tail mass m = 1 - sum(p_k) spread over the other
     tokens in the tuned model's proportions (m q_j / q_tail). This equals the top-k eval's lower
-    bound (`evals.topk_kl`: the tail as one outcome), and its gradient is (q - p~) / t."""
+    bound (`scoring.topk_kl`: the tail as one outcome), and its gradient is (q - p~) / t."""
     log_q = F.log_softmax(z.div_(temperature), dim=-1)
     q = log_q.exp()
     p = values.float().exp()
@@ -172,7 +172,7 @@ class KLToBase(Penalty):
         super().__init__(config)
         if config.reference == "topk_cache" and reference_cache is None:
             raise ValueError("kl_to_base with reference: topk_cache needs reference_cache=... "
-                             "(see workbench.reference)")
+                             "(see workbench.training.reference)")
         self.reference_cache = reference_cache if config.reference == "topk_cache" else None
 
     def weight(self, step: int) -> float:

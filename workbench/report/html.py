@@ -19,11 +19,13 @@ from pathlib import Path
 
 from jinja2 import Environment
 
-from .errors import UsageError
-from .evals.results import KIND, load_results
-from .io import atomic_path
-from .report_plots import (FORGETTING, MC_RETENTION, Entry, finite, interval, loss_figure,
-                           reliability_figure, roc_figure, save, tradeoff_figure, value)
+from workbench.errors import UsageError
+from workbench.formats.results import KIND, load_results
+from workbench.io import atomic_path
+from workbench.report.plots import (
+    FORGETTING, MC_RETENTION, Entry, finite, interval, loss_figure, reliability_figure, roc_figure, save,
+    tradeoff_figure, value
+)
 
 MISSING = "—"
 NOTHING = "adapter changes nothing"

@@ -14,7 +14,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .io import atomic_path
+from workbench.io import atomic_path
 
 # (metric, its value at the base, axis label): the first one any entry has is used
 FORGETTING = [

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from .errors import UsageError
-from .regularizers import PENALTIES, PenaltyConfig
+from workbench.errors import UsageError
+from workbench.training.regularizers import PENALTIES, PenaltyConfig
 
 
 class Section(BaseModel):

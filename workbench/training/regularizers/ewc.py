@@ -12,8 +12,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .base import Penalty, PenaltyConfig, register
-from .lora_delta import FactorGroup, grouped_factors, grouped_gram
+from workbench.training.regularizers.base import Penalty, PenaltyConfig, register
+from workbench.modeling.lora import FactorGroup, grouped_factors, grouped_gram
 
 
 class EWCConfig(PenaltyConfig):
@@ -34,7 +34,7 @@ class EWC(Penalty):
     def __init__(self, config: EWCConfig, fisher: dict[str, torch.Tensor] | None = None, **_):
         super().__init__(config)
         if fisher is None:
-            raise ValueError("EWC needs a Fisher: pass fisher=... (see workbench.fisher)")
+            raise ValueError("EWC needs a Fisher: pass fisher=... (see workbench.training.fisher)")
         self.fisher = dict(fisher)  # entries are popped as they are stacked
         self._stacked: dict[tuple[str, ...], tuple[torch.Tensor, ...]] = {}
 

@@ -37,10 +37,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from .errors import Interrupted, RunFailed, UsageError
-from .io import write_json
-from .recipe import Section, WandbSection, read_yaml, describe_error, load_recipe
-from .tracking import PREFIXES, trainer_key, wandb_key
+from workbench.errors import Interrupted, RunFailed, UsageError
+from workbench.io import write_json
+from workbench.config.recipe import Section, WandbSection, read_yaml, describe_error, load_recipe
+from workbench.tracking.core import PREFIXES, trainer_key, wandb_key
 
 
 class Distribution(Section):
@@ -230,9 +230,9 @@ def run_job(job: dict) -> dict:
     A run that fails (bad data, divergence, a bug) is recorded, not raised: one bad corner of a
     grid must not cost the others. An interrupt stops the whole sweep.
     """
-    from .evals.evaluate import run_eval
-    from .run import train
-    from .tracking import enable, log_eval
+    from workbench.evals.evaluate import run_eval
+    from workbench.training.run import train
+    from workbench.tracking.core import enable, log_eval
 
     try:
         recipe = enable(load_recipe(job["recipe"], job["overrides"]), job["recipe"], on=job["wandb"])

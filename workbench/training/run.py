@@ -13,18 +13,23 @@ from pathlib import Path
 import torch
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments, set_seed
 
-from . import __version__, tracking
-from .data import EXAMPLE_INDEX, Collator, build_datasets, data_fingerprint, general_text_examples
-from .distributed import init_distributed, is_main_process, world_size
-from .errors import Interrupted, UsageError
-from .fisher import estimate_fisher, load_fisher, save_fisher
-from .io import cache_dir, fingerprint, write_json
-from .models import apply_lora, count_parameters, load_model, load_tokenizer, model_fingerprint
-from .recipe import Recipe, resolved
-from .reference import topk_reference_for
-from .regularizers import PENALTIES
-from .regularizers.lora_delta import lora_factors
-from .trainer import RegularizedTrainer
+from workbench import __version__
+from workbench.tracking import core as tracking
+from workbench.data.examples import (
+    EXAMPLE_INDEX, Collator, build_datasets, data_fingerprint, general_text_examples
+)
+from workbench.distributed import init_distributed, is_main_process, world_size
+from workbench.errors import Interrupted, UsageError
+from workbench.training.fisher import estimate_fisher, load_fisher, save_fisher
+from workbench.io import cache_dir, fingerprint, write_json
+from workbench.modeling.load import (
+    apply_lora, count_parameters, load_model, load_tokenizer, model_fingerprint
+)
+from workbench.config.recipe import Recipe, resolved
+from workbench.training.reference import topk_reference_for
+from workbench.training.regularizers import PENALTIES
+from workbench.modeling.lora import lora_factors
+from workbench.training.trainer import RegularizedTrainer
 
 RUN_SCHEMA_VERSION = 1
 

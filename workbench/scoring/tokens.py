@@ -11,8 +11,8 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..data import IGNORE
-from ..distributed import is_main_process, shard_map
+from workbench.data.examples import IGNORE
+from workbench.distributed import is_main_process, shard_map
 
 
 def _batches(examples: list[dict], batch_size: int) -> Iterator[list[int]]:

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple
 
 import torch
 
-from .errors import UsageError
-from .io import fingerprint
+from workbench.errors import UsageError
+from workbench.io import fingerprint
 
 if TYPE_CHECKING:
-    from .recipe import DataSection
+    from workbench.config.recipe import DataSection
 
 IGNORE = -100
 FORMATS = ("auto", "messages", "prompt_completion")
@@ -164,7 +164,7 @@ def _bigbench(spec: str) -> list[dict]:
     The split is a fixed seeded shuffle: test is the first 10%, val the next 10%, train the rest,
     so recipes and eval suites name the same disjoint examples without writing any files.
     """
-    from .evals.tasks import bigbench_generative
+    from workbench.evals.tasks import bigbench_generative
 
     name, _, split = spec.partition(":")
     if split and split not in BIGBENCH_SPLITS:

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 
-from .data import NOT_MODEL_INPUTS
-from .errors import RunFailed
-from .regularizers import Penalty
+from workbench.data.examples import NOT_MODEL_INPUTS
+from workbench.errors import RunFailed
+from workbench.training.regularizers import Penalty
 
 
 class TermsProgress(ProgressCallback):

@@ -33,10 +33,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .errors import UsageError
-from .io import cache_dir, fingerprint
-from .recipe import LoraSection, ModelSection
-from .tiny import tiny_model, tiny_tokenizer
+from workbench.errors import UsageError
+from workbench.io import cache_dir, fingerprint
+from workbench.config.recipe import LoraSection, ModelSection
+from workbench.modeling.tiny import tiny_model, tiny_tokenizer
 
 EMBEDDED_DEFAULT = "smollm2-135m-instruct"
 TINY = "tiny-random-llama"

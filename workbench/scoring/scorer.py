@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from workbench.distributed import is_main_process, shard_map
-from workbench.regularizers.lora_delta import adapter_scale, unwrap_peft
+from workbench.modeling.lora import adapter_scale, unwrap_peft
 
 ADAPTERS = ("tuned", "base")
 

@@ -25,9 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .errors import UsageError
-from .io import atomic_path
-from .regularizers.lora_delta import lora_factors, unwrap_peft
+from workbench.errors import UsageError
+from workbench.io import atomic_path
+from workbench.modeling.lora import lora_factors, unwrap_peft
 
 ESTIMATORS = ("kfac_diag", "diag")
 

@@ -16,8 +16,8 @@ from filelock import FileLock
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..distributed import all_ranks, is_main_process, world_size
-from ..io import atomic_path, cache_dir, fingerprint
+from workbench.distributed import all_ranks, is_main_process, world_size
+from workbench.io import atomic_path, cache_dir, fingerprint
 
 
 class BaseCache:

@@ -33,9 +33,9 @@ from urllib.parse import urlsplit
 
 from transformers import TrainerCallback
 
-from .distributed import is_main_process
-from .io import fingerprint
-from .recipe import Recipe, WandbSection, read_yaml, resolved
+from workbench.distributed import is_main_process
+from workbench.io import fingerprint
+from workbench.config.recipe import Recipe, WandbSection, read_yaml, resolved
 
 # results.json sections -> W&B summary prefixes (`retention/*`, `overfit/*`, `learning/*`)
 PREFIXES = {"retention": "retention", "overfitting": "overfit", "learning": "learning",
@@ -502,7 +502,7 @@ def _log_entries(tracker: Tracker, entries: list[dict], results: dict, results_p
 
 def _report_plots(results_path: Path, scratch: Path) -> dict[str, Path]:
     """The report's plots (built into a scratch directory), keyed plots/<name>."""
-    from .report import build_report
+    from workbench.report.html import build_report
 
     try:
         build_report([results_path], scratch / "report")

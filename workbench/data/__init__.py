@@ -1,0 +1,1 @@
+"""Training and eval data: sources, BIG-bench items, formatting and collation."""

@@ -1,0 +1,1 @@
+"""Scoring shared by training and evals: masks, padding, log-likelihoods, token log-probs, top-k KL, the base cache."""

@@ -1,0 +1,1 @@
+"""`workbench sweep`: grid and random searches over recipe overrides, with a leaderboard."""

@@ -1,0 +1,1 @@
+"""Weights & Biases tracking: training runs and eval results. Never stops a job."""
