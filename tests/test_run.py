@@ -84,7 +84,7 @@ def test_optimizer_side_knobs_reach_the_trainer(tmp_path):
     assert (args.neftune_noise_alpha, args.weight_decay, args.max_grad_norm, args.label_smoothing_factor) == (
         5, 0.1, 0.5, 0.1)
     assert trainer.model.peft_config["default"].lora_dropout == 0.2
-    assert record["recipe"]["regularizers"]["lora_dropout"] == 0.2
+    assert record.recipe["regularizers"]["lora_dropout"] == 0.2
 
 
 def test_kl_from_a_full_top_k_cache_trains_the_same_adapter_as_the_exact_kl(tmp_path):

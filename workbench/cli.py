@@ -30,13 +30,13 @@ def _quiet_libraries() -> None:
 def cmd_train(args) -> int:
     from workbench.config.recipe import load_recipe
     from workbench.training.run import train
-    from workbench.tracking.core import enable
+    from workbench.tracking.core import TrainingObserver, enable
 
     recipe = enable(load_recipe(args.recipe, args.overrides), args.recipe, on=args.wandb)
     output_dir = Path(args.output_dir or recipe.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"{output_dir}: output directory is an existing file")
-    run_dir = train(recipe, output_dir, resume=args.resume)
+    run_dir = train(recipe, output_dir, resume=args.resume, observer=TrainingObserver())
     if is_main_process():
         print(f"run: {run_dir / 'run.json'}\nadapter: {run_dir / 'adapter'}")
     return 0

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from safetensors import safe_open
 
 from workbench.data.examples import (
@@ -25,7 +26,8 @@ from workbench.distributed import init_distributed, is_main_process, local_devic
 from workbench.errors import UsageError
 from workbench.io import fingerprint, write_json
 from workbench.modeling.load import load_model, load_tokenizer, model_fingerprint
-from workbench.config.recipe import ModelSection, Recipe
+from workbench.config.recipe import ModelSection, Recipe, describe_error
+from workbench.formats.run_record import RunRecord, read_run, run_path, versions
 from workbench.modeling.lora import gram, lora_factors
 from workbench.scoring.base_cache import BaseCache
 from workbench.formats.results import KIND, SCHEMA_VERSION
@@ -40,7 +42,7 @@ class AdapterSpec:
     name: str
     path: Path
     run_dir: Path | None = None
-    run: dict | None = None
+    run: RunRecord | None = None
     recipe: Recipe | None = None
 
 
@@ -53,17 +55,14 @@ def _check_adapter_dir(path: Path) -> None:
         raise UsageError(f"{path}: not a PEFT adapter directory (missing {', '.join(missing)})")
 
 
-def _read_run(run_dir: Path) -> tuple[dict, Recipe]:
-    path = run_dir / "run.json" if run_dir.is_dir() else run_dir
-    if not path.is_file():
-        raise UsageError(f"{run_dir}: no run.json (give a run directory written by `workbench train`)")
+def _read_run(run_dir: Path) -> tuple[RunRecord, Recipe]:
+    run = read_run(run_dir)
     try:
-        run = json.loads(path.read_text())
-        recipe = Recipe.model_validate(run["recipe"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise UsageError(f"{path}: not a readable run record ({type(exc).__name__})") from None
-    if run.get("status") != "completed":
-        raise UsageError(f"{path}: run status is {run.get('status')!r}, not 'completed': no final adapter")
+        recipe = Recipe.model_validate(run.recipe)
+    except ValidationError as exc:
+        raise UsageError(f"{run_path(run_dir)}: recipe: {describe_error(exc)}") from None
+    if run.status != "completed":
+        raise UsageError(f"{run_path(run_dir)}: run status is {run.status!r}, not 'completed': no final adapter")
     return run, recipe
 
 
@@ -72,7 +71,7 @@ def resolve_specs(runs: list[Path], adapters: list[Path]) -> list[AdapterSpec]:
     for run_dir in runs:
         run, recipe = _read_run(run_dir)
         run_dir = run_dir if run_dir.is_dir() else run_dir.parent
-        adapter = run_dir / run.get("adapter", "adapter")
+        adapter = run_dir / (run.adapter or "adapter")
         _check_adapter_dir(adapter)
         specs.append(AdapterSpec(recipe.name, adapter, run_dir, run, recipe))
     for adapter in adapters:
@@ -234,8 +233,8 @@ def run_eval(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path]
     model, tokenizer = load_model(section, tokenizer)
     base_fp = model_fingerprint(model)
     for spec in specs:
-        if spec.run and spec.run.get("model_fingerprint") not in (None, base_fp):
-            raise UsageError(f"{spec.run_dir}: trained on base weights {spec.run['model_fingerprint']}, "
+        if spec.run and spec.run.model_fingerprint not in (None, base_fp):
+            raise UsageError(f"{spec.run_dir}: trained on base weights {spec.run.model_fingerprint}, "
                              f"but {section.name} has {base_fp}")
     peft_model = load_adapters(model, specs)
     if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit model is placed as it loads
@@ -253,7 +252,7 @@ def run_eval(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path]
         "base": {"model": section.name, "fingerprint": base_fp,
                  "cache": {"hits": sorted(set(evaluator.cache.hits)), "misses": sorted(set(evaluator.cache.misses))},
                  "forward_calls": dict(evaluator.forward_calls)},
-        "versions": _versions(),
+        "versions": versions(),
         "entries": entries,
     }
     if suite.lm_eval is not None:
@@ -289,7 +288,4 @@ def _lm_eval(evaluator: Evaluator, specs: list[AdapterSpec], suite: Suite, suite
     return out
 
 
-def _versions() -> dict:
-    from workbench.training.run import versions
 
-    return versions()

@@ -232,11 +232,11 @@ def run_job(job: dict) -> dict:
     """
     from workbench.evals.evaluate import run_eval
     from workbench.training.run import train
-    from workbench.tracking.core import enable, log_eval
+    from workbench.tracking.core import TrainingObserver, enable, log_eval
 
     try:
         recipe = enable(load_recipe(job["recipe"], job["overrides"]), job["recipe"], on=job["wandb"])
-        run_dir = train(recipe, Path(job["output_dir"]))
+        run_dir = train(recipe, Path(job["output_dir"]), observer=TrainingObserver())
         if job["eval_suite"]:
             results = run_eval(job["eval_suite"], runs=[run_dir], out=run_dir / "results.json")
             log_eval(results, run_dir / "results.json")

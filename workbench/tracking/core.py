@@ -34,6 +34,8 @@ from urllib.parse import urlsplit
 from transformers import TrainerCallback
 
 from workbench.distributed import is_main_process
+from workbench.errors import UsageError
+from workbench.formats.run_record import RunRecord, read_run
 from workbench.io import fingerprint
 from workbench.config.recipe import Recipe, WandbSection, read_yaml, resolved
 
@@ -280,14 +282,13 @@ class Tracker:
         if sync_dir:
             print(f"wandb: offline run saved; upload it with: wandb sync {sync_dir}")
 
-    @contextlib.contextmanager
-    def finishing_on_error(self):
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> None:
         """Close the run as failed when the block raises, then let the exception go on."""
-        try:
-            yield
-        except BaseException:
+        if exc is not None:
             self.finish(exit_code=1)
-            raise
 
 
 # ---------------------------------------------------------------- training
@@ -324,7 +325,7 @@ class TrackingCallback(TrainerCallback):
         self.tracker.log({**metrics, self.STEP: state.global_step})
 
 
-def start_training(recipe: Recipe, trainer, output_dir: Path, record: dict, resume: bool = False) -> Tracker:
+def start_training(recipe: Recipe, trainer, output_dir: Path, record: RunRecord, resume: bool = False) -> Tracker:
     """Hook tracking into a built trainer, on every rank; start the W&B run on rank 0 only.
 
     Token counting is switched on (on every rank, since the Trainer gathers the counts) whenever
@@ -338,21 +339,21 @@ def start_training(recipe: Recipe, trainer, output_dir: Path, record: dict, resu
         return Tracker()
     previous = _previous_id(output_dir) if resume else None
     config = {**flatten(resolved(recipe)), "run.recipe_hash": recipe_hash(recipe),
-              "run.model_fingerprint": record.get("model_fingerprint"),
-              "run.train_fingerprint": record.get("data", {}).get("train_fingerprint"),
-              "run.world_size": record.get("world_size")}
+              "run.model_fingerprint": record.model_fingerprint,
+              "run.train_fingerprint": record.data.get("train_fingerprint"),
+              "run.world_size": record.world_size}
     tracker = Tracker.start(recipe.wandb, name=run_name(recipe), group=recipe.wandb.group or recipe.name,
                             config=config, job_type="train", directory=output_dir, run_id=previous)
     trainer.add_callback(TrackingCallback(tracker))
     if tracker.active:
-        record["wandb"] = tracker.info()
+        record.wandb = tracker.info()
     return tracker
 
 
 def _previous_id(output_dir: Path) -> str | None:
     try:
-        return json.loads((output_dir / "run.json").read_text())["wandb"]["id"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return (read_run(output_dir).wandb or {}).get("id")
+    except UsageError:
         return None
 
 
@@ -364,10 +365,14 @@ def lineage(record: dict) -> dict:
             "base_model": (record.get("recipe") or {}).get("model", {}).get("name")}
 
 
-def finish_training(tracker: Tracker, output_dir: Path, record: dict) -> None:
+def finish_training(tracker: Tracker, output_dir: Path, record: RunRecord, exit_code: int = 0) -> None:
     """Log the adapter and the Fisher as artifacts, with their lineage, and close the run."""
     if not tracker.active:
         return
+    if exit_code:
+        tracker.finish(exit_code=exit_code)
+        return
+    record = record.model_dump()
     name = run_name(record["recipe"])
     meta = lineage(record)
     tracker.artifact(f"{name}-adapter", "model", output_dir / record.get("adapter", "adapter"), meta)
@@ -376,6 +381,16 @@ def finish_training(tracker: Tracker, output_dir: Path, record: dict) -> None:
         tracker.artifact(f"{name}-fisher", "fisher", Path(fisher["path"]),
                          {**meta, **{k: v for k, v in fisher.items() if k != "path"}})
     tracker.finish()
+
+
+class TrainingObserver:
+    """W&B tracking of a training run, as `training.run.train` expects its observer."""
+
+    def start(self, recipe: Recipe, trainer, output_dir: Path, record: RunRecord, resume: bool) -> Tracker:
+        return start_training(recipe, trainer, output_dir, record, resume)
+
+    def finish(self, tracker: Tracker, output_dir: Path, record: RunRecord, exit_code: int = 0) -> None:
+        finish_training(tracker, output_dir, record, exit_code)
 
 
 # ---------------------------------------------------------------- evals
@@ -456,8 +471,8 @@ def _read_run(run_dir: str | None) -> dict:
     if not run_dir:
         return {}
     try:
-        return json.loads((Path(run_dir) / "run.json").read_text())
-    except (OSError, ValueError):
+        return read_run(run_dir).model_dump()
+    except UsageError:
         return {}
 
 

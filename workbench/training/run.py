@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import platform
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments, set_seed
 
-from workbench import __version__
-from workbench.tracking import core as tracking
 from workbench.data.examples import (
     EXAMPLE_INDEX, Collator, build_datasets, data_fingerprint, general_text_examples
 )
@@ -26,22 +24,12 @@ from workbench.modeling.load import (
     apply_lora, count_parameters, load_model, load_tokenizer, model_fingerprint
 )
 from workbench.config.recipe import Recipe, resolved
+from workbench.formats.run_record import RunRecord, read_run, versions
 from workbench.training.reference import topk_reference_for
 from workbench.training.regularizers import PENALTIES
 from workbench.modeling.lora import lora_factors
 from workbench.training.trainer import RegularizedTrainer
 
-RUN_SCHEMA_VERSION = 1
-
-
-def versions() -> dict[str, str]:
-    import accelerate
-    import peft
-    import transformers
-
-    return {"workbench": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "accelerate": accelerate.__version__}
 
 
 def prepare(recipe: Recipe):
@@ -118,7 +106,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_val: bool) -> Train
         dataloader_num_workers=0, disable_tqdm=False)
 
 
-def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer, dict]:
+def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer, RunRecord]:
     """Everything up to `trainer.train()`: the trainer, and the run record to write."""
     tokenizer, data, model, base_fingerprint = prepare(recipe)
     if is_main_process():
@@ -149,12 +137,10 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
         model=model, args=args, train_dataset=train, eval_dataset=data.val or None,
         data_collator=collator, processing_class=tokenizer,
         penalties=penalties, callbacks=callbacks)
-    record = {"schema_version": RUN_SCHEMA_VERSION, "status": "running", "recipe": resolved(recipe),
-              "versions": versions(), "world_size": args.world_size, "command": sys.argv,
-              "model_fingerprint": base_fingerprint, "parameters": count_parameters(model),
-              "data": {**data.stats, "train_fingerprint": data_fingerprint(data.train)},
-              "fisher": fisher_meta, "reference_cache": reference_meta,
-              "penalties": [p.name for p in penalties]}
+    record = RunRecord(recipe=resolved(recipe), versions=versions(), world_size=args.world_size,
+                       command=sys.argv, model_fingerprint=base_fingerprint, parameters=count_parameters(model),
+                       data={**data.stats, "train_fingerprint": data_fingerprint(data.train)},
+                       fisher=fisher_meta, reference_cache=reference_meta, penalties=[p.name for p in penalties])
     return trainer, record
 
 
@@ -177,10 +163,7 @@ def _check_resumable(recipe: Recipe, output_dir: Path) -> Path:
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is None:
         raise UsageError(f"{output_dir}: no complete checkpoint to resume from")
-    try:
-        started = json.loads((output_dir / "run.json").read_text())["recipe"]
-    except (OSError, ValueError, KeyError):
-        raise UsageError(f"{output_dir}/run.json: missing or unreadable; cannot check the recipe matches") from None
+    started = read_run(output_dir).recipe
     now = resolved(recipe)
     # the wandb section only says where results go: resuming with tracking changed is fine
     changed = [key for key in sorted((set(started) | set(now)) - {"wandb"}) if started.get(key) != now.get(key)]
@@ -218,31 +201,53 @@ def _stop_on_signals(stopper: GracefulStop):
             signal.signal(sig, handler)
 
 
-def train(recipe: Recipe, output_dir: Path | None = None, resume: bool = False) -> Path:
+class RunObserver(Protocol):
+    """What watches a run from outside training (W&B tracking): told when it starts and ends.
+    Training never imports the observer; the command that starts the run passes it in."""
+
+    def start(self, recipe: Recipe, trainer: RegularizedTrainer, output_dir: Path, record: RunRecord,
+              resume: bool) -> Any: ...
+
+    def finish(self, handle: Any, output_dir: Path, record: RunRecord, exit_code: int = 0) -> None: ...
+
+
+class _Unobserved:
+    def start(self, *args) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def finish(self, *args, **kwargs) -> None:
+        return None
+
+
+def train(recipe: Recipe, output_dir: Path | None = None, resume: bool = False,
+          observer: RunObserver | None = None) -> Path:
     """Fine-tune under the recipe; returns the run directory.
 
     resume: continue from the newest complete checkpoint in output_dir (same recipe required);
     the Trainer restores the model, optimiser, scheduler, RNG states and the data position.
+    observer.start returns a context manager the training loop runs inside (W&B closes its run
+    when an error escapes it).
     """
+    observer = observer or _Unobserved()
     output_dir = Path(output_dir or recipe.output_dir)
     checkpoint = _check_resumable(recipe, output_dir) if resume else None
     trainer, record = build_trainer(recipe, output_dir)
-    tracker = tracking.start_training(recipe, trainer, output_dir, record, resume)
+    watching = observer.start(recipe, trainer, output_dir, record, resume)
     stopper = GracefulStop()
     trainer.add_callback(stopper)
     if trainer.is_world_process_zero():
         if checkpoint is not None:
             print(f"resume: from {checkpoint}")
-            record["resumed_from"] = str(checkpoint)
-        write_json(output_dir / "run.json", record)
-    with _stop_on_signals(stopper), tracker.finishing_on_error():
+            record.resumed_from = str(checkpoint)
+        record.write(output_dir)
+    with _stop_on_signals(stopper), watching:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stopper.signal is not None:
         if trainer.is_world_process_zero():
-            record.update(status="interrupted", history=trainer.state.log_history,
-                          global_step=trainer.state.global_step)
-            write_json(output_dir / "run.json", record)
-        tracker.finish(exit_code=1)
+            record.status, record.history = "interrupted", trainer.state.log_history
+            record.global_step = trainer.state.global_step
+            record.write(output_dir)
+        observer.finish(watching, output_dir, record, exit_code=1)
         raise Interrupted(stopper.signal, f"stopped by {signal.Signals(stopper.signal).name} at step "
                           f"{trainer.state.global_step}; checkpoint saved in {output_dir / 'checkpoints'}; "
                           f"continue with --resume")
@@ -253,8 +258,8 @@ def train(recipe: Recipe, output_dir: Path | None = None, resume: bool = False) 
     # the Trainer pickles its arguments next to the adapter; nothing loads it and pickles run code
     (output_dir / "adapter" / "training_args.bin").unlink(missing_ok=True)
     if trainer.is_world_process_zero():
-        record.update(status="completed", history=trainer.state.log_history, final=final,
-                      global_step=trainer.state.global_step, adapter="adapter")
-        write_json(output_dir / "run.json", record)
-    tracking.finish_training(tracker, output_dir, record)
+        record.status, record.history, record.final = "completed", trainer.state.log_history, final
+        record.global_step, record.adapter = trainer.state.global_step, "adapter"
+        record.write(output_dir)
+    observer.finish(watching, output_dir, record)
     return output_dir
