@@ -15,16 +15,14 @@ RECIPES_DIR = Path("recipes")
 
 
 def _quiet_libraries() -> None:
-    """Keep the terminal for our own progress: no telemetry, no per-import advisories."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    """Keep the terminal for our own progress: no telemetry, no per-import advisories. Set
+    through the environment, which the libraries read when (and only if) a command imports them."""
     import warnings
 
-    from transformers.utils import logging as hf_logging
-
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices inside libraries
-
-    hf_logging.set_verbosity_error()
 
 
 def cmd_train(args) -> int:

@@ -1,12 +1,19 @@
 """Data-parallel helpers: start the process group early, know who writes, and split work that
-every rank needs the whole of (eval scoring) across ranks."""
+every rank needs the whole of (eval scoring) across ranks.
+
+Which rank this is comes from the launcher's environment, so commands that only read files
+(`gate`, `recipes`, `--help`) ask it without importing torch; torch is imported where a
+collective or a device is needed.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Callable, TypeVar
+import sys
+from typing import TYPE_CHECKING, Callable, TypeVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -23,6 +30,7 @@ def init_distributed() -> None:
     needs the group to shard its reference data and all-reduce the sums.
     """
     if world_size() > 1:
+        import torch
         from accelerate import PartialState
 
         PartialState(cpu=not torch.cuda.is_available())
@@ -35,6 +43,8 @@ def is_main_process() -> bool:
 def shutdown_distributed() -> None:
     """Wait for every rank, then tear the group down: a rank that exits while another still
     writes can abort inside gloo's background threads at interpreter exit."""
+    if "torch" not in sys.modules:  # nothing imported torch, so no process group was started
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -44,6 +54,8 @@ def shutdown_distributed() -> None:
 
 def local_device() -> torch.device:
     """This process's accelerator: its own GPU under a multi-process launch, else the CPU."""
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from workbench.errors import UsageError
-from workbench.training.regularizers import PENALTIES, PenaltyConfig
+from workbench.config.penalties import PENALTY_CONFIGS, PenaltyConfig
 
 
 class Section(BaseModel):
@@ -92,7 +92,7 @@ class TrainSection(Section):
 
 def _regularizers_schema() -> type[Section]:
     """Knobs that act through the optimiser or the model, plus one field per registered penalty."""
-    penalties: dict[str, Any] = {name: (cls.Config | None, None) for name, cls in PENALTIES.items()}
+    penalties: dict[str, Any] = {name: (config | None, None) for name, config in PENALTY_CONFIGS.items()}
     return create_model(
         "Regularizers",
         __base__=Section,
@@ -147,7 +147,7 @@ class Recipe(Section):
 
     def penalties(self) -> dict[str, PenaltyConfig]:
         """The loss-side regularizers that are switched on (present with weight > 0)."""
-        configs = {name: getattr(self.regularizers, name) for name in PENALTIES}
+        configs = {name: getattr(self.regularizers, name) for name in PENALTY_CONFIGS}
         return {name: cfg for name, cfg in configs.items() if cfg is not None and cfg.weight > 0}
 
     @property

@@ -1,20 +1,14 @@
-"""The contract every loss-side regularizer follows, and the registry the recipe reads names from."""
+"""The contract every loss-side regularizer follows, and the registry of implementations by name."""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+
+from workbench.config.penalties import PENALTY_CONFIGS, PenaltyConfig
 
 PENALTIES: dict[str, type["Penalty"]] = {}
-
-
-class PenaltyConfig(BaseModel):
-    """Fields every penalty has. Subclasses add their own knobs."""
-
-    model_config = ConfigDict(extra="forbid")
-    weight: float = Field(default=0.0, ge=0.0, description="Multiplier of the penalty in the loss.")
 
 
 class Penalty:
@@ -43,5 +37,8 @@ def register(cls: type[Penalty]) -> type[Penalty]:
     """Class decorator: make a penalty available to recipes under `cls.name`."""
     if cls.name in PENALTIES:
         raise ValueError(f"penalty {cls.name!r} is registered twice")
+    if PENALTY_CONFIGS.get(cls.name) is not cls.Config:
+        raise ValueError(f"penalty {cls.name!r}: its Config must be PENALTY_CONFIGS[{cls.name!r}] "
+                         "in workbench/config/penalties.py (the recipe schema is built from there)")
     PENALTIES[cls.name] = cls
     return cls

@@ -7,23 +7,11 @@ are stacked and contracted in one batched call (`grouped_factors`), their Fisher
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 
-from workbench.training.regularizers.base import Penalty, PenaltyConfig, register
+from workbench.config.penalties import EWCConfig
+from workbench.training.regularizers.base import Penalty, register
 from workbench.modeling.lora import FactorGroup, grouped_factors, grouped_gram
-
-
-class EWCConfig(PenaltyConfig):
-    weight: float = Field(default=100.0, ge=0.0, description="lambda in lambda/2 * sum(F dW^2).")
-    fisher: str | None = Field(default=None, description="A saved Fisher (.safetensors).")
-    estimator: Literal["kfac_diag", "diag"] = "kfac_diag"
-    reference: str | None = Field(default=None, description="Data to estimate the Fisher on.")
-    num_examples: int = Field(default=64, ge=1)
-    max_length: int = Field(default=256, ge=8)
-    batch_size: int = Field(default=4, ge=1)
 
 
 @register

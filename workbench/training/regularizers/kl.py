@@ -15,31 +15,11 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 
-from workbench.training.regularizers.base import Penalty, PenaltyConfig, register
+from workbench.config.penalties import KLConfig
+from workbench.training.regularizers.base import Penalty, register
 from workbench.training.regularizers.closed_form import summed_by_chunk
 from workbench.modeling.lora import unwrap_peft
-
-
-class KLConfig(PenaltyConfig):
-    weight: float = Field(default=0.1, ge=0.0)
-    direction: Literal["forward", "reverse"] = "forward"
-    temperature: float = Field(default=1.0, gt=0.0)
-    warmup_steps: int = Field(default=0, ge=0, description="Ramp the weight linearly from 0.")
-    chunk_size: int = Field(default=1024, ge=1, description="Tokens per log-softmax chunk.")
-    reference: Literal["model", "topk_cache"] = Field(
-        default="model", description="model: the base's forward pass at every step (exact KL). topk_cache: "
-        "the base's top-k log-probs on the training set, computed once and cached across epochs and "
-        "recipes; the KL's base tail is then lumped into one outcome (a lower bound).")
-    top_k: int = Field(default=256, ge=1, description="Log-probs per token kept by reference: topk_cache.")
-
-    @model_validator(mode="after")
-    def _cache_needs_forward(self) -> "KLConfig":
-        if self.reference == "topk_cache" and self.direction != "forward":
-            raise ValueError("reference: topk_cache supports direction: forward only (the reverse KL "
-                             "weighs every token by the tuned model, so it needs the base's whole distribution)")
-        return self
 
 
 def next_token_mask(labels: torch.Tensor) -> torch.Tensor:
