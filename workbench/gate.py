@@ -19,7 +19,6 @@ The gate passes when every check is pass or skipped.
 
 from __future__ import annotations
 
-import difflib
 import io
 import math
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from rich.table import Table
 
 from workbench.errors import UsageError
 from workbench.formats.results import load_results
-from workbench.config.recipe import read_yaml
+from workbench.config.yamlfile import describe_error, read_yaml
 
 Status = Literal["pass", "fail", "missing", "skipped"]
 OK_STATUSES = ("pass", "skipped")
@@ -135,31 +134,6 @@ class Check:
 # ---------------------------------------------------------------- loading
 
 
-def _key(loc: tuple) -> str:
-    """A pydantic error location as the user writes it: ('rules', 2, 'at') -> 'rules[2].at'."""
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "(top level)"
-
-
-def _describe(exc: ValidationError) -> str:
-    """The first validation error as one line, with a did-you-mean for unknown keys."""
-    err = exc.errors()[0]
-    loc = tuple(err["loc"])
-    key = _key(loc)
-    if err["type"] == "extra_forbidden":
-        fields = Rule.model_fields if len(loc) > 1 and loc[0] == "rules" else Policy.model_fields
-        close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"unknown key '{key}'{hint}"
-    if err["type"] == "missing":
-        return f"missing required key '{key}'"
-    got = err.get("input")
-    shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
-    return f"{key}: {err['msg'].removeprefix('Value error, ')}{shown}"
-
-
 def _read_policy(path: Path) -> dict:
     data = read_yaml(path, kind="gate policy")
     if not data:
@@ -175,7 +149,7 @@ def load_policy(path: str | Path) -> Policy:
     try:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
-        raise UsageError(f"{path}: {_describe(exc)}") from None
+        raise UsageError(f"{path}: {describe_error(exc, Policy)}") from None
     policy._source = str(path)
     return policy
 

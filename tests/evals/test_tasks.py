@@ -107,7 +107,7 @@ def test_missing_fields_are_none_as_datasets_gives_them(tmp_path):
 
 
 BAD_CASES = {
-    "yaml syntax": (dict(), "task: [unclosed\n", None, "not valid YAML"),
+    "yaml syntax": (dict(), "task: [unclosed\n", None, "invalid YAML"),
     "function tag": (dict(), "task: demo\ndoc_to_text: !function utils.doc_to_text\n", None,
                      "doc_to_text: !function utils.doc_to_text runs Python code"),
     "hub dataset": (dict(dataset_path="super_glue"), None, None, "dataset_path: 'super_glue'"),
@@ -149,7 +149,7 @@ def test_bad_input_is_one_usage_error_naming_the_file(tmp_path, case):
 
 
 def test_missing_task_file(tmp_path):
-    with pytest.raises(UsageError, match="nope.yaml: cannot read"):
+    with pytest.raises(UsageError, match="nope.yaml: lm-eval task file not found"):
         local_task(tmp_path / "nope.yaml")
 
 
@@ -157,7 +157,7 @@ def test_yaml_is_loaded_safely(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "evil.yaml"
     path.write_text(f"task: !!python/object/apply:os.system ['touch {marker}']\n")
-    with pytest.raises(UsageError, match="evil.yaml: not valid YAML"):
+    with pytest.raises(UsageError, match="evil.yaml: line 1: invalid YAML"):
         load_task_yaml(path)
     assert not marker.exists()
 

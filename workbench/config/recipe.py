@@ -7,13 +7,14 @@ pydantic schema that forbids unknown keys; mistakes come back as one line with a
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from workbench.config.yamlfile import describe_error as describe_yaml_error
+from workbench.config.yamlfile import read_yaml
 from workbench.errors import UsageError
 from workbench.config.penalties import PENALTY_CONFIGS, PenaltyConfig
 
@@ -169,26 +170,6 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def read_yaml(path: Path, kind: str = "recipe") -> dict:
-    """A YAML mapping, loaded safely (no `!!python` tags); `kind` names the file in errors."""
-    if not path.is_file():
-        raise UsageError(f"{path}: {kind} file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}:" if mark else ""
-        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, always
-        raise UsageError(f"{path}:{where} invalid YAML: {problem}") from exc
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path}: not UTF-8 text") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: a {kind} must be a mapping of keys, got {type(data).__name__}")
-    return data
-
-
 def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """The recipe mapping with `extends:` chains resolved (parents first)."""
     path = Path(path).resolve()
@@ -229,47 +210,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise UsageError(f"{path}: {describe_error(exc)}") from None
 
 
-def _annotation_types(annotation) -> list:
-    """The classes inside an annotation: X, X | None and list[X] all give X."""
-    args = getattr(annotation, "__args__", ())
-    if not args:
-        return [annotation]
-    return [t for arg in args for t in _annotation_types(arg)]
-
-
-def _fields_at(loc: tuple, model: type[BaseModel] = Recipe) -> list[str]:
-    """Names of the fields of the sub-schema that `loc` (a pydantic error location) points into."""
-    for part in loc[:-1]:
-        if isinstance(part, int):  # an index into a list field: the model is already its item type
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return []
-        candidates = [t for t in _annotation_types(field.annotation)
-                      if isinstance(t, type) and issubclass(t, BaseModel)]
-        if not candidates:
-            return []
-        model = candidates[0]
-    return list(model.model_fields)
-
-
-def describe_error(exc: ValidationError, model: type[BaseModel] = Recipe) -> str:
-    """The first validation error as one line: the dotted key, what is wrong, a suggestion."""
-    err = exc.errors()[0]
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-    key = ".".join(str(p) for p in loc) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc, model), n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"unknown key '{key}'{hint}"
-    if err["type"] == "missing":
-        return f"missing required key '{key}'"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "value_error" and not loc:
-        return msg
-    got = err.get("input")
-    shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
-    return f"{key}: {msg}{shown}"
+def describe_error(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """`yamlfile.describe_error` against the recipe schema unless another model is given."""
+    return describe_yaml_error(exc, model or Recipe)
 
 
 def resolved(recipe: Recipe) -> dict:

@@ -7,7 +7,6 @@ the completion. Every failure on bad input is a one-line UsageError naming the f
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import json
 import random
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple
 
 import torch
 
+from workbench.config.suggest import did_you_mean
 from workbench.errors import UsageError
 from workbench.io import fingerprint
 
@@ -62,8 +62,7 @@ BUILTINS: dict[str, Callable[[], list[dict]]] = {"pydoc": _pydoc, "pydoc_heldout
 
 def _builtin(name: str) -> list[dict]:
     if name not in BUILTINS:
-        close = difflib.get_close_matches(name, BUILTINS, n=1)
-        hint = f" (did you mean 'builtin:{close[0]}'?)" if close else ""
+        hint = did_you_mean(name, BUILTINS, prefix="builtin:")
         known = ", ".join(f"builtin:{n}" for n in BUILTINS)
         raise UsageError(f"unknown data source 'builtin:{name}'{hint}; known: {known}")
     return BUILTINS[name]()

@@ -13,13 +13,13 @@ current directory), so one task file gives the same documents to both.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from workbench.config.suggest import did_you_mean
 from workbench.errors import UsageError
 from workbench.modeling.lora import unwrap_peft
 from workbench.scoring.scorer import ADAPTERS
@@ -99,8 +99,7 @@ def _task_manager(TaskManager, tasks: list[str], include_path: str | None):
     manager = TaskManager(include_path=include_path)
     for task in tasks:
         if not (_is_yaml(task) or task in manager.all_tasks):
-            close = difflib.get_close_matches(task, manager.all_tasks, n=3)
-            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+            hint = did_you_mean(task, manager.all_tasks, n=3)
             raise UsageError(f"lm_eval task {task!r}: not an lm-eval task name nor a task YAML{hint}")
     return manager
 

@@ -16,7 +16,6 @@ Prompt format for BIG-bench (the one `bigbench-smollm2-survey.md` measured): the
 from __future__ import annotations
 
 import ast
-import difflib
 import hashlib
 import json
 import os
@@ -34,6 +33,8 @@ import jinja2
 import yaml
 from filelock import FileLock
 
+from workbench.config.suggest import did_you_mean
+from workbench.config.yamlfile import read_yaml
 from workbench.errors import UsageError
 from workbench.io import atomic_path, cache_dir
 
@@ -47,11 +48,6 @@ class MCItem:
     gold: int
     doc_id: int  # the document's index in its source (BIG-bench examples, or the eval split)
     delimiter: str = " "  # lm-eval's target_delimiter
-
-
-def _did_you_mean(name: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=3, cutoff=0.6)
-    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
 
 
 # ================================================================ BIG-bench
@@ -97,7 +93,7 @@ def _check_index(root: Path, names: list[str]) -> None:
     known = set(json.loads(index.read_text()))
     for name in names:
         if name not in known:
-            raise UsageError(f"bigbench task {name!r} is not in {BIGBENCH_SDIST}{_did_you_mean(name, known)}")
+            raise UsageError(f"bigbench task {name!r} is not in {BIGBENCH_SDIST}{did_you_mean(name, known, n=3)}")
 
 
 def _extract(root: Path, names: list[str], sdist: str | os.PathLike | None) -> None:
@@ -117,7 +113,7 @@ def _extract(root: Path, names: list[str], sdist: str | os.PathLike | None) -> N
         tmp_index.write_text(json.dumps(sorted(known)))
     for name in names:
         if name not in found:
-            raise UsageError(f"bigbench task {name!r} is not in {BIGBENCH_SDIST}{_did_you_mean(name, known)}")
+            raise UsageError(f"bigbench task {name!r} is not in {BIGBENCH_SDIST}{did_you_mean(name, known, n=3)}")
     # Check every file before writing any, so a bad archive leaves the cache as it was.
     for name, data in found.items():
         try:
@@ -279,16 +275,7 @@ _TaskLoader.add_constructor("!function", lambda loader, node: _PythonRef(loader.
 def load_task_yaml(path: str | os.PathLike) -> dict:
     """An lm-eval task YAML as a dict, loaded safely; `!function` values are refused by key."""
     path = Path(path)
-    try:
-        config = yaml.load(path.read_text(), Loader=_TaskLoader)  # a SafeLoader: builds no objects
-    except OSError as exc:
-        raise UsageError(f"task file {path}: cannot read it ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        where = f" (line {exc.problem_mark.line + 1})" if getattr(exc, "problem_mark", None) else ""
-        problem = getattr(exc, "problem", None) or exc
-        raise UsageError(f"task file {path}: not valid YAML{where}: {problem}") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"task file {path}: expected a mapping of lm-eval task keys")
+    config = read_yaml(path, kind="lm-eval task", loader=_TaskLoader)  # a SafeLoader: builds no objects
     for key, value in config.items():
         if isinstance(value, _PythonRef):
             raise UsageError(f"task file {path}: {key}: !function {value} runs Python code, which local "
@@ -350,7 +337,7 @@ class _LocalTask:
         for key in config:
             if key not in _USED_KEYS | _INERT_KEYS:
                 raise self._error(f"'{key}' is not supported in a local task"
-                                  f"{_did_you_mean(key, _USED_KEYS | _INERT_KEYS)}")
+                                  f"{did_you_mean(key, _USED_KEYS | _INERT_KEYS, n=3)}")
         for key in ("task", "doc_to_text", "doc_to_choice", "doc_to_target"):
             if config.get(key) is None:
                 raise self._error(f"'{key}' is missing")
