@@ -11,9 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from workbench.data.examples import (
-    Collator, build_datasets, data_fingerprint, format_example, general_text_examples, read_records
-)
+from workbench.data.examples import Collator, build_datasets, data_fingerprint, format_example, general_text_examples
+from workbench.data.sources import read_records
 from workbench.errors import UsageError
 from workbench.config.recipe import DataSection, ReplaySection
 from workbench.modeling.tiny import tiny_tokenizer

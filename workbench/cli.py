@@ -104,7 +104,7 @@ def cmd_report(args) -> int:
 
 def cmd_assets(args) -> int:
     from workbench.evals.suite import load_suite
-    from workbench.evals.tasks import fetch_bigbench
+    from workbench.assets.bigbench import fetch_bigbench
     from workbench.modeling.load import ensure_embedded_default
 
     names = list(args.bigbench)

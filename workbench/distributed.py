@@ -67,6 +67,18 @@ def _group_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def my_share(items: list[T]) -> list[T]:
+    """This rank's contiguous share of `items` (all of them in one process): rank r of n gets
+    items[len * r // n : len * (r + 1) // n], so shares differ in size by at most one."""
+    n = _group_size()
+    if n == 1:
+        return items
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    return items[len(items) * rank // n:len(items) * (rank + 1) // n]
+
+
 def shard_map(fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R]:
     """fn over this rank's contiguous share of `items`, the results of every rank gathered back
     in the original order on every rank. fn maps a list to one result per item and must accept
@@ -77,9 +89,7 @@ def shard_map(fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R]:
         return fn(items)
     import torch.distributed as dist
 
-    rank = dist.get_rank()
-    bounds = [len(items) * r // n for r in range(n + 1)]
-    local = fn(items[bounds[rank]:bounds[rank + 1]])
+    local = fn(my_share(items))
     gathered: list = [None] * n
     dist.all_gather_object(gathered, local)
     return [result for part in gathered for result in part]

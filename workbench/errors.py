@@ -15,3 +15,9 @@ class Interrupted(Exception):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (parsers' messages can span several), or its
+    type's name when it has none: what an `error:` line quotes."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

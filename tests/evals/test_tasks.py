@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 
 from workbench.errors import UsageError
-from workbench.evals import tasks
-from workbench.evals.tasks import (
-    MCItem, bigbench_generative, bigbench_mc, fetch_bigbench, load_task_yaml, local_task
-)
+from workbench.assets import bigbench as tasks
+from workbench.assets import fetch
+from workbench.assets.bigbench import fetch_bigbench
+from workbench.data.bigbench import MCItem, bigbench_generative, bigbench_mc
+from workbench.evals.tasks import load_task_yaml, local_task
 
 # ---------------------------------------------------------------- local lm-eval task files
 
@@ -293,7 +294,7 @@ def test_unreadable_archive_and_failed_download(tmp_path, monkeypatch):
     class Failed:
         returncode, stderr = 1, "ERROR: No matching distribution found for bigbench==1.0.0\n"
 
-    monkeypatch.setattr(tasks.subprocess, "run", lambda *a, **k: Failed())  # no network in a unit test
+    monkeypatch.setattr(fetch.subprocess, "run", lambda *a, **k: Failed())  # no network in a unit test
     with pytest.raises(UsageError, match=r"could not download bigbench==1\.0\.0 .*No matching distribution"):
         fetch_bigbench(["alpha"])
     assert not list((tmp_path / "cache" / "bigbench").glob(".sdist-*"))  # the download dir is gone

@@ -1,4 +1,5 @@
-"""Training data: read records, turn them into masked token sequences, mix in general text.
+"""Records into token sequences: masked examples, general-text chunks, the train/val split,
+and the collator that pads them into batches.
 
 A record is a dict with either `messages` (a chat: a list of {role, content}) or `prompt` and
 `completion`. Loss is taken only on what the model should learn to write: assistant turns, or
@@ -8,201 +9,20 @@ the completion. Every failure on bad input is a one-line UsageError naming the f
 from __future__ import annotations
 
 import itertools
-import json
 import random
-import string
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Iterable, NamedTuple
 
 import torch
 
-from workbench.config.suggest import did_you_mean
-from workbench.errors import UsageError
+from workbench.data.sources import read_records
+from workbench.errors import UsageError, first_line
 from workbench.io import fingerprint
+from workbench.scoring.masks import IGNORE, pad_rows
 
 if TYPE_CHECKING:
     from workbench.config.recipe import DataSection
 
-IGNORE = -100
 FORMATS = ("auto", "messages", "prompt_completion")
-
-
-# ---------------------------------------------------------------- builtin data
-
-
-def _pydoc_topics(held_out: bool) -> list[dict]:
-    """Python's own documentation topics: general English/technical text shipped with CPython.
-
-    Every fifth topic (in sorted order, a quarter of the text) is held out for evals, so general text used in training
-    (replay, the EWC reference) never overlaps the text that retention is measured on.
-    """
-    from pydoc_data.topics import topics
-
-    return [{"text": topics[key]} for i, key in enumerate(sorted(topics)) if (i % 5 == 2) == held_out]
-
-
-def _pydoc() -> list[dict]:
-    return _pydoc_topics(held_out=False)
-
-
-def _pydoc_heldout() -> list[dict]:
-    return _pydoc_topics(held_out=True)
-
-
-def _tiny_reverse(n: int = 256) -> list[dict]:
-    """A synthetic task a tiny model can learn in seconds: reverse a short lowercase string."""
-    rng = random.Random(0)
-    words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8))) for _ in range(n)]
-    return [{"prompt": f"Reverse: {w}\nAnswer: ", "completion": w[::-1]} for w in words]
-
-
-BUILTINS: dict[str, Callable[[], list[dict]]] = {"pydoc": _pydoc, "pydoc_heldout": _pydoc_heldout,
-                                                  "tiny_reverse": _tiny_reverse}
-
-
-def _builtin(name: str) -> list[dict]:
-    if name not in BUILTINS:
-        hint = did_you_mean(name, BUILTINS, prefix="builtin:")
-        known = ", ".join(f"builtin:{n}" for n in BUILTINS)
-        raise UsageError(f"unknown data source 'builtin:{name}'{hint}; known: {known}")
-    return BUILTINS[name]()
-
-
-# ---------------------------------------------------------------- reading files
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    # Decode line by line (not the whole file) so a bad byte is reported with its line number.
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise UsageError(f"{path}:{number}: not UTF-8 text") from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-        if not isinstance(record, dict):
-            raise UsageError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
-
-
-def _read_json(path: Path) -> list[dict]:
-    """A `.json` file is either one array of objects or JSON Lines under another name."""
-    head = path.read_bytes().lstrip()[:1]
-    if head != b"[":
-        return _read_jsonl(path)
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: invalid JSON: {_first_line(exc)}") from None
-    bad = next((r for r in records if not isinstance(r, dict)), None)
-    if bad is not None:
-        raise UsageError(f"{path}: expected an array of objects, found a {type(bad).__name__}")
-    return records
-
-
-def _read_csv(path: Path) -> list[dict]:
-    import pandas as pd
-
-    try:
-        # All columns as text: a completion "42" must stay the string "42", an empty cell "".
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: not UTF-8 text") from None
-    except pd.errors.EmptyDataError:
-        return []
-    except (pd.errors.ParserError, ValueError) as exc:
-        raise UsageError(f"{path}: unreadable CSV: {_first_line(exc)}") from None
-    return frame.to_dict(orient="records")
-
-
-def _read_parquet(path: Path) -> list[dict]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        # pyarrow (not pandas) so nested columns like `messages` come back as plain lists/dicts.
-        return pq.read_table(path).to_pylist()
-    except (pa.ArrowException, OSError) as exc:
-        raise UsageError(f"{path}: unreadable Parquet: {_first_line(exc)}") from None
-
-
-def _read_saved_dataset(path: Path) -> list[dict]:
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as exc:
-        raise UsageError(f"{path}: not a dataset saved with save_to_disk: {_first_line(exc)}") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" not in loaded:
-            raise UsageError(f"{path}: saved DatasetDict has no 'train' split (has: {', '.join(loaded)})")
-        loaded = loaded["train"]
-    return loaded.to_list()
-
-
-READERS: dict[str, Callable[[Path], list[dict]]] = {
-    ".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-
-
-BIGBENCH_SPLITS = {"train": (0.2, 1.0), "val": (0.1, 0.2), "test": (0.0, 0.1)}
-
-
-def _bigbench(spec: str) -> list[dict]:
-    """`bigbench:TASK[:SPLIT]`: a BIG-bench task's targets as prompt/completion records.
-
-    The split is a fixed seeded shuffle: test is the first 10%, val the next 10%, train the rest,
-    so recipes and eval suites name the same disjoint examples without writing any files.
-    """
-    from workbench.evals.tasks import bigbench_generative
-
-    name, _, split = spec.partition(":")
-    if split and split not in BIGBENCH_SPLITS:
-        raise UsageError(f"bigbench:{spec}: unknown split {split!r} (expected {', '.join(BIGBENCH_SPLITS)})")
-    records = bigbench_generative(name)
-    if not split:
-        return records
-    random.Random(0).shuffle(records)
-    low, high = BIGBENCH_SPLITS[split]
-    return records[round(low * len(records)):round(high * len(records))]
-
-
-def is_named_source(source: str) -> bool:
-    """builtin:NAME and bigbench:TASK name data that is not a path."""
-    return source.startswith(("builtin:", "bigbench:"))
-
-
-def read_records(source: str) -> list[dict]:
-    """The records of `source` (a file, a save_to_disk dir, builtin:NAME or bigbench:TASK[:SPLIT])."""
-    if source.startswith("builtin:"):
-        return _builtin(source.removeprefix("builtin:"))
-    if source.startswith("bigbench:"):
-        records = _bigbench(source.removeprefix("bigbench:"))
-        if not records:
-            raise UsageError(f"{source}: no records")
-        return records
-    path = Path(source)
-    if path.is_dir():
-        records = _read_saved_dataset(path)
-    elif not path.is_file():
-        raise UsageError(f"{path}: data file not found")
-    elif path.suffix.lower() not in READERS:
-        raise UsageError(f"{path}: unknown data format '{path.suffix}' "
-                         f"(expected {', '.join(READERS)}, or a save_to_disk directory)")
-    else:
-        records = READERS[path.suffix.lower()](path)
-    if not records:
-        raise UsageError(f"{path}: no records")
-    return records
 
 
 # ---------------------------------------------------------------- formatting
@@ -248,7 +68,7 @@ def _render(tokenizer, messages: list[dict], where: str, generation_prompt: bool
         encoded = tokenizer.apply_chat_template(
             messages, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt)
     except Exception as exc:  # template errors are Jinja/ValueError/TypeError depending on the model
-        raise UsageError(f"{where}: chat template failed: {_first_line(exc)}") from None
+        raise UsageError(f"{where}: chat template failed: {first_line(exc)}") from None
     return list(encoded["input_ids"])
 
 
@@ -433,10 +253,7 @@ class Collator:
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         """features: dicts of equal-length lists; returns LongTensors of shape (batch, longest)."""
-        longest = max(len(f["input_ids"]) for f in features)
-        batch = {key: torch.tensor([f[key] + [pad] * (longest - len(f[key])) for f in features],
-                                   dtype=torch.long)
-                 for key, pad in self.pads.items()}
+        batch = {key: pad_rows([f[key] for f in features], pad)[0] for key, pad in self.pads.items()}
         if EXAMPLE_INDEX in features[0]:
             batch[EXAMPLE_INDEX] = torch.tensor([f[EXAMPLE_INDEX] for f in features], dtype=torch.long)
         return batch

@@ -19,9 +19,8 @@ import torch
 from pydantic import ValidationError
 from safetensors import safe_open
 
-from workbench.data.examples import (
-    data_fingerprint, format_example, general_text_examples, is_named_source, read_records, task_splits
-)
+from workbench.data.examples import data_fingerprint, format_example, general_text_examples, task_splits
+from workbench.data.sources import is_named_source, read_records
 from workbench.distributed import init_distributed, is_main_process, local_device
 from workbench.errors import UsageError
 from workbench.io import fingerprint, write_json
@@ -119,7 +118,8 @@ def check_tokenizer(spec: AdapterSpec, tokenizer) -> None:
 
 
 def _mc_items(suite: Suite, suite_dir: Path) -> dict[str, list]:
-    from workbench.evals.tasks import bigbench_mc, local_task
+    from workbench.data.bigbench import bigbench_mc
+    from workbench.evals.tasks import local_task
 
     tasks = {}
     for task in suite.multiple_choice:

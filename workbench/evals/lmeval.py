@@ -21,7 +21,7 @@ import torch
 
 from workbench.config.suggest import did_you_mean
 from workbench.errors import UsageError
-from workbench.modeling.lora import unwrap_peft
+from workbench.modeling.lora import as_base, unwrap_peft
 from workbench.scoring.scorer import ADAPTERS
 from workbench.evals.tasks import load_task_yaml, resolve_data_files
 
@@ -63,7 +63,7 @@ def run_lm_eval(model: torch.nn.Module, tokenizer, tasks: list[str], adapter: st
     specs = [_task_spec(task, manager) for task in tasks]
     peft_or_plain = _unwrap(model)
     lm = HFLM(pretrained=peft_or_plain, tokenizer=tokenizer, batch_size=batch_size)
-    adapter_off = unwrap_peft(model).disable_adapter() if adapter == "base" else contextlib.nullcontext()
+    adapter_off = as_base(model) if adapter == "base" else contextlib.nullcontext()
     was_training = model.training
     try:
         with adapter_off, torch.no_grad():

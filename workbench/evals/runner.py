@@ -17,7 +17,7 @@ import torch
 
 from workbench.data.examples import data_fingerprint
 from workbench.io import fingerprint
-from workbench.modeling.lora import adapter_scale, unwrap_peft
+from workbench.modeling.lora import adapter_scale, as_base, unwrap_peft
 from workbench.evals import metrics as M
 from workbench.scoring.base_cache import BaseCache, ragged, unragged
 from workbench.formats.results import metric
@@ -74,7 +74,7 @@ class Evaluator:
     def base(self) -> Iterator[None]:
         self.side = "base"
         try:
-            with self.peft.disable_adapter(), torch.no_grad():
+            with as_base(self.peft):
                 yield
         finally:
             self.side = "tuned"

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from workbench.errors import UsageError
+from workbench.errors import UsageError, first_line
 from workbench.io import write_json
 
 SCHEMA_VERSION = 1
@@ -84,7 +84,7 @@ def read_run(path: str | Path) -> RunRecord:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:  # ValueError covers JSON and UTF-8 decoding errors
-        raise UsageError(f"{path}: not a readable run.json ({_first_line(exc)})") from None
+        raise UsageError(f"{path}: not a readable run.json ({first_line(exc)})") from None
     if not isinstance(data, dict) or "recipe" not in data:
         raise UsageError(f"{path}: not a workbench run record (no \"recipe\")")
     if data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
@@ -96,10 +96,6 @@ def read_run(path: str | Path) -> RunRecord:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
         raise UsageError(f"{path}: {key}: {err['msg']}") from None
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def versions() -> dict[str, str]:

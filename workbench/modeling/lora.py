@@ -81,6 +81,21 @@ def grouped_gram(A: torch.Tensor, B: torch.Tensor, g: torch.Tensor | None = None
 
 
 @contextlib.contextmanager
+def as_base(model: torch.nn.Module, grad: bool = False) -> Iterator[PeftModel]:
+    """Score as the base: the same weights with the adapter disabled, in eval mode (no dropout,
+    no NEFTune noise) and without autograd unless `grad` (the Fisher needs the base's gradients);
+    the mode is restored after. Yields the PeftModel. Never a second copy of the model."""
+    peft_model = unwrap_peft(model)
+    was_training = peft_model.training
+    peft_model.eval()
+    try:
+        with peft_model.disable_adapter(), contextlib.nullcontext() if grad else torch.no_grad():
+            yield peft_model
+    finally:
+        peft_model.train(was_training)
+
+
+@contextlib.contextmanager
 def adapter_scale(model: torch.nn.Module, factor: float) -> Iterator[None]:
     """Temporarily multiply every active LoRA delta by `factor` (0 = base, 1 = tuned)."""
     peft_model = unwrap_peft(model)

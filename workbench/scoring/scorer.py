@@ -17,8 +17,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from workbench.scoring.masks import pad_rows
 from workbench.distributed import is_main_process, shard_map
-from workbench.modeling.lora import adapter_scale, unwrap_peft
+from workbench.modeling.lora import adapter_scale, as_base
 
 ADAPTERS = ("tuned", "base")
 
@@ -93,7 +94,7 @@ class Scorer:
         if adapter == "base":
             if scale != 1.0:
                 raise ValueError("scale applies to the tuned adapter only")
-            return unwrap_peft(self.model).disable_adapter()
+            return as_base(self.model)
         if scale == 1.0:
             return contextlib.nullcontext()
         return adapter_scale(self.model, scale)
@@ -181,12 +182,7 @@ class Scorer:
         """One pass over the contexts, left-padded so their last tokens align, positions counted
         from each context's first token: (their mask [G, W], their KV cache, the log-softmax
         [G, V] at each last token, which predicts every continuation's first token)."""
-        width = max(len(c) for c in contexts)
-        input_ids = torch.full((len(contexts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(contexts), width), dtype=torch.long)
-        for g, context in enumerate(contexts):
-            input_ids[g, width - len(context):] = torch.tensor(context)
-            mask[g, width - len(context):] = 1
+        input_ids, mask = pad_rows(contexts, pad_id, side="left")
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                          position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
@@ -198,12 +194,8 @@ class Scorer:
         """One pass feeding each row's continuation but its last token on a copy of its context's
         cache rows (`owner`: the context of each row): per row, the log-probs of tokens 2.. and
         whether each is the argmax."""
-        width = max(len(row) for row in rows) - 1
-        inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        rest_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, row in enumerate(rows):
-            inputs[j, :len(row) - 1] = torch.tensor(row[:-1])
-            rest_mask[j, :len(row) - 1] = 1
+        inputs, rest_mask = pad_rows([row[:-1] for row in rows], pad_id)
+        width = inputs.shape[1]
         positions = mask.sum(-1)[owner][:, None] + torch.arange(width)
         logits = self.model(input_ids=inputs.to(device), attention_mask=torch.cat([mask[owner], rest_mask], 1).to(device),
                             position_ids=positions.to(device),
@@ -220,14 +212,10 @@ class Scorer:
                 [hits[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
 
     def _score_batch(self, batch, pad_id: int, device) -> list[Response]:
-        width = max(len(inputs) for inputs, _, _ in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        input_ids, attention_mask = pad_rows([inputs for inputs, _, _ in batch], pad_id)
         rows, cols, targets, owner = [], [], [], []
         for b, (inputs, target, n_scored) in enumerate(batch):
             length = len(inputs)
-            input_ids[b, :length] = torch.tensor(inputs, dtype=torch.long)
-            attention_mask[b, :length] = 1
             positions = range(length - n_scored, length)
             rows.extend([b] * n_scored)
             cols.extend(positions)

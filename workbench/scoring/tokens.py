@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from workbench.data.examples import IGNORE
+from workbench.scoring.masks import IGNORE, pad_rows, scored_positions
 from workbench.distributed import is_main_process, shard_map
 
 
@@ -20,11 +20,6 @@ def _batches(examples: list[dict], batch_size: int) -> Iterator[list[int]]:
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
     for start in range(0, len(order), batch_size):
         yield order[start:start + batch_size]
-
-
-def scored_positions(labels: list[int]) -> list[int]:
-    """Positions p whose logits predict a label: labels[p + 1] != IGNORE."""
-    return [p for p in range(len(labels) - 1) if labels[p + 1] != IGNORE]
 
 
 def token_logprobs(model, examples: list[dict], batch_size: int, pad_id: int, desc: str | None = None
@@ -56,13 +51,7 @@ def _scored_tokens(model, indexed: list[tuple[int, dict]], batch_size: int, pad_
     out: list[tuple[torch.Tensor, Any] | None] = [None] * len(examples)
     batches = list(_batches(examples, batch_size))
     for batch in tqdm(batches, desc=desc, leave=False, disable=desc is None):
-        width = max(len(examples[i]["input_ids"]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            n = len(examples[i]["input_ids"])
-            ids[row, :n] = torch.tensor(examples[i]["input_ids"])
-            mask[row, :n] = 1
+        ids, mask = pad_rows([examples[i]["input_ids"] for i in batch], pad_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for row, i in enumerate(batch):
             labels = examples[i]["labels"]
@@ -105,12 +94,9 @@ def _greedy_generate(model, prompts: list[list[int]], max_new_tokens: list[int],
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
         batch = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):  # left padding: every row continues at the same position
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
+        # left padding: every row continues at the same position
+        ids, mask = pad_rows([prompts[i] for i in batch], pad_id, side="left")
+        width = ids.shape[1]
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    max_new_tokens=max(max_new_tokens[i] for i in batch),
                                    do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id,

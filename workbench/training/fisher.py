@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 
 from workbench.errors import UsageError
 from workbench.io import atomic_path
-from workbench.modeling.lora import lora_factors, unwrap_peft
+from workbench.distributed import my_share
+from workbench.modeling.lora import as_base, lora_factors, unwrap_peft
+from workbench.scoring.masks import IGNORE, shifted_labels
 
 ESTIMATORS = ("kfac_diag", "diag")
 
@@ -74,17 +76,10 @@ def _grad_from_embeddings(model):
 
 def _per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum over examples of each example's mean next-token NLL. logits [B, T, V], labels [B, T]."""
-    targets = labels[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), targets, ignore_index=-100,
-                          reduction="none")  # [B, T-1]
-    counts = (targets != -100).sum(1).clamp(min=1)
+    targets = shifted_labels(labels)
+    nll = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=IGNORE, reduction="none")  # [B, T]
+    counts = (targets != IGNORE).sum(1).clamp(min=1)
     return (nll.sum(1) / counts).sum()
-
-
-def _shard(examples: list) -> list:
-    if dist.is_available() and dist.is_initialized():
-        return examples[dist.get_rank()::dist.get_world_size()]
-    return examples
 
 
 def estimate_fisher(model: torch.nn.Module, examples: list[dict], collate, estimator: str = "kfac_diag",
@@ -97,11 +92,9 @@ def estimate_fisher(model: torch.nn.Module, examples: list[dict], collate, estim
     accs = {key: _Accumulator(layer, estimator) for key, layer in keys.items()}
     device = next(peft_model.parameters()).device
     n_examples, n_tokens = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    was_training = peft_model.training
-    peft_model.eval()
-    mine = _shard(examples)
+    mine = my_share(examples)
     try:
-        with peft_model.disable_adapter(), _grad_from_embeddings(peft_model):
+        with as_base(peft_model, grad=True), _grad_from_embeddings(peft_model):
             for start in tqdm(range(0, len(mine), batch_size), desc=f"fisher ({estimator})",
                               disable=not mine or _quiet()):
                 batch = {k: v.to(device) for k, v in collate(mine[start:start + batch_size]).items()}
@@ -115,7 +108,6 @@ def estimate_fisher(model: torch.nn.Module, examples: list[dict], collate, estim
     finally:
         for acc in accs.values():
             acc.handle.remove()
-        peft_model.train(was_training)
     return _finish(accs, n_examples, n_tokens, device)
 
 

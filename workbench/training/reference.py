@@ -18,7 +18,8 @@ from workbench.distributed import is_main_process, shard_map
 from workbench.scoring.base_cache import BaseCache
 from workbench.scoring.topk_kl import base_topk
 from workbench.io import cache_dir
-from workbench.training.regularizers.kl import next_token_mask, reference_mode
+from workbench.modeling.lora import as_base
+from workbench.scoring.masks import next_token_mask
 
 
 class TopKReference:
@@ -59,7 +60,7 @@ def _topk_rows(model, examples: list[dict], collator: Collator, top_k: int, temp
     device = next(model.parameters()).device
     out = []
     starts = range(0, len(examples), batch_size)
-    with reference_mode(model) as peft_model:
+    with as_base(model) as peft_model:
         for start in tqdm(starts, desc=f"reference top-{top_k}", disable=not is_main_process()):
             batch = collator(examples[start:start + batch_size])
             logits = peft_model(input_ids=batch["input_ids"].to(device),

@@ -10,8 +10,7 @@ plus O(chunk_size x vocab), and nothing is recomputed in backward.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +18,8 @@ import torch.nn.functional as F
 from workbench.config.penalties import KLConfig
 from workbench.training.regularizers.base import Penalty, register
 from workbench.training.regularizers.closed_form import summed_by_chunk
-from workbench.modeling.lora import unwrap_peft
-
-
-def next_token_mask(labels: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool: positions t whose logits predict a labelled token (labels[t + 1] != -100)."""
-    return F.pad(labels[:, 1:] != -100, (0, 1), value=False)
+from workbench.modeling.lora import as_base, unwrap_peft
+from workbench.scoring.masks import next_token_mask
 
 
 def _exact_chunk(z, ref_hidden, ref_head, direction, temperature):
@@ -92,19 +87,6 @@ def cached_topk_kl(logits: torch.Tensor, values: torch.Tensor, ids: torch.Tensor
     return total, positions.new_tensor(positions.numel())
 
 
-@contextlib.contextmanager
-def reference_mode(model: torch.nn.Module):
-    """The base model: adapter disabled, no grad, eval mode (no NEFTune noise, no dropout)."""
-    peft_model = unwrap_peft(model)
-    was_training = peft_model.training
-    peft_model.eval()
-    try:
-        with peft_model.disable_adapter(), torch.no_grad():
-            yield peft_model
-    finally:
-        peft_model.train(was_training)
-
-
 def reference_hidden(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, Callable]:
     """Final hidden states of the base model [B, T, H], and the base LM head to apply to them.
 
@@ -115,9 +97,9 @@ def reference_hidden(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor
     """
     inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
     if _sharded(model):
-        with reference_mode(model):
+        with as_base(model):
             return model(**inputs).logits, _identity
-    with reference_mode(model) as peft_model:
+    with as_base(model) as peft_model:
         base = peft_model.get_base_model()
         hidden = base.get_decoder()(**inputs).last_hidden_state
     head = base.get_output_embeddings()
