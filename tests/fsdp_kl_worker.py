@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import make_batch, make_peft  # noqa: E402
+from tests.helpers import make_batch, make_peft  # noqa: E402
 from workbench.training.regularizers.kl import KLConfig, KLToBase
 
 dist.init_process_group("gloo")

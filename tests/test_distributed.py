@@ -13,7 +13,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import assert_adapters_match
+from tests.helpers import assert_adapters_match
 
 RECIPE = "recipes/tiny_all.yaml"
 COMMON = ["train.max_steps=4", "data.max_examples=64", "data.val_fraction=0", "train.eval_steps=null",

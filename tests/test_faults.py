@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import assert_adapters_match
+from tests.helpers import assert_adapters_match
 from workbench.errors import RunFailed, UsageError
 from workbench.config.recipe import load_recipe
 from workbench.training.regularizers import Penalty, PenaltyConfig

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import make_peft
+from tests.helpers import make_peft
 from workbench.errors import UsageError
 from workbench.training.fisher import check_fisher, estimate_fisher, load_fisher, save_fisher
 from workbench.modeling.lora import lora_factors

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.conftest import make_peft
+from tests.helpers import make_peft
 from workbench.data.examples import EXAMPLE_INDEX, Collator
 from workbench.training.reference import TopKReference, build_topk_reference, topk_reference_for
 from workbench.training.regularizers.kl import KLConfig, KLToBase

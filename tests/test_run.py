@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import assert_adapters_match
+from tests.helpers import assert_adapters_match
 
 from workbench.config.recipe import load_recipe
 from workbench.training.run import build_trainer, train

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from tests.conftest import make_batch, make_peft
+from tests.helpers import make_batch, make_peft
 from workbench.training.regularizers import PenaltyConfig
 from workbench.training.regularizers.delta_l2 import DeltaL2
 from workbench.training.regularizers.kl import KLConfig, KLToBase

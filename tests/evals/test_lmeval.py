@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import make_peft
+from tests.helpers import make_peft
 from workbench.errors import UsageError
 from workbench.evals.lmeval import run_lm_eval
 from workbench.scoring.scorer import Scorer, multiple_choice

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import make_peft
+from tests.helpers import make_peft
 from workbench.scoring.scorer import Request, Response, Scorer, multiple_choice
 from workbench.modeling.lora import adapter_scale
 from workbench.modeling.tiny import tiny_tokenizer

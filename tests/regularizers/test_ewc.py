@@ -1,6 +1,6 @@
 import torch
 
-from tests.conftest import make_peft
+from tests.helpers import make_peft
 from workbench.training.regularizers.delta_l2 import DeltaL2
 from workbench.training.regularizers.ewc import EWC, EWCConfig
 from workbench.training.regularizers.base import PenaltyConfig

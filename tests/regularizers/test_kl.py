@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import make_batch, make_peft
+from tests.helpers import make_batch, make_peft
 from workbench.scoring.topk_kl import base_topk, kl_bounds
 from workbench.training.regularizers.kl import KLConfig, KLToBase, cached_topk_kl, chunked_kl
 from workbench.modeling.lora import adapter_scale
