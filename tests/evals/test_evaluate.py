@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from workbench.formats import metrics as catalogue
 from workbench.cli import main
 from workbench.errors import UsageError
 from workbench.evals.evaluate import run_eval
@@ -124,6 +125,11 @@ def test_several_runs_share_one_base_and_write_results(workspace, cache, tmp_pat
     results = json.loads(out.read_text())
     assert [e["name"] for e in results["entries"]] == ["r1", "r2"]
     assert values(results["entries"][0]) != values(results["entries"][1])
+    written = {name for e in results["entries"] for name in e["metrics"]}
+    assert written and [name for name in written if not catalogue.is_metric(name)] == []
+    assert {n.split(".")[0] for n in written} == {"learning", "retention", "overfitting", "calibration"}
+    curves = {name for e in results["entries"] for name in e["curves"]}
+    assert curves and all(any(c.regex.fullmatch(name) for c in catalogue.CURVES) for name in curves)
 
 
 @pytest.mark.parametrize("case", ["missing_task", "empty_task", "tokenizer", "empty_heldout", "not_a_run",

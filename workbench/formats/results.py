@@ -1,48 +1,7 @@
-"""`results.json`: what `workbench eval` writes and what `gate` and `report` read.
+"""`results.json`: what `workbench eval` writes and what `gate`, `report`, `sweep` and tracking read.
 
-Schema version 1:
-
-    {
-      "schema_version": 1,
-      "kind": "workbench.eval",
-      "created": "2026-11-22T10:00:00+00:00",
-      "suite": {"name": "tiny", "path": "evals/tiny.yaml", "fingerprint": "..."},
-      "base": {"model": "tiny-random-llama", "fingerprint": "...", "cache": "hit" | "miss"},
-      "versions": {"workbench": "...", "torch": "...", ...},
-      "entries": [
-        {
-          "name": "tiny",                  # unique label; scale-sweep entries are "tiny@0.5"
-          "adapter": "runs/tiny/adapter",
-          "run": "runs/tiny" | null,       # the run directory when known
-          "scale": 1.0,                    # LoRA scale: 0 is the base, 1 the tuned adapter
-          "changes_model": true,           # false when the adapter's delta is exactly zero
-          "metrics": {"retention.general.ppl.ratio": {"value": 1.03, "ci": [1.01, 1.05]}, ...},
-          "curves": {"overfitting.mia.loss.roc": {"fpr": [...], "tpr": [...]},
-                     "calibration.all.reliability": {"base": [bin, ...], "tuned": [bin, ...]}}
-        }
-      ],
-      "lm_eval": {...}                     # optional: lm-evaluation-harness results, per entry
-    }
-
-A metric is {"value": float} plus "ci": [low, high] (paired bootstrap 95%) where it has one.
-Names are dotted paths; `<task>` is a multiple-choice task name, and "all" pools every task's
-items. Accuracies and rates are fractions in [0, 1] (a 1-point drop is a delta of -0.01).
-
-    learning.val_loss.{base,tuned,delta}           mean token NLL on held-out target examples
-    learning.val_ppl.{base,tuned}
-    learning.exact_match.{base,tuned,delta}        greedy generation == reference completion
-    retention.general.ppl.{base,tuned,ratio}       token perplexity on general text
-    retention.general.kl                           mean per-token KL(base || tuned)
-    retention.general.top1_agreement               argmax(base) == argmax(tuned), per token
-    retention.mc.<task>.{acc,acc_norm}.{base,tuned,delta}
-    overfitting.train_loss.tuned                   the same NLL on training examples
-    overfitting.loss_gap                           val_loss.tuned - train_loss.tuned
-    overfitting.extraction.{train,heldout,gap}     prefix -> exact suffix rate
-    overfitting.mia.<score>.{auc,tpr_at_1pct_fpr}  score in loss, min_k, loss_ratio
-    calibration.<task>.{ece,ece_adaptive,brier}.{base,tuned,delta}
-
-Curves (for plots): "overfitting.mia.<score>.roc" {"fpr", "tpr"}; "calibration.<task>.reliability"
-{"base", "tuned"}, each a list of bins {lo, hi, count, accuracy, confidence} (equal width).
+The layout and every metric name are documented in docs/results.md; the names themselves live in
+the catalogue, `workbench.formats.metrics`, which that page's table is generated from.
 """
 
 from __future__ import annotations
