@@ -1,7 +1,5 @@
-import itertools
 import json
 import math
-import re
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -282,3 +280,18 @@ def test_release_policy_gates_what_the_release_needs():
     assert by_metric["overfitting.mia.loss_ratio.auc"].max == 0.6
     assert by_metric["learning.val_loss.delta"].max == 0.0
     assert passed(check(results(), pol))
+
+
+@pytest.mark.parametrize("metric, ok", [("retention.general.ppl.ratio", True), ("overfitting.mia.*.auc", True),
+                                        ("retention.mc.movie_recommendation.acc.delta", True),
+                                        ("retention.general.ppl.ratoi", False), ("overfit.mia.*.auc", False)])
+def test_a_policy_file_names_catalogued_metrics(tmp_path, metric, ok):
+    path = write(tmp_path, "p.yaml", {"rules": [{"metric": metric, "max": 1}]})
+    if ok:
+        assert load_policy(path).rules[0].metric == metric
+        return
+    with pytest.raises(UsageError, match=r"rules\[0\]\.metric: .* matches no results.json metric") as exc:
+        load_policy(path)
+    assert str(exc.value).startswith(str(path))
+    if metric.endswith("ratoi"):
+        assert "did you mean 'retention.general.ppl.ratio'" in str(exc.value)

@@ -5,7 +5,7 @@ A policy is YAML (see evals/gates/release.yaml):
     name: release
     entries: all                 # or [name or glob, ...]; default: the entries with scale == 1.0
     rules:
-      - metric: retention.mc.all.acc.delta   # a metric name from results.py, or an fnmatch glob
+      - metric: retention.mc.all.acc.delta   # a metric name (docs/results.md), or an fnmatch glob
         min: -0.01                           # at least one of min / max; both bounds inclusive
         at: ci_low                           # value (default) | ci_low | ci_high
         missing: fail                        # fail (default) | skip
@@ -34,7 +34,9 @@ from rich.table import Table
 
 from workbench.errors import UsageError
 from workbench.formats.results import load_results
+from workbench.config.suggest import did_you_mean
 from workbench.config.yamlfile import describe_error, read_yaml
+from workbench.formats import metrics as catalogue
 
 Status = Literal["pass", "fail", "missing", "skipped"]
 OK_STATUSES = ("pass", "skipped")
@@ -150,8 +152,20 @@ def load_policy(path: str | Path) -> Policy:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
         raise UsageError(f"{path}: {describe_error(exc, Policy)}") from None
+    for i, rule in enumerate(policy.rules):
+        _check_catalogued(path, i, rule.metric)
     policy._source = str(path)
     return policy
+
+
+def _check_catalogued(path: Path, index: int, metric: str) -> None:
+    """A policy file's rule must be able to match a results.json metric: a typo would otherwise
+    only show when the gate reports the metric missing, after an eval."""
+    if catalogue.is_metric(metric) or any(fnmatchcase(name, metric) for name in catalogue.examples()):
+        return
+    hint = did_you_mean(metric, catalogue.examples(), cutoff=0.5)
+    raise UsageError(f"{path}: rules[{index}].metric: {metric!r} matches no results.json metric{hint}; "
+                     "see docs/results.md")
 
 
 # ---------------------------------------------------------------- checking

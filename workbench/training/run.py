@@ -19,7 +19,7 @@ from workbench.data.examples import (
 from workbench.distributed import init_distributed, is_main_process, world_size
 from workbench.errors import Interrupted, UsageError
 from workbench.training.fisher import estimate_fisher, load_fisher, save_fisher
-from workbench.io import cache_dir, fingerprint, write_json
+from workbench.io import cache_dir, fingerprint
 from workbench.modeling.load import (
     apply_lora, count_parameters, load_model, load_tokenizer, model_fingerprint
 )
