@@ -1,8 +1,9 @@
-"""`workbench eval`: the base scored once (and cached), every adapter toggled on the same weights.
+"""The `Evaluator`: one loaded model (base weights plus named adapters) scored under a suite.
 
 Each component (general text, each multiple-choice task, the target data) has a base side that
 depends only on the base weights and goes through `BaseCache`, and a tuned side computed for
-every adapter and scale. Metrics are named as documented in `results.py`.
+every adapter and scale. Metric names are those of the catalogue (`formats/metrics.py`);
+`evaluate.py` is the command that loads the model and writes results.json.
 """
 
 from __future__ import annotations
