@@ -4,6 +4,7 @@ conftest.py; this is a plain module that tests import."""
 
 from pathlib import Path
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
@@ -57,3 +58,61 @@ def assert_adapters_match(a: dict, b: dict, rtol: float, atol: float, norm_tol: 
         assert (b[key] - a[key]).norm() <= norm_tol * a[key].norm(), key
         close = torch.isclose(b[key], a[key], rtol=rtol, atol=atol)
         assert close.float().mean() >= min_close, key
+
+
+def adapter_difference(a: dict, b: dict) -> float:
+    """How far adapter b is from a, relative to a's scale: max |b - a| over every element of the
+    lora_A tensors over max |a| of those, the same for lora_B, and the larger of the two.
+
+    Relative to the adapter's scale, not per element or per tensor: rounding is relative to the
+    magnitudes summed, so an element near zero, or a whole small tensor (after 4 steps on the tiny
+    recipe the q/k lora_B reach ~6% of the largest lora_B), carries the same absolute rounding as
+    the largest. A and B apart: A keeps its random initialisation and moves little, B starts at 0,
+    so B is all update.
+    """
+    assert a.keys() == b.keys()
+    worst = 0.0
+    for part in ("lora_A", "lora_B"):
+        keys = [k for k in a if part in k]
+        assert keys, part
+        scale = max(a[k].abs().max().item() for k in keys)
+        worst = max(worst, max((b[k] - a[k]).abs().max().item() for k in keys) / scale)
+    return worst
+
+
+def assert_adapters_equal(a: dict, b: dict, tol: float) -> float:
+    """`adapter_difference(a, b) <= tol`; returns the difference."""
+    difference = adapter_difference(a, b)
+    assert difference <= tol, f"adapters differ by {difference:.3g} of their scale (tolerance {tol:g})"
+    return difference
+
+
+def logged_terms(run: dict) -> list[dict]:
+    """run.json's training-step records, only the loss terms: loss, task_loss, each penalty and
+    `<penalty>_weighted`."""
+    names = {"loss", "task_loss", *run["penalties"], *(f"{p}_weighted" for p in run["penalties"])}
+    return [{k: v for k, v in h.items() if k in names} for h in run["history"] if "task_loss" in h]
+
+
+def assert_terms_equal(a: dict, b: dict, tol: float, names=None) -> dict[str, float]:
+    """Every logged term (or those named) of run b equals run a's at every step, to tol times the term's largest
+    value in run a. Relative to the term's scale, not to each value: the KL (~0.01 to 0.05 here)
+    is a difference of two ~5-nat cross-entropies and carries their rounding, so per value it is
+    ~100x noisier than the task loss. Returns the differences."""
+    steps_a, steps_b = logged_terms(a), logged_terms(b)
+    assert len(steps_a) == len(steps_b) > 0 and steps_a[0].keys() == steps_b[0].keys()
+    differences = {}
+    for name in names or steps_a[0]:
+        scale = max(abs(h[name]) for h in steps_a) or 1.0  # all zero: compare absolutely
+        differences[name] = max(abs(x[name] - y[name]) for x, y in zip(steps_a, steps_b)) / scale
+    bad = {name: f"{d:.3g}" for name, d in differences.items() if d > tol}
+    assert not bad, f"logged terms differ by these fractions of their scale (tolerance {tol:g}): {bad}"
+    return differences
+
+
+def assert_loss_is_the_sum_of_terms(run: dict, rtol: float = 1e-6) -> None:
+    """At every logged step `loss` (the Trainer's, averaged over ranks) = task_loss + the sum of
+    the `*_weighted` terms, as the trainer's log() reduces them the same way."""
+    for h in logged_terms(run):
+        total = h["task_loss"] + sum(v for k, v in h.items() if k.endswith("_weighted"))
+        assert total == pytest.approx(h["loss"], rel=rtol), h

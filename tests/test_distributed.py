@@ -13,11 +13,20 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.helpers import assert_adapters_match
+from tests.helpers import (assert_adapters_equal, assert_loss_is_the_sum_of_terms, assert_terms_equal,
+                            logged_terms)
 
 RECIPE = "recipes/tiny_all.yaml"
+# tiny_all: KL-to-base, EWC, delta L2, label smoothing 0.1 and weight decay on; dropout off
 COMMON = ["train.max_steps=4", "data.max_examples=64", "data.val_fraction=0", "train.eval_steps=null",
           "regularizers.lora_dropout=0", "regularizers.kl_to_base.warmup_steps=0"]
+# plain SGD: float rounding stays rounding (see tests/test_run.py for the learning rate)
+SGD = ["train.optimizer=sgd", "train.learning_rate=0.1"]
+EXACT = 1e-6  # 2 processes vs 1 measured 1.9e-7 to 5.0e-7 of the adapter's scale over train.seed 0-4
+TERMS_EXACT = 1e-5  # logged terms: measured up to 7.7e-7 of each term's scale (the KL) over seeds 0-4
+# AdamW (the recipe's lr 5e-3) turns rounding in a near-zero gradient into up to a whole step: with
+# the top-k cache, 2 processes vs 1 measured 2.4e-5 to 9.1e-4 (seed 0) over train.seed 0-4; 5x that
+ADAM_NOISE = 5e-3
 
 
 def free_port() -> int:
@@ -26,35 +35,92 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def workbench(args, processes, tmp_path):
+def workbench(args, processes, tmp_path, mutant=None):
+    """`workbench ARGS` in 1 process, or under `accelerate launch` in several; mutant: run
+    tests/mutants.py instead, with that deliberate bug in the trainer."""
     env = {**os.environ, "WORKBENCH_CACHE": str(tmp_path / f"cache{processes}"),
-           "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+           "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "WORKBENCH_MUTANT": mutant or ""}
+    module = "tests.mutants" if mutant else "workbench"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                 str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(free_port()), "-m", "workbench"]
-    cmd = launcher if processes > 1 else [sys.executable, "-m", "workbench"]
+                "--main_process_port", str(free_port()), "-m", module]
+    cmd = launcher if processes > 1 else [sys.executable, "-m", module]
     done = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
-@pytest.mark.parametrize("reference", ["model", "topk_cache"])
-def test_two_processes_train_the_same_adapter_as_one(tmp_path, reference):
-    """KL-to-base and EWC on; 2 x 4 examples per step vs 1 x 8, same seed, dropout 0. With the
-    top-k cache (k above the vocabulary: the exact KL) the ranks build it together."""
-    one = tmp_path / "one"
-    two = tmp_path / "two"
-    common = [*COMMON, f"regularizers.kl_to_base.reference={reference}", "regularizers.kl_to_base.top_k=512"]
-    workbench(["train", RECIPE, "--output-dir", str(one), "train.batch_size=8", *common], 1, tmp_path)
-    workbench(["train", RECIPE, "--output-dir", str(two), "train.batch_size=4", *common], 2, tmp_path)
-    run = json.loads((two / "run.json").read_text())
-    assert run["world_size"] == 2 and run["status"] == "completed"
-    assert (run["reference_cache"] is not None) == (reference == "topk_cache")
-    a = load_file(one / "adapter" / "adapter_model.safetensors")
-    b = load_file(two / "adapter" / "adapter_model.safetensors")
-    assert_adapters_match(a, b, rtol=1e-5, atol=1e-6, norm_tol=1e-4)
-    steps = [h for h in run["history"] if "ewc" in h]
-    assert len(steps) == 4 and steps[-1]["kl_to_base"] > 0
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """trained(processes, *overrides, mutant=None) -> (adapter, run.json): tiny_all under COMMON
+    with a global batch of 8 (8 // processes per process); each distinct run is launched once per
+    module and shared by the tests below."""
+    root, done = tmp_path_factory.mktemp("ddp"), {}
+
+    def run(processes, *overrides, mutant=None):
+        key = (processes, overrides, mutant)
+        if key not in done:
+            out = root / f"run{len(done)}"
+            workbench(["train", RECIPE, "--output-dir", str(out), f"train.batch_size={8 // processes}", *COMMON,
+                       *overrides], processes, root, mutant)
+            done[key] = (load_file(out / "adapter" / "adapter_model.safetensors"),
+                         json.loads((out / "run.json").read_text()))
+        return done[key]
+    return run
+
+
+def test_two_processes_train_the_same_adapter_as_one(trained):
+    """KL-to-base, EWC, delta L2 and label smoothing on; under SGD, 2 x 4 examples per step give
+    1 x 8's adapter to float rounding, same seed, dropout 0."""
+    (one, _), (two, run) = trained(1, *SGD), trained(2, *SGD)
+    assert run["world_size"] == 2 and run["status"] == "completed" and run["reference_cache"] is None
+    steps = logged_terms(run)
+    assert len(steps) == 4 and all(steps[-1][name] > 0 for name in ("kl_to_base", "ewc", "delta_l2"))
+    assert_adapters_equal(one, two, EXACT)
+
+
+@pytest.mark.parametrize("overrides, mutant", [(("regularizers.kl_to_base.weight=0.55",), None),
+                                               ((), "per_micro_batch")])
+def test_the_two_process_comparison_catches_a_misnormalised_penalty(trained, overrides, mutant):
+    """Negative controls, in the 2-process run only: the KL weighted 1.1x (measured 1.2e-2 of the
+    adapter's scale), or the KL as a mean per micro-batch and rank, not renormalised by the
+    all-rank token count (9.5e-4); correct: 2.3e-7."""
+    with pytest.raises(AssertionError):
+        assert_adapters_equal(trained(1, *SGD)[0], trained(2, *SGD, *overrides, mutant=mutant)[0], EXACT)
+
+
+def test_two_processes_log_the_same_terms_as_one(trained):
+    """run.json's task_loss, each penalty and weighted penalty, per step, are the mean over ranks
+    (of each rank's share of the all-rank batch), so they equal one process's, and loss =
+    task_loss + the weighted penalties as in one process."""
+    (_, one), (_, two) = trained(1, *SGD), trained(2, *SGD)
+    assert_terms_equal(one, two, TERMS_EXACT)
+    assert_loss_is_the_sum_of_terms(two)
+
+
+def test_without_the_mean_over_ranks_rank_0_logs_only_its_own_share(trained):
+    """Negative control: log() not reducing over ranks. The update is the same (logging does not
+    train) and so are the parameter penalties (every rank holds the same adapter), but each
+    per-token term is rank 0's share of the batch: measured 8.9% of its scale off one process's
+    (task_loss and the KL), and loss is no longer their sum."""
+    (_, single), (two, _) = trained(1, *SGD), trained(2, *SGD)
+    local, run = trained(2, *SGD, mutant="rank_local_log")
+    assert_adapters_equal(two, local, EXACT)
+    assert_terms_equal(single, run, TERMS_EXACT, names=["ewc", "ewc_weighted", "delta_l2", "delta_l2_weighted"])
+    for name in ("task_loss", "kl_to_base", "kl_to_base_weighted"):
+        with pytest.raises(AssertionError):
+            assert_terms_equal(single, run, TERMS_EXACT, names=[name])
+    with pytest.raises(AssertionError):
+        assert_loss_is_the_sum_of_terms(run)
+
+
+def test_two_processes_under_adamw_with_the_topk_cache_stay_within_measured_noise(trained):
+    """The recipe's optimizer, and the KL against the top-k cache that the ranks build together
+    (k above the vocabulary: the exact KL): the same adapter up to ADAM_NOISE."""
+    topk = ["regularizers.kl_to_base.reference=topk_cache", "regularizers.kl_to_base.top_k=512"]
+    (one, _), (two, run) = trained(1, *topk), trained(2, *topk)
+    assert run["reference_cache"] is not None and run["world_size"] == 2
+    assert_adapters_equal(one, two, ADAM_NOISE)
 
 
 def test_fisher_from_two_processes_equals_one_process(tmp_path):

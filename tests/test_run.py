@@ -6,12 +6,27 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import assert_adapters_match
+from tests.helpers import (assert_adapters_equal, assert_adapters_match, assert_loss_is_the_sum_of_terms,
+                            assert_terms_equal)
+from tests.mutants import MUTANTS
 
 from workbench.config.recipe import load_recipe
 from workbench.training.run import build_trainer, train
+from workbench.training.trainer import RegularizedTrainer
 
 FAST = ["train.max_steps=4", "train.eval_steps=2", "data.max_examples=32"]
+# tiny_all (KL-to-base, EWC, delta L2, weight decay) with label smoothing on, and nothing random
+# between runs: no dropout, the KL from step 0, no validation split
+EQUIV = FAST + ["regularizers.lora_dropout=0", "regularizers.label_smoothing=0.1",
+                "regularizers.kl_to_base.warmup_steps=0", "train.eval_steps=null", "data.val_fraction=0"]
+# plain SGD: float rounding stays rounding. At lr 0.1 the 4 steps move the adapter enough that a
+# 10% error in the smallest penalty (delta L2, ~1e-4 of the loss) moves it by ~3.5e-4 of its scale
+SGD = ["train.optimizer=sgd", "train.learning_rate=0.1"]
+EXACT = 1e-6  # 1x4 vs 2x2 measured 2.9e-7 to 4.6e-7 of the adapter's scale over train.seed 0-5
+TERMS_EXACT = 1e-5  # logged terms: measured up to 9.4e-7 of each term's scale (the KL) over seeds 0-4
+# AdamW (the recipe's lr 5e-3): its normalised step turns rounding in a near-zero gradient into up to
+# a whole step, so 1x4 vs 2x2 measured 6.5e-6 to 6.0e-4 over train.seed 0-4; 5x that
+ADAM_NOISE = 3e-3
 
 
 @pytest.fixture(autouse=True)
@@ -47,19 +62,68 @@ def test_training_changes_every_trainable_parameter_and_no_frozen_one(tmp_path):
         assert changed == (name in trainable), name
 
 
-def test_gradient_accumulation_and_batch_split_give_the_same_adapter(tmp_path):
-    """Penalties and label smoothing are normalised like the task loss: 1x4 and 2x2 micro-batches
-    agree."""
-    common = FAST + ["regularizers.lora_dropout=0", "regularizers.label_smoothing=0.1",
-                     "regularizers.kl_to_base.warmup_steps=0", "train.eval_steps=null",
-                     "data.val_fraction=0"]
-    adapters = []
-    for i, (bs, ga) in enumerate([(4, 1), (2, 2)]):
-        recipe = load_recipe("recipes/tiny_all.yaml", common + [f"train.batch_size={bs}",
-                                                                f"train.grad_accum={ga}"])
-        run_dir = train(recipe, tmp_path / f"run{i}")
-        adapters.append(load_file(run_dir / "adapter" / "adapter_model.safetensors"))
-    assert_adapters_match(adapters[0], adapters[1], rtol=1e-4, atol=1e-5, norm_tol=1e-2, min_close=0.9)
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    """split(batch_size, grad_accum, *overrides, mutant=None) -> (adapter, run.json) of tiny_all
+    under EQUIV; each distinct run is trained once per module and shared by the tests below.
+    mutant: a tests.mutants bug swapped into the trainer for that run only."""
+    root, done = tmp_path_factory.mktemp("split"), {}
+
+    def run(batch_size, grad_accum, *overrides, mutant=None):
+        key = (batch_size, grad_accum, overrides, mutant)
+        if key not in done:
+            recipe = load_recipe("recipes/tiny_all.yaml", [*EQUIV, *overrides, f"train.batch_size={batch_size}",
+                                                           f"train.grad_accum={grad_accum}"])
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("WORKBENCH_CACHE", str(root / "cache"))  # the Fisher is estimated once
+                if mutant:
+                    patch.setattr(RegularizedTrainer, *MUTANTS[mutant])
+                run_dir = train(recipe, root / f"run{len(done)}")
+            done[key] = (load_file(run_dir / "adapter" / "adapter_model.safetensors"),
+                         json.loads((run_dir / "run.json").read_text()))
+        return done[key]
+    return run
+
+
+def test_gradient_accumulation_and_batch_split_give_the_same_adapter(split):
+    """Penalties and label smoothing are normalised like the task loss: under SGD, 1x4 and 2x2
+    micro-batches give the same adapter to float rounding."""
+    (one, run), (two, _) = split(4, 1, *SGD), split(2, 2, *SGD)
+    last = [h for h in run["history"] if "task_loss" in h][-1]
+    assert all(last[name] > 0 for name in ("kl_to_base", "ewc", "delta_l2"))  # each acted on the update
+    assert_adapters_equal(one, two, EXACT)
+
+
+@pytest.mark.parametrize("override", ["regularizers.kl_to_base.weight=0.55", "regularizers.ewc.weight=1100",
+                                      "regularizers.delta_l2.weight=0.011"])
+def test_the_accumulation_comparison_catches_a_penalty_weight_off_by_10_percent(split, override):
+    """Negative control: one penalty weighted 1.1x in the accumulated run only. Measured: KL 1.3e-2,
+    EWC 2.5e-2, delta L2 3.5e-4 of the adapter's scale, against 4.6e-7 when correct."""
+    with pytest.raises(AssertionError):
+        assert_adapters_equal(split(4, 1, *SGD)[0], split(2, 2, *SGD, override)[0], EXACT)
+
+
+def test_the_accumulation_comparison_catches_per_micro_batch_normalisation(split):
+    """Negative control: the KL as a mean per micro-batch (divided by the accumulation steps), not
+    renormalised by the batch's label tokens. Measured: 2.0e-3 of the adapter's scale."""
+    with pytest.raises(AssertionError):
+        assert_adapters_equal(split(4, 1, *SGD)[0], split(2, 2, *SGD, mutant="per_micro_batch")[0], EXACT)
+
+
+def test_gradient_accumulation_logs_the_same_terms(split):
+    """Each logged term is the term over the whole step's tokens, not a mean of micro-batch means,
+    so 1x4 and 2x2 log the same values (measured 9e-7 of each term's scale; the mean of means
+    logged before was 1.3e-2 off for the KL), and loss = task_loss + the weighted penalties (the
+    mean of means: 5.9e-3 off)."""
+    (_, one), (_, two) = split(4, 1, *SGD), split(2, 2, *SGD)
+    assert_terms_equal(one, two, TERMS_EXACT)
+    assert_loss_is_the_sum_of_terms(one)
+    assert_loss_is_the_sum_of_terms(two)
+
+
+def test_gradient_accumulation_under_adamw_stays_within_its_measured_noise(split):
+    """The recipe's optimizer: the same adapter up to ADAM_NOISE, Adam's amplified rounding."""
+    assert_adapters_equal(split(4, 1)[0], split(2, 2)[0], ADAM_NOISE)
 
 
 def test_early_stopping_stops_a_run_whose_validation_loss_stops_improving(tmp_path):

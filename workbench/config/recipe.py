@@ -81,6 +81,12 @@ class TrainSection(Section):
     batch_size: int = Field(default=8, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     learning_rate: float = Field(default=2e-4, gt=0)
+    optimizer: Literal["adamw", "sgd"] = Field(
+        default="adamw", description="adamw: the Trainer's default AdamW. sgd: plain torch.optim.SGD, no "
+        "momentum (weight_decay is then an L2 term in the gradient); it keeps no state and is linear in "
+        "the gradient, so runs that sum the same gradient in another order (accumulation, data "
+        "parallelism) agree to float rounding, where Adam's normalised step amplifies that rounding. "
+        "The equivalence tests use it.")
     lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "linear"
     warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     max_grad_norm: float = Field(default=1.0, ge=0.0, description="Gradient clipping; 0 disables.")

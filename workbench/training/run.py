@@ -103,7 +103,8 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_val: bool) -> Train
         metric_for_best_model="eval_loss", greater_is_better=False,
         bf16=recipe.model.dtype == "bfloat16", fp16=recipe.model.dtype == "float16",
         use_cpu=not torch.cuda.is_available(), report_to=[], remove_unused_columns=False,
-        dataloader_num_workers=0, disable_tqdm=False)
+        dataloader_num_workers=0, disable_tqdm=False,
+        **({"optim": "sgd"} if t.optimizer == "sgd" else {}))  # else the Trainer's default AdamW
 
 
 def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer, RunRecord]:
