@@ -176,3 +176,56 @@ def test_bad_suite_key_has_a_suggestion(tmp_path):
     (tmp_path / "t.yaml").write_text("name: x\nmultiple_choice: [{bigbench: a, local: b}]\n")
     with pytest.raises(UsageError, match="exactly one of"):
         load_suite(tmp_path / "t.yaml")
+
+
+# ---------------------------------------------------------------- trajectories
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """recipes/tiny.yaml trained 4 steps with a checkpoint every 2: checkpoint-2 and checkpoint-4."""
+    from workbench.training.run import train
+
+    out = tmp_path_factory.mktemp("trained") / "traj"
+    recipe = load_recipe("recipes/tiny.yaml", ["name=traj", "train.max_steps=4", "train.save_steps=2",
+                                               "data.max_examples=48", "train.eval_steps=null"])
+    return train(recipe, out)
+
+
+def test_checkpoints_are_entries_scored_like_the_adapter_alone(workspace, cache, trained):
+    suite = {**SUITE, "checkpoints": "all", "scales": [0.5]}
+    (workspace / "traj.yaml").write_text(yaml.safe_dump(suite))
+    results = run_eval(workspace / "traj.yaml", runs=[trained])
+    entries = {e["name"]: e for e in results["entries"]}
+    # the final adapter (step 4) with its scale sweep, and checkpoint 2; checkpoint 4 is the final adapter
+    assert set(entries) == {"traj", "traj@0.5", "traj:step2"}
+    assert [(entries[n]["step"], entries[n]["family"], entries[n]["seed"]) for n in ("traj", "traj:step2")] == \
+        [(4, "traj", 0), (2, "traj", 0)]
+    assert values(entries["traj:step2"]) != values(entries["traj"])  # two steps of training apart
+
+    alone = run_eval(workspace / "suite.yaml", base="tiny-random-llama",
+                     adapters=[trained / "checkpoints" / "checkpoint-2"])
+    assert alone["base"]["forward_calls"]["base"] == 0  # the base side was cached by the first eval
+    # a bare adapter has no run.json, so no target split: general text, multiple choice, calibration
+    by_itself, in_run = values(alone["entries"][0]), values(entries["traj:step2"])
+    assert {n.split(".")[0] for n in by_itself} == {"retention", "calibration"}
+    assert by_itself == {name: in_run[name] for name in by_itself}
+
+
+def test_the_base_is_scored_once_for_every_checkpoint(workspace, tmp_path, monkeypatch, trained):
+    """Forward passes with the adapter off do not grow with the number of entries."""
+    counts = {}
+    for checkpoints in ([], "all"):
+        monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / f"cache-{len(checkpoints)}"))
+        (workspace / "base_once.yaml").write_text(yaml.safe_dump({**SUITE, "checkpoints": checkpoints}))
+        results = run_eval(workspace / "base_once.yaml", runs=[trained])
+        counts[len(results["entries"])] = results["base"]["forward_calls"]
+    assert set(counts) == {1, 2}
+    assert counts[2]["base"] == counts[1]["base"] > 0
+    assert counts[2]["tuned"] > counts[1]["tuned"]
+
+
+def test_a_missing_checkpoint_step_is_one_line(workspace, cache, trained):
+    (workspace / "missing.yaml").write_text(yaml.safe_dump({**SUITE, "checkpoints": [2, 3]}))
+    with pytest.raises(UsageError, match=r"no checkpoint at step 3 \(saved: 2, 4; see train.save_steps\)"):
+        run_eval(workspace / "missing.yaml", runs=[trained])

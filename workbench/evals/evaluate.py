@@ -43,6 +43,13 @@ class AdapterSpec:
     run_dir: Path | None = None
     run: RunRecord | None = None
     recipe: Recipe | None = None
+    step: int | None = None  # the optimiser step the adapter was saved at, when known
+    family: str = ""  # the recipe the entry belongs to: its scales, checkpoints and seeds
+
+    def __post_init__(self):
+        self.family = self.family or (self.recipe.name if self.recipe else self.name)
+        if self.step is None and self.run is not None:
+            self.step = self.run.global_step
 
 
 # --- resolving what to evaluate -------------------------------------------------------------
@@ -85,6 +92,30 @@ def resolve_specs(runs: list[Path], adapters: list[Path]) -> list[AdapterSpec]:
         if seen[spec.name] > 1:
             spec.name = f"{spec.name}-{seen[spec.name]}"
     return specs
+
+
+def checkpoint_specs(specs: list[AdapterSpec], wanted: str | list[int]) -> list[AdapterSpec]:
+    """The saved checkpoints of each run as entries NAME:stepN: every one for "all", else the
+    steps listed (each must exist in every run). A checkpoint at the final step is the final
+    adapter unless early stopping restored an earlier best one, so it is not scored twice."""
+    if not wanted:
+        return []
+    out = []
+    for spec in specs:
+        if spec.run_dir is None:
+            continue
+        saved = {int(p.name.rpartition("-")[2]): p for p in (spec.run_dir / "checkpoints").glob("checkpoint-*")
+                 if p.name.rpartition("-")[2].isdigit() and (p / ADAPTER_FILES[1]).is_file()}
+        steps = sorted(saved) if wanted == "all" else list(wanted)
+        missing = [s for s in steps if s not in saved]
+        if missing:
+            raise UsageError(f"{spec.run_dir}: no checkpoint at step {', '.join(map(str, missing))} "
+                             f"(saved: {', '.join(map(str, sorted(saved))) or 'none'}; see train.save_steps)")
+        restored = spec.recipe is not None and spec.recipe.train.early_stopping is not None
+        out += [AdapterSpec(f"{spec.name}:step{step}", saved[step], spec.run_dir, spec.run, spec.recipe, step,
+                            spec.family)
+                for step in steps if restored or step != spec.step]
+    return out
 
 
 def base_section(specs: list[AdapterSpec], base: str | None) -> ModelSection:
@@ -224,6 +255,8 @@ def run_eval(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path]
     specs = resolve_specs(list(runs), list(adapters))
     if not specs:
         raise UsageError("nothing to evaluate: give --run RUN_DIR or --base MODEL --adapter DIR")
+    finals = len(specs)
+    specs += checkpoint_specs(specs, suite.checkpoints)
     section = base_section(specs, base)
     tokenizer = load_tokenizer(section)
     for spec in specs:
@@ -243,7 +276,8 @@ def run_eval(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path]
     entries = []
     for i, spec in enumerate(specs):
         norm = delta_norm(peft_model, f"a{i}")
-        for scale in [1.0] + [s for s in suite.scales if s != 1.0]:
+        scales = [1.0] + [s for s in suite.scales if s != 1.0] if i < finals else [1.0]  # checkpoints: 1 only
+        for scale in scales:
             entries.append(_evaluate_entry(evaluator, spec, f"a{i}", scale, norm, shared, targets[spec.name]))
     results = {
         "schema_version": SCHEMA_VERSION, "kind": KIND,
@@ -271,6 +305,7 @@ def _evaluate_entry(evaluator: Evaluator, spec: AdapterSpec, adapter: str, scale
     if is_main_process():
         print(f"eval: {name}: {len(metrics)} metrics in {time.perf_counter() - start:.1f} s", flush=True)
     return {"name": name, "adapter": str(spec.path), "run": str(spec.run_dir) if spec.run_dir else None,
+            "family": spec.family, "seed": spec.recipe.train.seed if spec.recipe else None, "step": spec.step,
             "scale": scale, "changes_model": norm * scale > 0.0, "delta_norm": norm * scale,
             "metrics": metrics, "curves": curves}
 

@@ -91,6 +91,9 @@ class Suite(Section):
     target: Target | None = Target()
     overfitting: Overfitting | None = Overfitting()
     scales: list[float] = Field(default=[], description="extra adapter scales to evaluate, in [0, 1]")
+    checkpoints: Literal["all"] | list[int] = Field(
+        default=[], description="a run's saved checkpoints to score as entries NAME:stepN besides its final "
+        "adapter: 'all', or a list of steps; the base side is shared, so each costs only its tuned side")
     lm_eval: LmEval | None = None
 
     @model_validator(mode="after")
@@ -104,7 +107,7 @@ class Suite(Section):
 
     def base_fingerprint(self) -> str:
         """What the base side depends on: everything but the sweep and lm-eval."""
-        return fingerprint(self.model_dump(exclude={"name", "description", "scales", "lm_eval"}))
+        return fingerprint(self.model_dump(exclude={"name", "description", "scales", "checkpoints", "lm_eval"}))
 
 
 def load_suite(path: str | Path) -> tuple[Suite, Path]:
