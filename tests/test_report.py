@@ -8,7 +8,10 @@ import pytest
 from workbench.errors import UsageError
 from workbench.formats.results import KIND, SCHEMA_VERSION, metric
 from workbench.io import write_json
-from workbench.report.html import build_report, fmt, summary_table
+from workbench.formats.metrics import is_metric
+from workbench.report.build import build_report
+from workbench.report.plots import FORGETTING, LEARNING, MC_RETENTION
+from workbench.report.tables import SUMMARY, fmt, summary_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -184,6 +187,13 @@ def test_summary_table_is_fixed_width_text_with_every_entry(inputs):
     assert "1.030 [1.010, 1.050]" in lines[2]
     flagged = summary_table(json.loads(inputs[1].read_text()))
     assert "NO: adapter changes nothing" in flagged.splitlines()[-1]
+
+
+def test_every_metric_the_report_names_is_in_the_catalogue():
+    named = [name for _, name, *_ in SUMMARY] + [name for name, *_ in [*FORGETTING, MC_RETENTION]]
+    named += [f"{prefix}.{side}" for prefix, _ in LEARNING for side in ("base", "tuned")]
+    assert [name for name in named if not is_metric(name)] == []
+    assert LEARNING[0][1].endswith("(lower is better)") and LEARNING[1][1].endswith("(higher is better)")
 
 
 def test_fmt_is_compact_and_dashes_what_is_missing():

@@ -9,7 +9,9 @@ import yaml
 
 from workbench.cli import main
 from workbench.errors import UsageError
-from workbench.sweep.core import Trial, format_leaderboard, leaderboard, load_spec, trials, wandb_sweep_config
+from workbench.sweep.leaderboard import format_leaderboard, leaderboard
+from workbench.sweep.spec import Trial, load_spec, trials
+from workbench.sweep.wandb_sweep import wandb_sweep_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny.yaml"
@@ -134,7 +136,8 @@ def test_random_search_is_seeded_and_stays_in_range(tmp_path):
 def fake_run(directory: Path, eval_loss: float | None, ppl_ratio: float | None) -> None:
     directory.mkdir(parents=True)
     final = {} if eval_loss is None else {"eval_loss": eval_loss}
-    (directory / "run.json").write_text(json.dumps({"status": "completed", "final": final}))
+    (directory / "run.json").write_text(json.dumps({"recipe": {"name": directory.name}, "status": "completed",
+                                                    "final": final}))
     metrics = {"retention.general.ppl.ratio": {"value": ppl_ratio}, "learning.val_loss.tuned": {"value": 1.0}}
     entries = [{"name": "x", "scale": 0.5, "metrics": {"retention.general.ppl.ratio": {"value": 0.0}}},
                {"name": "x", "scale": 1.0, "metrics": metrics}]
@@ -177,6 +180,8 @@ def test_leaderboard_ranks_feasible_runs_first_by_the_objective(tmp_path):
     ({"objective": {"metric": "retention.general.ppl.ratio"}}, ["retention.general.ppl.ratio", "eval_suite"]),
     ({"parameters": {"regularizers.kl_to_bse.weight": [1]}}, ["regularizers.kl_to_bse", "did you mean 'kl_to_base'"]),
     ({"parameters": {"train.batch_size": [4, "many"]}}, ["train.batch_size", "many"]),
+    ({"objective": {"metric": "retention.general.ppl.ratoi"}, "eval_suite": "suite.yaml"},
+     ["not a results.json metric", "did you mean 'retention.general.ppl.ratio'"]),
 ])
 def test_bad_spec_is_one_error_line_naming_the_file_and_key(tmp_path, capsys, fields, expected):
     spec = write_spec(tmp_path, **fields)
@@ -189,9 +194,34 @@ def test_bad_spec_is_one_error_line_naming_the_file_and_key(tmp_path, capsys, fi
     assert not out.exists()  # nothing runs, nothing is written
 
 
+LIGHT_CHECK = """
+import sys, tempfile
+import workbench.config.recipe, workbench.errors, workbench.formats.metrics, workbench.formats.run_record, workbench.io
+before = set(sys.modules)
+from workbench.sweep.runner import run_sweep
+with tempfile.TemporaryDirectory() as out:
+    run_sweep("recipes/sweeps/tiny_kl_x_ewc.yml", output_dir=out, dry_run=True)
+heavy = ("torch", "transformers", "wandb", "peft", "accelerate", "workbench.training", "workbench.evals",
+         "workbench.modeling", "workbench.tracking.training", "workbench.tracking.evals")
+print(sorted(m for m in set(sys.modules) - before if m.startswith(heavy)))
+"""
+
+
+def test_validating_a_spec_imports_nothing_beyond_config_and_formats():
+    """`--dry-run` and load_spec add no torch, transformers, wandb, training or eval module to
+    what the config and formats layers import themselves (which, below the top layer, is no torch)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", LIGHT_CHECK], capture_output=True, text=True, cwd=REPO,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1] == "[]"
+
+
 def test_missing_spec_and_bad_parallel_are_usage_errors(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "nope.yaml")]) == 2
     assert "sweep spec file not found" in one_error_line(capsys)
     with pytest.raises(UsageError, match="--parallel 0"):
-        from workbench.sweep.core import run_sweep
+        from workbench.sweep.runner import run_sweep
         run_sweep(write_spec(tmp_path), parallel=0)

@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workbench.tracking import core as tracking
+from tests.wandb_log import read_wandb_records
 from workbench.cli import main
 from workbench.errors import UsageError
 from workbench.config.recipe import WandbSection, load_recipe, resolved
-from workbench.tracking.core import (
-    enable, flatten, family, has_api_key, metric_rows, read_records, recipe_hash, resolve_mode, run_name,
-    trainer_key, wandb_key
+from workbench.formats.metrics import wandb_key
+from workbench.tracking.evals import TABLE_COLUMNS, log_eval, metric_rows
+from workbench.tracking.names import (
+    enable, family, flatten, has_api_key, recipe_hash, resolve_mode, run_name, trainer_key
 )
+from workbench.tracking.wandb_run import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["train.max_steps=3", "data.max_examples=24", "train.eval_steps=null", "data.max_val_examples=8"]
@@ -52,7 +54,7 @@ def read_back(wandb_dir: Path, run_id: str) -> dict:
     got = {"config": {}, "history": [], "summary": {}, "artifacts": [], "files": []}
     for path in run_files(wandb_dir, run_id):
         got["files"].append(path.parent / "files")
-        for record in read_records(path):
+        for record in read_wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind in ("run", "config"):
                 config = record.run.config if kind == "run" else record.config
@@ -105,7 +107,7 @@ def tracked(tmp_path_factory):
         assert main(["train", "recipes/tiny.yaml", *FAST, *PENALTIES, "--output-dir", str(run_dir), "--wandb"]) == 0
         results = run_dir / "results.json"
         assert main(["eval", "--suite", str(suite), "--run", str(run_dir), "--out", str(results)]) == 0
-        from workbench.report.html import build_report
+        from workbench.report.build import build_report
         build_report([results, run_dir], root / "report")
     return {"root": root, "run_dir": run_dir, "run": json.loads((run_dir / "run.json").read_text()),
             "results": json.loads(results.read_text()), "stdout": out.getvalue(), "stderr": err.getvalue()}
@@ -151,7 +153,7 @@ def test_eval_results_land_in_the_same_run_as_summary_tables_and_plots(tracked):
     assert got["summary"]["overfit/loss_gap"] == pytest.approx(metrics["overfitting.loss_gap"]["value"])
 
     table = logged_table(got, "eval/retention")
-    assert table["columns"] == tracking.TABLE_COLUMNS
+    assert table["columns"] == TABLE_COLUMNS
     rows = {(r[2], r[3]): dict(zip(table["columns"], r)) for r in table["data"] if r[1] == 1.0}
     ppl = rows[("general", "ppl")]
     assert ppl["base"] == pytest.approx(metrics["retention.general.ppl.base"]["value"])
@@ -195,7 +197,7 @@ def test_secrets_are_never_written_to_run_json_logs_or_reports(tracked):
     assert "api_key" not in json.dumps(tracked["run"]).lower()
 
 
-def test_read_records_follows_records_across_32k_blocks(tmp_path, monkeypatch):
+def test_read_wandb_records_follows_records_across_32k_blocks(tmp_path, monkeypatch):
     """Long runs span many blocks of the log: every record comes back, in order."""
     import wandb
 
@@ -207,7 +209,8 @@ def test_read_records_follows_records_across_32k_blocks(tmp_path, monkeypatch):
     run.finish()
     path = next(tmp_path.rglob("*.wandb"))
     assert path.stat().st_size > 3 * 32768
-    steps = [items(r.history.item)["value"] for r in read_records(path) if r.WhichOneof("record_type") == "history"]
+    steps = [items(r.history.item)["value"] for r in read_wandb_records(path)
+             if r.WhichOneof("record_type") == "history"]
     assert steps == list(range(1500))
 
 
@@ -300,9 +303,9 @@ def test_eval_of_an_untracked_run_logs_nothing_unless_asked(tmp_path, monkeypatc
     results = {"suite": {"name": "s", "fingerprint": "f"}, "base": {"fingerprint": "b"},
                "entries": [{"name": "x", "run": str(tmp_path), "adapter": "a", "scale": 1.0, "metrics": {}}]}
     (tmp_path / "run.json").write_text(json.dumps({"recipe": {"name": "x"}}))
-    monkeypatch.setattr(tracking.Tracker, "start", classmethod(lambda *a, **k: pytest.fail("started")))
-    tracking.log_eval(results, tmp_path / "results.json")
-    tracking.log_eval(results, tmp_path / "results.json", force=False)
+    monkeypatch.setattr(Tracker, "start", classmethod(lambda *a, **k: pytest.fail("started")))
+    log_eval(results, tmp_path / "results.json")
+    log_eval(results, tmp_path / "results.json", force=False)
 
 
 # ---------------------------------------------------------------- names, groups, modes

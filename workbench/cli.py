@@ -28,7 +28,8 @@ def _quiet_libraries() -> None:
 def cmd_train(args) -> int:
     from workbench.config.recipe import load_recipe
     from workbench.training.run import train
-    from workbench.tracking.core import TrainingObserver, enable
+    from workbench.tracking.names import enable
+    from workbench.tracking.training import TrainingObserver
 
     recipe = enable(load_recipe(args.recipe, args.overrides), args.recipe, on=args.wandb)
     output_dir = Path(args.output_dir or recipe.output_dir)
@@ -72,8 +73,8 @@ def cmd_eval(args) -> int:
                        use_cache=not args.no_cache)
     if not is_main_process():
         return 0
-    from workbench.report.html import summary_table
-    from workbench.tracking.core import log_eval
+    from workbench.report.tables import summary_table
+    from workbench.tracking.evals import log_eval
 
     print(summary_table(results))
     print(f"results: {args.out}")
@@ -82,7 +83,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from workbench.sweep.core import run_sweep
+    from workbench.sweep.runner import run_sweep
 
     return run_sweep(args.spec, parallel=args.parallel, wandb=args.wandb, output_dir=args.output_dir,
                      dry_run=args.dry_run)
@@ -95,7 +96,7 @@ def cmd_gate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from workbench.report.html import build_report
+    from workbench.report.build import build_report
 
     index = build_report(args.inputs, args.out)
     print(f"report: {index}")

@@ -14,6 +14,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from workbench.formats.metrics import higher_is_better
+from workbench.formats.run_record import RunRecord
 from workbench.io import atomic_path
 
 # (metric, its value at the base, axis label): the first one any entry has is used
@@ -23,15 +25,20 @@ FORGETTING = [
 ]
 MC_RETENTION = ("retention.mc.all.acc.delta", 0.0,
                 "retention: multiple-choice accuracy, tuned − base  (0 = unchanged)")
-# (metric prefix with .base/.tuned, axis label): one panel each where present
-LEARNING = [
-    ("learning.val_loss", "learning: held-out val loss  (lower is better)"),
-    ("learning.exact_match", "learning: exact match  (higher is better)"),
-]
+
+
+def _learning(prefix: str, what: str) -> tuple[str, str]:
+    """(metric prefix with .base/.tuned, axis label), the direction read from the catalogue."""
+    better = "higher" if higher_is_better(f"{prefix}.tuned") else "lower"
+    return prefix, f"learning: {what}  ({better} is better)"
+
+
+# one panel each where present
+LEARNING = [_learning("learning.val_loss", "held-out val loss"), _learning("learning.exact_match", "exact match")]
 
 
 @dataclass
-class Entry:
+class ReportEntry:
     """One results entry as the report sees it: a unique display name, and the key shared by
     the entries that are one adapter at several LoRA scales."""
 
@@ -51,14 +58,14 @@ def finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def value(entry: Entry, name: str) -> float | None:
+def value(entry: ReportEntry, name: str) -> float | None:
     """A metric's value, or None when missing, null or not finite."""
     record = entry.data["metrics"].get(name)
     v = record.get("value") if isinstance(record, dict) else None
     return float(v) if finite(v) else None
 
 
-def interval(entry: Entry, name: str) -> tuple[float, float] | None:
+def interval(entry: ReportEntry, name: str) -> tuple[float, float] | None:
     record = entry.data["metrics"].get(name)
     ci = record.get("ci") if isinstance(record, dict) else None
     if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(finite(c) for c in ci):
@@ -75,7 +82,7 @@ def save(fig: Figure, path: Path) -> None:
 # --- learning vs forgetting --------------------------------------------------------------------
 
 
-def tradeoff_figure(entries: list[Entry], x_axis: tuple[str, float, str]) -> Figure | None:
+def tradeoff_figure(entries: list[ReportEntry], x_axis: tuple[str, float, str]) -> Figure | None:
     """Learning (y, one panel per learning metric present) against `x_axis` = (metric, value at
     the base, label); the base is a star, a scale sweep a line from the base through its scales."""
     x_name = x_axis[0]
@@ -94,7 +101,7 @@ def tradeoff_figure(entries: list[Entry], x_axis: tuple[str, float, str]) -> Fig
     return fig
 
 
-def _tradeoff_panel(ax, entries: list[Entry], x_axis: tuple[str, float], prefix: str) -> None:
+def _tradeoff_panel(ax, entries: list[ReportEntry], x_axis: tuple[str, float], prefix: str) -> None:
     x_name, x_base = x_axis
     bases = sorted({round(b, 12) for e in entries if (b := value(e, f"{prefix}.base")) is not None})
     for i, base in enumerate(bases):
@@ -107,9 +114,9 @@ def _tradeoff_panel(ax, entries: list[Entry], x_axis: tuple[str, float], prefix:
             _draw_sweep(ax, points, (x_name, x_base, f"{prefix}.tuned"), label, f"C{color % 10}")
 
 
-def _sweeps(entries: list[Entry]) -> list[tuple[str, list[Entry]]]:
+def _sweeps(entries: list[ReportEntry]) -> list[tuple[str, list[ReportEntry]]]:
     """(display label, entries sorted by scale) per sweep key, in first-seen order."""
-    groups: dict[str, list[Entry]] = defaultdict(list)
+    groups: dict[str, list[ReportEntry]] = defaultdict(list)
     for e in entries:
         groups[e.sweep].append(e)
     out = []
@@ -146,9 +153,9 @@ def _err(v: float, ci: tuple[float, float] | None):
 # --- training curves ---------------------------------------------------------------------------
 
 
-def loss_figure(label: str, run: dict) -> Figure | None:
+def loss_figure(label: str, run: RunRecord) -> Figure | None:
     """Total, task and eval loss vs step; below them, each penalty's weighted term."""
-    history = [h for h in run.get("history") or [] if isinstance(h, dict) and "step" in h]
+    history = [h for h in run.history or [] if "step" in h]
     train = [h for h in history if "loss" in h]
     evals = [h for h in history if "eval_loss" in h]
     if not train and not evals:
@@ -173,8 +180,8 @@ def loss_figure(label: str, run: dict) -> Figure | None:
     return fig
 
 
-def _penalty_names(run: dict, train: list[dict]) -> list[str]:
-    named = [p for p in run.get("penalties") or [] if isinstance(p, str)]
+def _penalty_names(run: RunRecord, train: list[dict]) -> list[str]:
+    named = list(run.penalties)
     found = sorted({k[: -len("_weighted")] for h in train for k in h if k.endswith("_weighted")})
     return named + [p for p in found if p not in named]
 

@@ -1,0 +1,163 @@
+"""`workbench report`: a static HTML page and a Markdown file comparing tuned adapters with their
+base, built from results files (`workbench eval`) and run records (`workbench train`).
+
+    out/index.html   self-contained: plots embedded as PNG data URIs, plain CSS, no JavaScript
+    out/report.md    the same tables, plots referenced as plots/*.png
+    out/plots/*.png
+
+The pages are rendered from the Jinja templates in `templates/`, both from one context built
+here. Every file is written atomically, index.html last, so a killed report leaves the previous
+page.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader
+
+from workbench.errors import UsageError
+from workbench.io import atomic_path
+from workbench.report.inputs import Run, load_inputs
+from workbench.report.plots import (
+    FORGETTING, MC_RETENTION, ReportEntry, loss_figure, reliability_figure, roc_figure, save, tradeoff_figure,
+    value
+)
+from workbench.report.tables import MISSING, NOTHING, ci_cell, fmt, fmt_scale, metric_cell, summary_rows
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+@dataclass
+class Plot:
+    title: str
+    file: str  # relative to the report directory
+    uri: str  # the PNG as a data URI
+
+
+def build_report(inputs: list[str | Path], out: str | Path) -> Path:
+    """Write out/index.html, out/report.md and out/plots/; returns the path of index.html.
+
+    inputs: run directories, run.json files and results.json files, in any mix. Runs named by a
+    results entry's "run" field are added when their run.json exists.
+    """
+    out = _out_dir(out)
+    entries, runs, sources = load_inputs(inputs)
+    plots = PlotDir(out / "plots")
+    context = {
+        "title": "Workbench report", "sources": sources, "nothing": NOTHING,
+        "why": "the adapter's delta is exactly zero, so its scores are the base's",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "flagged": [e.name for e in entries if e.data.get("changes_model") is False],
+        "summary": summary_rows(entries), "tradeoff": _tradeoff_plots(entries, plots),
+        "runs": [_run_context(run, plots) for run in runs],
+        "entries": [_entry_context(e, plots) for e in entries],
+    }
+    _write_text(out / "report.md", _template("report.md.j2", autoescape=False).render(**context))
+    _write_text(out / "index.html", _template("index.html.j2", autoescape=True).render(**context))
+    plots.remove_stale()
+    return out / "index.html"
+
+
+def _template(name: str, autoescape: bool):
+    """A page template; Markdown cells escape their pipes (`cell`), HTML escapes everything."""
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=autoescape, trim_blocks=True,
+                      lstrip_blocks=True)
+    env.filters["cell"] = lambda text: str(text).replace("|", "\\|")
+    return env.get_template(name)
+
+
+class PlotDir:
+    """Saves figures as uniquely named PNGs in one directory and remembers what it wrote."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.written: list[Path] = []
+
+    def save(self, fig, stem: str, title: str) -> Plot | None:
+        if fig is None:
+            return None
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.") or "plot"
+        path, n = self.root / f"{slug}.png", 1
+        while path in self.written:
+            n += 1
+            path = self.root / f"{slug}-{n}.png"
+        save(fig, path)
+        self.written.append(path)
+        uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+        return Plot(title, f"{self.root.name}/{path.name}", uri)
+
+    def remove_stale(self) -> None:
+        """Drop PNGs a previous report left that this one does not reference."""
+        for path in self.root.glob("*.png"):
+            if path not in self.written:
+                path.unlink(missing_ok=True)
+
+
+def _tradeoff_plots(entries: list[ReportEntry], plots: PlotDir) -> list[Plot]:
+    forgetting = next((x for x in FORGETTING if any(value(e, x[0]) is not None for e in entries)), None)
+    made = [plots.save(tradeoff_figure(entries, forgetting), "tradeoff", "Learning vs forgetting")
+            if forgetting else None,
+            plots.save(tradeoff_figure(entries, MC_RETENTION), "tradeoff-mc",
+                       "Learning vs multiple-choice retention")]
+    return [p for p in made if p]
+
+
+def _run_context(run: Run, plots: PlotDir) -> dict:
+    record = run.record
+    final = record.final or {}
+    penalties = ", ".join(record.penalties) or "none"
+    steps = "?" if record.global_step is None else record.global_step
+    meta = (f"recipe {record.name}; penalties: {penalties}; status {record.status}; "
+            f"{steps} steps; final eval loss {fmt(final.get('eval_loss'))}")
+    return {"label": run.label, "meta": meta,
+            "plot": plots.save(loss_figure(run.label, record), f"loss-{run.path.resolve().name}",
+                               f"Training losses: {run.label}")}
+
+
+def _entry_context(entry: ReportEntry, plots: PlotDir) -> dict:
+    metrics = entry.data["metrics"]
+    rows = [(name, metric_cell(entry, name, with_ci=False), ci_cell(entry, name))
+            for name in sorted(metrics)]
+    meta = (f"adapter {entry.data.get('adapter') or '?'}; scale {fmt_scale(entry)}; "
+            f"run {entry.run or entry.data.get('run') or MISSING}; from {entry.source or '?'}")
+    return {"name": entry.name, "meta": meta,
+            "nothing": entry.data.get("changes_model") is False, "metrics": rows,
+            "plots": [p for p in _entry_plots(entry, plots) if p]}
+
+
+def _entry_plots(entry: ReportEntry, plots: PlotDir) -> list[Plot | None]:
+    curves = entry.data.get("curves") if isinstance(entry.data.get("curves"), dict) else {}
+    tasks = [k.split(".")[1] for k in curves
+             if k.startswith("calibration.") and k.endswith(".reliability")]
+    task = "all" if "all" in tasks else (tasks[0] if tasks else None)
+    made = []
+    if task:
+        ece = {s: value(entry, f"calibration.{task}.ece.{s}") for s in ("base", "tuned")}
+        title = f"Reliability ({task}): {entry.name}"
+        made.append(plots.save(reliability_figure(title, curves[f"calibration.{task}.reliability"], ece),
+                               f"reliability-{entry.name}", title))
+    prefix, suffix = "overfitting.mia.", ".roc"
+    rocs = {k[len(prefix):-len(suffix)]: c for k, c in curves.items()
+            if k.startswith(prefix) and k.endswith(suffix)}
+    if rocs:
+        aucs = {s: value(entry, f"{prefix}{s}.auc") for s in rocs}
+        title = f"Membership inference ROC: {entry.name}"
+        made.append(plots.save(roc_figure(title, rocs, aucs), f"roc-{entry.name}", title))
+    return made
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _out_dir(out: str | Path) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
+    return out

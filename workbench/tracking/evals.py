@@ -1,0 +1,152 @@
+"""W&B logging of `workbench eval` results.
+
+Each run's entries go into the W&B run its run.json names (rejoined by id), as summary metrics
+(the scale-1 entry, under the catalogue's W&B keys: `retention/*`, `overfit/*`, `learning/*`),
+one table per results section, the report's plots and results.json as an artifact. With `--wandb`
+runs trained without tracking and bare adapters get eval runs of their own.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from workbench.config.recipe import WandbSection
+from workbench.errors import UsageError
+from workbench.formats.metrics import CHANGES, SECTIONS, SIDES, wandb_key
+from workbench.formats.run_record import read_run
+from workbench.io import fingerprint
+from workbench.tracking.names import flatten, lineage, run_name
+from workbench.tracking.wandb_run import Tracker, warn
+
+TABLE_COLUMNS = ["entry", "scale", "task", "metric", "base", "tuned", "change", "ci_low", "ci_high"]
+
+
+def metric_rows(entry: dict) -> dict[str, list[list]]:
+    """An entry's metrics as table rows per section, one row per task and metric:
+    [entry, scale, task, metric, base, tuned, change, ci_low, ci_high], the CI being the change's
+    (or, for a metric with no base side, the value's)."""
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
+    for name, record in entry["metrics"].items():
+        stem, _, side = name.rpartition(".")
+        if side in SIDES:
+            groups[stem][side] = record
+        else:
+            groups[name]["value"] = record
+    tables: dict[str, list[list]] = defaultdict(list)
+    for stem, sides in groups.items():
+        section, task, metric = _split(stem)
+        change = next((sides[k] for k in (*CHANGES, "value") if k in sides), {})
+        ci = change.get("ci") or [None, None]
+        tables[SECTIONS.get(section, section)].append(
+            [entry["name"], entry.get("scale", 1.0), task, metric, _value(sides.get("base")),
+             _value(sides.get("tuned")), _value(change), ci[0], ci[1]])
+    return tables
+
+
+def _split(stem: str) -> tuple[str, str, str]:
+    """retention.mc.arith.acc -> (retention, arith, acc); retention.general.kl -> (retention,
+    general, kl); learning.val_loss -> (learning, target, val_loss)."""
+    section, *rest = stem.split(".")
+    if section == "retention" and rest[:1] == ["mc"]:
+        rest = rest[1:]
+    if section in ("retention", "calibration") and len(rest) > 1:
+        return section, rest[0], ".".join(rest[1:])
+    return section, "target", ".".join(rest)
+
+
+def _value(record: dict | None) -> float | None:
+    value = (record or {}).get("value")
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def log_eval(results: dict, results_path: Path, force: bool | None = None) -> None:
+    """Log eval results to W&B: each run's entries into the W&B run its run.json names; with
+    `force` (`--wandb`) also untracked runs and bare adapters, into new eval runs. force=False
+    logs nothing."""
+    if force is False:
+        return
+    try:
+        _log_eval(results, results_path, force)
+    except Exception as exc:  # a run.json of another version, an odd entry: the results are on disk
+        warn("eval logging", exc)
+
+
+def _log_eval(results: dict, results_path: Path, force: bool | None) -> None:
+    by_run: dict[str | None, list[dict]] = defaultdict(list)
+    for entry in results["entries"]:
+        by_run[entry.get("run")].append(entry)
+    plots: dict[str, Path] | None = None
+    with tempfile.TemporaryDirectory() as scratch:
+        for run_dir, entries in by_run.items():
+            record = _read_run(run_dir)
+            if not force and not (record.get("wandb") or {}).get("id"):
+                continue
+            tracker = _eval_tracker(results, results_path, run_dir, record)
+            if not tracker.active:
+                continue
+            if plots is None:
+                plots = _report_plots(results_path, Path(scratch))
+            _log_entries(tracker, entries, results, results_path, record, plots)
+
+
+def _read_run(run_dir: str | None) -> dict:
+    if not run_dir:
+        return {}
+    try:
+        return read_run(run_dir).model_dump()
+    except UsageError:
+        return {}
+
+
+def _eval_tracker(results: dict, results_path: Path, run_dir: str | None, record: dict) -> Tracker:
+    """Rejoin the training run's W&B run when run.json has its id, else start an eval run."""
+    recipe = record.get("recipe")
+    known = record.get("wandb") or {}
+    section = WandbSection.model_validate((recipe or {}).get("wandb") or {})
+    if recipe:
+        name, group = known.get("name") or run_name(recipe), known.get("group") or section.group or recipe["name"]
+        config = flatten(recipe)
+    else:
+        suite = results["suite"]["name"]
+        name, group, config = f"eval-{suite}-{fingerprint(results['entries'][0]['adapter'])[:6]}", "eval", {}
+    config["eval.suite"] = results["suite"]["name"]
+    directory = Path(run_dir) if run_dir else Path(results_path).parent
+    return Tracker.start(section, name=name, group=group, config=config, job_type="eval",
+                         directory=directory, run_id=known.get("id"))
+
+
+def _log_entries(tracker: Tracker, entries: list[dict], results: dict, results_path: Path,
+                 record: dict, plots: dict[str, Path]) -> None:
+    """Summary metrics (the scale-1 entry), one table per section, the plots, results.json."""
+    for entry in entries:
+        if float(entry.get("scale", 1.0)) == 1.0:
+            tracker.summary({wandb_key(name): _value(m) for name, m in entry["metrics"].items()
+                             if _value(m) is not None})
+    tables: dict[str, list[list]] = defaultdict(list)
+    for entry in entries:
+        for section, rows in metric_rows(entry).items():
+            tables[section] += rows
+    for section, rows in tables.items():
+        tracker.table(f"eval/{section}", TABLE_COLUMNS, rows)
+    if plots:
+        tracker.images(plots)
+    meta = {**lineage(record), "suite_fingerprint": results["suite"].get("fingerprint"),
+            "base_fingerprint": results["base"].get("fingerprint")}
+    name = tracker.info().get("name") or "eval"
+    tracker.artifact(f"{name}-results", "eval-results", Path(results_path), meta)
+    tracker.finish()
+
+
+def _report_plots(results_path: Path, scratch: Path) -> dict[str, Path]:
+    """The report's plots (built into a scratch directory), keyed plots/<name>."""
+    from workbench.report.build import build_report
+
+    try:
+        build_report([results_path], scratch / "report")
+    except Exception as exc:  # a plot that cannot be drawn must not cost the rest of the logging
+        warn("report plots", exc)
+        return {}
+    return {f"plots/{p.stem}": p for p in sorted((scratch / "report" / "plots").glob("*.png"))}

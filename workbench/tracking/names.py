@@ -1,0 +1,116 @@
+"""What a W&B run is called and configured with, derived from the recipe: its group (the recipe
+family), its name (`<recipe>-<hash of what trains>`), its flat config, its lineage, and whether
+it runs online, offline or not at all.
+
+Nothing here imports wandb, transformers or torch: `workbench sweep --dry-run` names its W&B
+metrics through this module without loading either.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from workbench.config.recipe import Recipe, WandbSection, read_yaml, resolved
+from workbench.io import fingerprint
+
+DEFAULT_HOSTS = ["api.forge.coreweave.com", "api.wandb.ai"]  # wandb 0.31's default host, and the one before
+
+
+def family(recipe_path: str | Path) -> str:
+    """The recipe family, the default W&B group: the folder a recipe sits in (`smollm2`), or for
+    a recipe directly under `recipes/` the root of its `extends` chain (`tiny_all` -> `tiny`)."""
+    path = Path(recipe_path).resolve()
+    if path.parent.name != "recipes":
+        return path.parent.name
+    for _ in range(32):  # load_recipe has refused cycles already; the bound only guards misuse
+        parent = read_yaml(path).get("extends")
+        if not isinstance(parent, str):
+            break
+        path = (path.parent / parent).resolve()
+    return path.stem
+
+
+def enable(recipe: Recipe, recipe_path: str | Path | None = None, on: bool = False) -> Recipe:
+    """The recipe with its `wandb` section filled in (group from the family), or unchanged when
+    tracking is off (no section and no `--wandb`)."""
+    if recipe.wandb is None and not on:
+        return recipe
+    section = recipe.wandb or WandbSection()
+    if section.group is None:
+        group = family(recipe_path) if recipe_path else recipe.name
+        section = section.model_copy(update={"group": group})
+    return recipe.model_copy(update={"wandb": section})
+
+
+def recipe_hash(recipe: Recipe | dict) -> str:
+    """A short hash of what the recipe trains: tracking settings and the output path left out,
+    so the same knobs give the same hash wherever the run is written and however it is tracked."""
+    data = resolved(recipe) if isinstance(recipe, Recipe) else dict(recipe)
+    data.pop("wandb", None)
+    data["train"] = {k: v for k, v in data.get("train", {}).items() if k != "output_dir"}
+    return fingerprint(data)[:6]
+
+
+def run_name(recipe: Recipe | dict) -> str:
+    """`<recipe name>-<hash>`, unless the recipe names its W&B run."""
+    data = resolved(recipe) if isinstance(recipe, Recipe) else recipe
+    given = (data.get("wandb") or {}).get("name")
+    return given or f"{data['name']}-{recipe_hash(data)}"
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; an empty or null section stays as one key."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def lineage(record: dict) -> dict:
+    """Where an output came from (a run.json as a dict): the base weights, the training data,
+    the recipe. Artifacts carry it as metadata."""
+    return {"model_fingerprint": record.get("model_fingerprint"),
+            "train_fingerprint": (record.get("data") or {}).get("train_fingerprint"),
+            "recipe_hash": recipe_hash(record["recipe"]) if "recipe" in record else None,
+            "base_model": (record.get("recipe") or {}).get("model", {}).get("name")}
+
+
+def trainer_key(key: str) -> str:
+    """A Trainer log key as a W&B key, as transformers' own WandbCallback names them:
+    eval_loss -> eval/loss, everything else under train/."""
+    return f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
+
+
+def has_api_key() -> bool:
+    """Whether W&B could log in: WANDB_API_KEY, or a netrc entry for the W&B host. The key itself
+    is never read out of the entry."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    base = os.environ.get("WANDB_BASE_URL")
+    hosts = [urlsplit(base).netloc] if base else DEFAULT_HOSTS
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        entries = netrc.netrc(str(path))
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return any((entries.authenticators(host) or (None, None, None))[2] for host in hosts)
+
+
+def resolve_mode(section: WandbSection) -> str:
+    """online, offline or disabled. WANDB_MODE wins (a machine-wide choice); `auto` and `online`
+    without an API key become offline, since online would stop at a login prompt."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    mode = {"dryrun": "offline", "run": "online"}.get(env, env) or section.mode
+    if mode not in ("online", "offline", "disabled"):
+        mode = "auto"
+    if mode in ("auto", "online"):
+        return "online" if has_api_key() else "offline"
+    return mode
