@@ -6,11 +6,10 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from tests.helpers import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["no_regularizer", "kl_to_base", "ewc_kfac_diag", "ewc_diag", "delta_l2", "label_smoothing",
          "kl_topk_cache", "kl_memory_vs_naive", "kl_memory_growth", "mc_eval", "mc_eval_scoring_only",
          "ppl_eval", "ppl_eval_scoring_only"]

@@ -11,8 +11,8 @@ import yaml
 from safetensors import safe_open
 
 from workbench.cli import main
+from tests.helpers import REPO, repo
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes" / "tiny.yaml"
 FAST = ["train.max_steps=2", "data.max_examples=16", "data.val_fraction=0", "train.eval_steps=null"]
 
@@ -43,18 +43,18 @@ def misspelt_recipe(tmp_path):
 
 
 def wrong_type(tmp_path):
-    return ["recipes/tiny.yaml", "train.batch_size=abc"], ["train.batch_size", "abc"]
+    return [repo("recipes/tiny.yaml"), "train.batch_size=abc"], ["train.batch_size", "abc"]
 
 
 def missing_data_file(tmp_path):
-    return ["recipes/tiny.yaml", "data.train=/nonexistent/x.jsonl"], ["/nonexistent/x.jsonl", "not found"]
+    return [repo("recipes/tiny.yaml"), "data.train=/nonexistent/x.jsonl"], ["/nonexistent/x.jsonl", "not found"]
 
 
 def malformed_jsonl(tmp_path):
     path = tmp_path / "bad.jsonl"
     good = json.dumps({"prompt": "Reverse: abc\nAnswer: ", "completion": "cba"})
     path.write_text(f'{good}\n{{"prompt": "x", "completion": \n{good}\n')
-    return ["recipes/tiny.yaml", f"data.train={path}"], [f"{path}:2:", "invalid JSON"]
+    return [repo("recipes/tiny.yaml"), f"data.train={path}"], [f"{path}:2:", "invalid JSON"]
 
 
 def missing_recipe(tmp_path):
@@ -64,7 +64,7 @@ def missing_recipe(tmp_path):
 
 def override_without_equals(tmp_path):
     # a positional override with no `=` reaches the recipe loader, which names it
-    return ["recipes/tiny.yaml", "train.max_steps"], ["'train.max_steps'", "key.path=value"]
+    return [repo("recipes/tiny.yaml"), "train.max_steps"], ["'train.max_steps'", "key.path=value"]
 
 
 BAD_INPUTS = [misspelt_recipe, wrong_type, missing_data_file, malformed_jsonl, missing_recipe,
@@ -88,7 +88,7 @@ def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(tmp_path, caps
 
 def test_fisher_without_reference_data_is_refused(tmp_path, capsys):
     out = tmp_path / "F.safetensors"
-    assert main(["fisher", "recipes/tiny.yaml", "--out", str(out)]) == 2
+    assert main(["fisher", repo("recipes/tiny.yaml"), "--out", str(out)]) == 2
     line = one_error_line(capsys)
     assert "regularizers.ewc.reference" in line, line
     assert not out.exists()
@@ -98,7 +98,7 @@ def test_stray_argument_after_an_option_is_an_argparse_error(tmp_path, capsys):
     """After --output-dir, a word without `=` is not an override: argparse's usage error, exit 2."""
     target = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
-        main(["train", "recipes/tiny.yaml", "--output-dir", str(target), "train.max_steps"])
+        main(["train", repo("recipes/tiny.yaml"), "--output-dir", str(target), "train.max_steps"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "unrecognized arguments: train.max_steps" in err
@@ -107,14 +107,14 @@ def test_stray_argument_after_an_option_is_an_argparse_error(tmp_path, capsys):
 
 def test_unknown_option_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["train", "recipes/tiny.yaml", "--max-steps=2"])
+        main(["train", repo("recipes/tiny.yaml"), "--max-steps=2"])
     assert exc.value.code == 2
     assert "unrecognized arguments: --max-steps=2" in capsys.readouterr().err
 
 
 def test_debug_shows_the_traceback_and_still_exits_2(tmp_path, capsys):
     target = tmp_path / "out"
-    assert main(["--debug", "train", "recipes/tiny.yaml", "data.train=/nonexistent/x.jsonl",
+    assert main(["--debug", "train", repo("recipes/tiny.yaml"), "data.train=/nonexistent/x.jsonl",
                  "--output-dir", str(target)]) == 2
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "UsageError" in err
@@ -126,7 +126,7 @@ def test_a_real_process_exits_2_with_one_line_and_no_traceback(tmp_path):
     env = {**os.environ, "WORKBENCH_CACHE": str(tmp_path / "cache")}
     target = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "workbench", "train", "recipes/tiny.yaml", "train.batch_size=abc",
+        [sys.executable, "-m", "workbench", "train", repo("recipes/tiny.yaml"), "train.batch_size=abc",
          "--output-dir", str(target)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -139,7 +139,8 @@ def test_a_real_process_exits_2_with_one_line_and_no_traceback(tmp_path):
 # ---------------------------------------------------------------- recipes
 
 
-def test_recipes_lists_every_shipped_recipe(capsys):
+def test_recipes_lists_every_shipped_recipe(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # `workbench recipes` lists ./recipes, relative to where it runs
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     listed = {line.split()[0] for line in out.splitlines() if line.strip()}
@@ -154,7 +155,7 @@ def test_recipes_lists_every_shipped_recipe(capsys):
 
 
 def test_recipes_shows_one_recipe_resolved_as_yaml(capsys):
-    assert main(["recipes", "recipes/tiny_all.yaml"]) == 0
+    assert main(["recipes", repo("recipes/tiny_all.yaml")]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     regs = shown["regularizers"]
     assert regs["kl_to_base"]["weight"] == 0.5
@@ -167,7 +168,7 @@ def test_recipes_shows_one_recipe_resolved_as_yaml(capsys):
 
 
 def test_recipes_applies_overrides_to_the_resolved_view(capsys):
-    assert main(["recipes", "recipes/tiny_all.yaml", "regularizers.ewc.estimator=diag"]) == 0
+    assert main(["recipes", repo("recipes/tiny_all.yaml"), "regularizers.ewc.estimator=diag"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["regularizers"]["ewc"]["estimator"] == "diag"
 
 
@@ -182,7 +183,7 @@ def fisher_metadata(path: Path) -> dict:
 @pytest.mark.parametrize("estimator", ["kfac_diag", "diag"])
 def test_fisher_file_is_written_and_training_uses_it(tmp_path, capsys, estimator):
     fisher = tmp_path / "F.safetensors"
-    assert main(["fisher", "recipes/tiny_all.yaml", f"regularizers.ewc.estimator={estimator}",
+    assert main(["fisher", repo("recipes/tiny_all.yaml"), f"regularizers.ewc.estimator={estimator}",
                  "--out", str(fisher)]) == 0
     assert f"fisher: {fisher}" in capsys.readouterr().out
     meta = fisher_metadata(fisher)
@@ -194,7 +195,7 @@ def test_fisher_file_is_written_and_training_uses_it(tmp_path, capsys, estimator
 
     run_dir = tmp_path / "run"
     # reference=null: the only way to a Fisher is the file, nothing can be re-estimated
-    assert main(["train", "recipes/tiny_all.yaml", f"regularizers.ewc.fisher={fisher}",
+    assert main(["train", repo("recipes/tiny_all.yaml"), f"regularizers.ewc.fisher={fisher}",
                  "regularizers.ewc.reference=null", f"regularizers.ewc.estimator={estimator}", *FAST,
                  "--output-dir", str(run_dir)]) == 0
     run = json.loads((run_dir / "run.json").read_text())
@@ -213,10 +214,10 @@ def test_fisher_file_is_written_and_training_uses_it(tmp_path, capsys, estimator
 ])
 def test_fisher_from_another_base_model_is_refused(tmp_path, capsys, model_change, message):
     fisher = tmp_path / "F.safetensors"
-    assert main(["fisher", "recipes/tiny_all.yaml", "--out", str(fisher)]) == 0
+    assert main(["fisher", repo("recipes/tiny_all.yaml"), "--out", str(fisher)]) == 0
     capsys.readouterr()
     run_dir = tmp_path / "run"
-    assert main(["train", "recipes/tiny_all.yaml", f"regularizers.ewc.fisher={fisher}",
+    assert main(["train", repo("recipes/tiny_all.yaml"), f"regularizers.ewc.fisher={fisher}",
                  "regularizers.ewc.reference=null", *model_change, *FAST,
                  "--output-dir", str(run_dir)]) == 2
     line = one_error_line(capsys)
@@ -228,7 +229,7 @@ def test_fisher_from_another_base_model_is_refused(tmp_path, capsys, model_chang
 def test_missing_fisher_file_is_refused(tmp_path, capsys):
     run_dir = tmp_path / "run"
     missing = tmp_path / "nope.safetensors"
-    assert main(["train", "recipes/tiny_all.yaml", f"regularizers.ewc.fisher={missing}",
+    assert main(["train", repo("recipes/tiny_all.yaml"), f"regularizers.ewc.fisher={missing}",
                  "regularizers.ewc.reference=null", *FAST, "--output-dir", str(run_dir)]) == 2
     line = one_error_line(capsys)
     assert str(missing) in line and "not found" in line, line
@@ -248,7 +249,7 @@ def test_train_help_exits_0_and_mentions_overrides(capsys):
 
 def test_train_succeeds_and_honours_overrides_after_output_dir(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert main(["train", "recipes/tiny.yaml", "train.max_steps=2", "--output-dir", str(run_dir),
+    assert main(["train", repo("recipes/tiny.yaml"), "train.max_steps=2", "--output-dir", str(run_dir),
                  "data.max_examples=16", "train.learning_rate=0.001", "train.eval_steps=null",
                  "data.val_fraction=0"]) == 0
     out = capsys.readouterr().out
@@ -266,7 +267,7 @@ def test_train_succeeds_and_honours_overrides_after_output_dir(tmp_path, capsys)
 def test_unusable_output_paths_are_refused_with_one_line(tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    assert main(["train", "recipes/tiny.yaml", "--output-dir", str(a_file)]) == 2
+    assert main(["train", repo("recipes/tiny.yaml"), "--output-dir", str(a_file)]) == 2
     assert "output directory is an existing file" in capsys.readouterr().err
-    assert main(["fisher", "recipes/tiny_all.yaml", "--out", str(tmp_path)]) == 2
+    assert main(["fisher", repo("recipes/tiny_all.yaml"), "--out", str(tmp_path)]) == 2
     assert "--out is a directory" in capsys.readouterr().err

@@ -9,8 +9,9 @@ import yaml
 from workbench.errors import UsageError
 from workbench.formats import metrics as catalogue
 from workbench.gate import Policy, check, format_table, load_policy, passed, run_gate
+from tests.helpers import repo
 
-SHIPPED = sorted(Path("evals/gates").glob("*.yaml"))
+SHIPPED = sorted(Path(repo("evals/gates")).glob("*.yaml"))
 
 # Passes evals/gates/release.yaml.
 GOOD = {
@@ -201,14 +202,14 @@ def test_run_gate_exit_codes(tmp_path, capsys):
     good = write(tmp_path, "good.json", json.dumps(results()))
     worse = {**GOOD, "learning.val_loss.delta": {"value": 0.1}}
     bad = write(tmp_path, "bad.json", json.dumps(results(entry(metrics=worse))))
-    assert run_gate(good, "evals/gates/release.yaml") == 0
+    assert run_gate(good, repo("evals/gates/release.yaml")) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "gate release: PASS (7 checks passed)"
-    assert run_gate(bad, "evals/gates/release.yaml") == 1
+    assert run_gate(bad, repo("evals/gates/release.yaml")) == 1
     assert "learning.val_loss.delta = 0.1, not <= 0" in capsys.readouterr().out.splitlines()[-1]
     with pytest.raises(UsageError, match="results file not found"):
-        run_gate(tmp_path / "none.json", "evals/gates/release.yaml")
+        run_gate(tmp_path / "none.json", repo("evals/gates/release.yaml"))
     with pytest.raises(UsageError, match="no entry matches 'nope'"):
-        run_gate(good, "evals/gates/release.yaml", ["nope"])
+        run_gate(good, repo("evals/gates/release.yaml"), ["nope"])
 
 
 # ---------------------------------------------------------------- bad policies
@@ -270,7 +271,7 @@ def test_shipped_policies_load_and_name_documented_metrics(path):
 
 
 def test_release_policy_gates_what_the_release_needs():
-    pol = load_policy("evals/gates/release.yaml")
+    pol = load_policy(repo("evals/gates/release.yaml"))
     assert pol.entries is None  # the tuned adapters, not the scale sweep
     by_metric = {r.metric: r for r in pol.rules}
     assert by_metric["retention.general.ppl.ratio"].max == 1.05

@@ -14,6 +14,7 @@ from workbench.evals.evaluate import run_eval
 from workbench.io import fingerprint
 from workbench.modeling.load import apply_lora, load_model, load_tokenizer, model_fingerprint
 from workbench.config.recipe import load_recipe, resolved
+from tests.helpers import repo
 
 SUITE = {
     "name": "test", "batch_size": 8, "max_length": 96, "bootstrap": 50,
@@ -37,7 +38,7 @@ def write_task(directory, n=12):
 
 def make_run(directory, name, perturb=0.1, seed=0, overrides=()):
     """A finished run of recipes/tiny.yaml without training: LoRA B set to noise (or left at 0)."""
-    recipe = load_recipe("recipes/tiny.yaml", [f"name={name}", *overrides])
+    recipe = load_recipe(repo("recipes/tiny.yaml"), [f"name={name}", *overrides])
     tokenizer = load_tokenizer(recipe.model)
     model, tokenizer = load_model(recipe.model, tokenizer)
     base_fp = model_fingerprint(model)
@@ -187,7 +188,7 @@ def trained(tmp_path_factory):
     from workbench.training.run import train
 
     out = tmp_path_factory.mktemp("trained") / "traj"
-    recipe = load_recipe("recipes/tiny.yaml", ["name=traj", "train.max_steps=4", "train.save_steps=2",
+    recipe = load_recipe(repo("recipes/tiny.yaml"), ["name=traj", "train.max_steps=4", "train.save_steps=2",
                                                "data.max_examples=48", "train.eval_steps=null"])
     return train(recipe, out)
 

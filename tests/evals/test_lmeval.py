@@ -16,8 +16,9 @@ from workbench.evals.lmeval import run_lm_eval
 from workbench.scoring.scorer import Scorer, multiple_choice
 from workbench.evals.tasks import local_task
 from workbench.modeling.tiny import tiny_tokenizer
+from tests.helpers import REPO
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "evals" / "tasks" / "capitals.yaml"  # the shipped example
+EXAMPLE = REPO / "evals" / "tasks" / "capitals.yaml"  # the shipped example
 WORDS = "red blue green stone river cloud apple seven quiet north tall bright old small".split()
 
 

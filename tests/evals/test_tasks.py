@@ -11,6 +11,7 @@ from workbench.assets import fetch
 from workbench.assets.bigbench import fetch_bigbench
 from workbench.data.bigbench import MCItem, bigbench_generative, bigbench_mc
 from workbench.evals.tasks import load_task_yaml, local_task
+from tests.helpers import REPO
 
 # ---------------------------------------------------------------- local lm-eval task files
 
@@ -96,7 +97,7 @@ def test_data_files_relative_to_the_yaml_not_the_cwd(tmp_path, monkeypatch):
 
 
 def test_the_shipped_example_task():
-    items = local_task(Path(__file__).resolve().parents[2] / "evals" / "tasks" / "capitals.yaml")
+    items = local_task(REPO / "evals" / "tasks" / "capitals.yaml")
     assert items[0] == MCItem("Q: What is the capital of France?\nA:", ("Paris", "Lyon", "Marseille", "Nice"), 0, 0)
 
 

@@ -98,18 +98,18 @@ CURVES: tuple[MetricFamily, ...] = (
 )
 
 
-def family(name: str) -> MetricFamily | None:
+def metric_family(name: str) -> MetricFamily | None:
     """The catalogue entry a metric name belongs to, or None when it is not a catalogued metric."""
     return next((f for f in CATALOGUE if f.regex.fullmatch(name)), None)
 
 
 def is_metric(name: str) -> bool:
-    return family(name) is not None
+    return metric_family(name) is not None
 
 
 def higher_is_better(name: str) -> bool | None:
     """True or False for a catalogued metric with a direction; None for a descriptive one."""
-    found = family(name)
+    found = metric_family(name)
     if found is None:
         raise KeyError(f"{name!r} is not a results.json metric")
     return None if found.direction == "none" else found.direction == "higher"

@@ -21,7 +21,6 @@ config, formats, errors and io layers.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import json
 import math
@@ -33,6 +32,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from workbench.config.suggest import did_you_mean
 from workbench.config.recipe import Section, WandbSection, describe_error, load_recipe, read_yaml
 from workbench.errors import UsageError
 from workbench.formats.metrics import SECTIONS, examples, is_metric
@@ -145,9 +145,7 @@ def _check_eval_metric_name(metric: str) -> None:
     """A name under a results section that the catalogue does not know is a typo: refuse it here,
     or the sweep would train every run and then find nothing to rank them on."""
     if metric.partition(".")[0] in SECTIONS and not is_metric(metric):
-        close = difflib.get_close_matches(metric, examples(), n=1, cutoff=0.6)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ValueError(f"{metric} is not a results.json metric{hint}")
+        raise ValueError(f"{metric} is not a results.json metric{did_you_mean(metric, examples())}")
 
 
 def load_spec(path: str | Path) -> SweepSpec:

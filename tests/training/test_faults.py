@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import assert_adapters_match
+from tests.helpers import assert_adapters_match, repo
 from workbench.errors import RunFailed, UsageError
 from workbench.config.recipe import load_recipe
 from workbench.training.regularizers import Penalty, PenaltyConfig
@@ -20,7 +20,7 @@ from workbench.training.run import build_trainer, latest_checkpoint, train
 # deterministic: no dropout, no NEFTune noise; a checkpoint every 2 steps
 COMMON = ["train.max_steps=8", "train.save_steps=2", "train.eval_steps=null", "data.val_fraction=0",
           "data.max_examples=64", "regularizers.lora_dropout=0", "regularizers.kl_to_base.warmup_steps=0"]
-RECIPE = "recipes/tiny_all.yaml"
+RECIPE = repo("recipes/tiny_all.yaml")
 
 # Runs training in a child process with a callback that sends itself a signal at a given step.
 CHILD = textwrap.dedent("""

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import (assert_adapters_equal, assert_adapters_match, assert_loss_is_the_sum_of_terms,
+from tests.helpers import (repo, assert_adapters_equal, assert_adapters_match, assert_loss_is_the_sum_of_terms,
                             assert_terms_equal)
 from tests.mutants import MUTANTS
 
@@ -35,7 +35,7 @@ def isolated_cache(tmp_path, monkeypatch):
 
 
 def test_tiny_all_writes_run_json_with_every_term_and_resolved_knobs(tmp_path):
-    run_dir = train(load_recipe("recipes/tiny_all.yaml", FAST), tmp_path / "run")
+    run_dir = train(load_recipe(repo("recipes/tiny_all.yaml"), FAST), tmp_path / "run")
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "completed" and run["world_size"] == 1
     steps = [h for h in run["history"] if "task_loss" in h]
@@ -51,7 +51,7 @@ def test_tiny_all_writes_run_json_with_every_term_and_resolved_knobs(tmp_path):
 
 
 def test_training_changes_every_trainable_parameter_and_no_frozen_one(tmp_path):
-    recipe = load_recipe("recipes/tiny_all.yaml", FAST)
+    recipe = load_recipe(repo("recipes/tiny_all.yaml"), FAST)
     trainer, _ = build_trainer(recipe, tmp_path / "run")
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
@@ -72,7 +72,7 @@ def split(tmp_path_factory):
     def run(batch_size, grad_accum, *overrides, mutant=None):
         key = (batch_size, grad_accum, overrides, mutant)
         if key not in done:
-            recipe = load_recipe("recipes/tiny_all.yaml", [*EQUIV, *overrides, f"train.batch_size={batch_size}",
+            recipe = load_recipe(repo("recipes/tiny_all.yaml"), [*EQUIV, *overrides, f"train.batch_size={batch_size}",
                                                            f"train.grad_accum={grad_accum}"])
             with pytest.MonkeyPatch.context() as patch:
                 patch.setenv("WORKBENCH_CACHE", str(root / "cache"))  # the Fisher is estimated once
@@ -127,7 +127,7 @@ def test_gradient_accumulation_under_adamw_stays_within_its_measured_noise(split
 
 
 def test_early_stopping_stops_a_run_whose_validation_loss_stops_improving(tmp_path):
-    recipe = load_recipe("recipes/tiny.yaml", [
+    recipe = load_recipe(repo("recipes/tiny.yaml"), [
         "train.max_steps=40", "train.eval_steps=1", "train.learning_rate=0.3",
         "train.early_stopping.patience=2", "data.max_examples=32"])
     trainer, _ = build_trainer(recipe, tmp_path / "run")
@@ -140,7 +140,7 @@ def test_early_stopping_stops_a_run_whose_validation_loss_stops_improving(tmp_pa
 
 
 def test_optimizer_side_knobs_reach_the_trainer(tmp_path):
-    recipe = load_recipe("recipes/tiny.yaml", [
+    recipe = load_recipe(repo("recipes/tiny.yaml"), [
         "regularizers.neftune_alpha=5", "regularizers.weight_decay=0.1", "train.max_grad_norm=0.5",
         "regularizers.label_smoothing=0.1", "regularizers.lora_dropout=0.2"])
     trainer, record = build_trainer(recipe, tmp_path / "run")
@@ -156,13 +156,13 @@ def test_kl_from_a_full_top_k_cache_trains_the_same_adapter_as_the_exact_kl(tmp_
     against it must reproduce the exact KL's run; a second run reuses the cache."""
     common = FAST + ["regularizers.kl_to_base.weight=2.0", "regularizers.lora_dropout=0", "train.eval_steps=null",
                      "data.val_fraction=0"]
-    exact = train(load_recipe("recipes/tiny.yaml", common), tmp_path / "exact")
+    exact = train(load_recipe(repo("recipes/tiny.yaml"), common), tmp_path / "exact")
     cached_args = common + ["regularizers.kl_to_base.reference=topk_cache", "regularizers.kl_to_base.top_k=512"]
-    cached = train(load_recipe("recipes/tiny.yaml", cached_args), tmp_path / "cached")
+    cached = train(load_recipe(repo("recipes/tiny.yaml"), cached_args), tmp_path / "cached")
     adapters = [load_file(d / "adapter" / "adapter_model.safetensors") for d in (exact, cached)]
     assert_adapters_match(adapters[0], adapters[1], rtol=1e-4, atol=1e-5, norm_tol=1e-3, min_close=0.99)
     record = json.loads((cached / "run.json").read_text())["reference_cache"]
     assert record["cached"] is False and record["top_k"] < 512  # min(k, vocab)
-    again = train(load_recipe("recipes/tiny.yaml", cached_args + ["train.max_steps=2"]), tmp_path / "again")
+    again = train(load_recipe(repo("recipes/tiny.yaml"), cached_args + ["train.max_steps=2"]), tmp_path / "again")
     assert json.loads((again / "run.json").read_text())["reference_cache"]["cached"] is True
 

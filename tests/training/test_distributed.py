@@ -13,10 +13,10 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.helpers import (assert_adapters_equal, assert_loss_is_the_sum_of_terms, assert_terms_equal,
+from tests.helpers import (REPO, repo, assert_adapters_equal, assert_loss_is_the_sum_of_terms, assert_terms_equal,
                             logged_terms)
 
-RECIPE = "recipes/tiny_all.yaml"
+RECIPE = repo("recipes/tiny_all.yaml")
 # tiny_all: KL-to-base, EWC, delta L2, label smoothing 0.1 and weight decay on; dropout off
 COMMON = ["train.max_steps=4", "data.max_examples=64", "data.val_fraction=0", "train.eval_steps=null",
           "regularizers.lora_dropout=0", "regularizers.kl_to_base.warmup_steps=0"]
@@ -45,7 +45,7 @@ def workbench(args, processes, tmp_path, mutant=None):
                 str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(free_port()), "-m", module]
     cmd = launcher if processes > 1 else [sys.executable, "-m", module]
-    done = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -138,7 +138,7 @@ def test_fisher_from_two_processes_equals_one_process(tmp_path):
         assert handle.metadata()["world_size"] == "2"  # each rank estimated on half and all-reduced
 
 
-@pytest.mark.parametrize("path", sorted(__import__("glob").glob("recipes/accelerate/*.yaml")))
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob(repo("recipes/accelerate/*.yaml"))))
 def test_launch_configs_load_with_accelerate(path):
     from accelerate.commands.config.config_args import load_config_from_file
 
@@ -151,10 +151,10 @@ def test_two_processes_evaluate_as_one(tmp_path):
     (general text, multiple choice, target loss and generation), rank 0 writes; the metrics equal
     one process's, and a second eval finds the base side cached without any rank recomputing it."""
     run = tmp_path / "run"
-    workbench(["train", "recipes/tiny.yaml", "--output-dir", str(run), "train.max_steps=6", "train.eval_steps=null",
+    workbench(["train", repo("recipes/tiny.yaml"), "--output-dir", str(run), "train.max_steps=6", "train.eval_steps=null",
                "data.max_examples=48"], 1, tmp_path)
-    suite = yaml.safe_load(open("evals/tiny.yaml"))
-    suite["multiple_choice"] = [{"local": str(Path("evals/tasks/capitals.yaml").resolve())}]
+    suite = yaml.safe_load(open(repo("evals/tiny.yaml")))
+    suite["multiple_choice"] = [{"local": str(Path(repo("evals/tasks/capitals.yaml")).resolve())}]
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
     results = {}
     for processes in (1, 2, 2):
@@ -180,7 +180,7 @@ def test_kl_to_base_under_fsdp2_sharding(tmp_path):
     the unsharded KL (accelerate runs FSDP only on GPUs, so fully_shard is applied directly)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), "tests/fsdp_kl_worker.py"],
+                           "--master_port", str(free_port()), repo("tests/fsdp_kl_worker.py")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])

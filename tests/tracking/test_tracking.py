@@ -21,8 +21,8 @@ from workbench.tracking.names import (
     enable, family, flatten, has_api_key, recipe_hash, resolve_mode, run_name, trainer_key
 )
 from workbench.tracking.wandb_run import Tracker
+from tests.helpers import REPO, repo
 
-REPO = Path(__file__).resolve().parents[1]
 FAST = ["train.max_steps=3", "data.max_examples=24", "train.eval_steps=null", "data.max_val_examples=8"]
 PENALTIES = ["regularizers.kl_to_base.weight=0.5", "regularizers.delta_l2.weight=0.1"]
 SECRET = "wbtestsecret-0123456789abcdef0123456789abcdef"
@@ -104,7 +104,7 @@ def tracked(tmp_path_factory):
                            "WANDB_MODE": "offline", "WANDB_API_KEY": SECRET}.items():
             mp.setenv(key, str(value))
         run_dir = root / "run"
-        assert main(["train", "recipes/tiny.yaml", *FAST, *PENALTIES, "--output-dir", str(run_dir), "--wandb"]) == 0
+        assert main(["train", repo("recipes/tiny.yaml"), *FAST, *PENALTIES, "--output-dir", str(run_dir), "--wandb"]) == 0
         results = run_dir / "results.json"
         assert main(["eval", "--suite", str(suite), "--run", str(run_dir), "--out", str(results)]) == 0
         from workbench.report.build import build_report
@@ -218,7 +218,7 @@ def test_resume_rejoins_the_w_and_b_run_and_tracking_settings_may_change(tmp_pat
     """`--resume` needs the same recipe, but the wandb section only says where results go."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_dir = tmp_path / "run"
-    args = ["train", "recipes/tiny.yaml", *FAST, "train.save_steps=1", "--output-dir", str(run_dir), "--wandb"]
+    args = ["train", repo("recipes/tiny.yaml"), *FAST, "train.save_steps=1", "--output-dir", str(run_dir), "--wandb"]
     assert main(args) == 0
     first = json.loads((run_dir / "run.json").read_text())["wandb"]
     assert main([*args, "wandb.tags=[resumed]", "--resume"]) == 0
@@ -232,7 +232,7 @@ def test_resume_rejoins_the_w_and_b_run_and_tracking_settings_may_change(tmp_pat
 
 def train_tracked(tmp_path, *extra) -> tuple[int, dict | None, Path]:
     run_dir = tmp_path / "run"
-    code = main(["train", "recipes/tiny.yaml", *FAST, *PENALTIES, "--output-dir", str(run_dir), "--wandb", *extra])
+    code = main(["train", repo("recipes/tiny.yaml"), *FAST, *PENALTIES, "--output-dir", str(run_dir), "--wandb", *extra])
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else None
     return code, run, run_dir
 
@@ -312,31 +312,31 @@ def test_eval_of_an_untracked_run_logs_nothing_unless_asked(tmp_path, monkeypatc
 
 
 def test_group_is_the_recipe_family():
-    assert family("recipes/tiny.yaml") == "tiny"
-    assert family("recipes/tiny_all.yaml") == "tiny"  # extends tiny.yaml
-    assert family("recipes/smollm2/kl_to_base.yaml") == "smollm2"
-    recipe = enable(load_recipe("recipes/tiny_all.yaml"), "recipes/tiny_all.yaml", on=True)
+    assert family(repo("recipes/tiny.yaml")) == "tiny"
+    assert family(repo("recipes/tiny_all.yaml")) == "tiny"  # extends tiny.yaml
+    assert family(repo("recipes/smollm2/kl_to_base.yaml")) == "smollm2"
+    recipe = enable(load_recipe(repo("recipes/tiny_all.yaml")), repo("recipes/tiny_all.yaml"), on=True)
     assert recipe.wandb.group == "tiny" and recipe.wandb.project == "workbench"
-    assert enable(load_recipe("recipes/tiny.yaml"), "recipes/tiny.yaml").wandb is None  # off by default
+    assert enable(load_recipe(repo("recipes/tiny.yaml")), repo("recipes/tiny.yaml")).wandb is None  # off by default
 
 
 def test_run_name_hashes_what_trains_not_where_or_how_it_is_tracked():
-    a = load_recipe("recipes/tiny.yaml")
+    a = load_recipe(repo("recipes/tiny.yaml"))
     assert run_name(a) == f"tiny-{recipe_hash(a)}" and len(recipe_hash(a)) == 6
-    same = load_recipe("recipes/tiny.yaml", ["train.output_dir=/elsewhere", "wandb.project=other"])
-    other = load_recipe("recipes/tiny.yaml", ["regularizers.kl_to_base.weight=0.5"])
+    same = load_recipe(repo("recipes/tiny.yaml"), ["train.output_dir=/elsewhere", "wandb.project=other"])
+    other = load_recipe(repo("recipes/tiny.yaml"), ["regularizers.kl_to_base.weight=0.5"])
     assert run_name(same) == run_name(a) != run_name(other)
-    assert run_name(load_recipe("recipes/tiny.yaml", ["wandb.name=mine"])) == "mine"
+    assert run_name(load_recipe(repo("recipes/tiny.yaml"), ["wandb.name=mine"])) == "mine"
     assert run_name(resolved(other)) == run_name(other)
 
 
 def test_wandb_section_is_validated_like_every_other_section():
-    recipe = load_recipe("recipes/tiny.yaml", ["wandb.tags=[a, b]", "wandb.mode=offline"])
+    recipe = load_recipe(repo("recipes/tiny.yaml"), ["wandb.tags=[a, b]", "wandb.mode=offline"])
     assert recipe.wandb.tags == ["a", "b"] and resolved(recipe)["wandb"]["mode"] == "offline"
     with pytest.raises(UsageError, match=r"unknown key 'wandb.projct' \(did you mean 'project'\?\)"):
-        load_recipe("recipes/tiny.yaml", ["wandb.projct=x"])
+        load_recipe(repo("recipes/tiny.yaml"), ["wandb.projct=x"])
     with pytest.raises(UsageError, match="wandb.mode"):
-        load_recipe("recipes/tiny.yaml", ["wandb.mode=sometimes"])
+        load_recipe(repo("recipes/tiny.yaml"), ["wandb.mode=sometimes"])
 
 
 def test_offline_without_an_api_key_and_online_with_one(tmp_path, monkeypatch):

@@ -1,12 +1,11 @@
-from pathlib import Path
-
 import pytest
 import yaml
 
 from workbench.errors import UsageError
 from workbench.config.recipe import load_recipe, parse_override, resolved
+from tests.helpers import REPO, repo
 
-RECIPES = sorted(p for p in Path("recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=str)
@@ -47,7 +46,7 @@ def test_extends_cycle_is_refused(tmp_path):
 
 
 def test_dotted_overrides_are_typed_and_validated():
-    recipe = load_recipe("recipes/tiny.yaml", ["regularizers.kl_to_base.weight=0.25",
+    recipe = load_recipe(repo("recipes/tiny.yaml"), ["regularizers.kl_to_base.weight=0.25",
                                                "train.max_steps=3", "lora.target_modules=[q_proj]",
                                                "train.learning_rate=1e-3"])
     assert recipe.regularizers.kl_to_base.weight == 0.25
@@ -73,9 +72,9 @@ def test_dotted_overrides_are_typed_and_validated():
 ])
 def test_bad_recipes_give_one_line_naming_the_key(overrides, message):
     with pytest.raises(UsageError) as info:
-        load_recipe("recipes/tiny.yaml", overrides)
+        load_recipe(repo("recipes/tiny.yaml"), overrides)
     text = str(info.value)
-    assert message in text and "\n" not in text and text.startswith("recipes/tiny.yaml")
+    assert message in text and "\n" not in text and text.startswith(repo("recipes/tiny.yaml"))
 
 
 def test_yaml_errors_name_the_file_and_line(tmp_path):
