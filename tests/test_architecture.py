@@ -22,12 +22,14 @@ LAYERS = {
     "workbench.scoring": 4,
     "workbench.data": 5,
     "workbench.training": 6, "workbench.evals": 6,
-    "workbench.gate": 7, "workbench.report": 7, "workbench.tracking": 7, "workbench.sweep": 7,
+    "workbench.gate": 7, "workbench.compare": 7, "workbench.report": 7, "workbench.tracking": 7,
+    "workbench.sweep": 7,
     "workbench.cli": 8, "workbench.__main__": 8,
 }
 SIDE_BY_SIDE = {"workbench.training", "workbench.evals"}  # the same layer, never each other
 NO_TORCH = ("workbench.errors", "workbench.io", "workbench.config", "workbench.formats", "workbench.assets",
-            "workbench.data.sources", "workbench.data.bigbench", "workbench.gate", "workbench.distributed")
+            "workbench.data.sources", "workbench.data.bigbench", "workbench.distributed",
+            "workbench.gate", "workbench.compare", "workbench.tracking.names", "workbench.sweep.spec")
 MAX_LINES = 400
 
 

@@ -1,4 +1,4 @@
-"""`workbench train | fisher | eval | gate | report | sweep | recipes`: exit 0 on success, 1 when a job fails, 2 on bad input."""
+"""`workbench train | fisher | eval | gate | compare | report | sweep | recipes`: exit 0 on success, 1 when a job fails, 2 on bad input."""
 
 from __future__ import annotations
 
@@ -95,6 +95,13 @@ def cmd_gate(args) -> int:
     return run_gate(args.results, args.policy, args.entry)
 
 
+def cmd_compare(args) -> int:
+    from workbench.compare.command import run_compare
+
+    return run_compare(args.results, args.learning, args.forgetting, args.reference, args.levels,
+                       args.out, args.markdown)
+
+
 def cmd_report(args) -> int:
     from workbench.report.build import build_report
 
@@ -180,6 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--policy", required=True, type=Path, help="gate policy YAML (see evals/gates/)")
     gate.add_argument("--entry", action="append", metavar="NAME", help="entries to check (default: the policy's)")
     gate.set_defaults(func=cmd_gate)
+
+    compare = sub.add_parser("compare", help="which recipe forgets less for the same learning: each family's "
+                             "front against the reference's (training less), with 95%% CIs")
+    compare.add_argument("results", nargs="+", type=Path, metavar="RESULTS.json",
+                         help="results files, merged; put them before the options")
+    compare.add_argument("--learning", metavar="METRIC",
+                         help="the learning axis (default: learning.val_loss.tuned); its direction from the catalogue")
+    compare.add_argument("--forgetting", action="extend", nargs="+", metavar="METRIC",
+                         help="forgetting metrics (default: retention.general.ppl.ratio, retention.general.kl "
+                              "and every retention.mc.<task>.acc.delta in all entries)")
+    compare.add_argument("--reference", metavar="FAMILY",
+                         help="the family that trains less (default: 'baseline')")
+    compare.add_argument("--levels", type=int, default=5, metavar="N",
+                         help="matched learning levels over each overlap (default: %(default)s)")
+    compare.add_argument("--out", type=Path, metavar="compare.json", help="write the versioned JSON")
+    compare.add_argument("--markdown", type=Path, metavar="compare.md", help="write a Markdown table")
+    compare.set_defaults(func=cmd_compare)
 
     report = sub.add_parser("report", help="HTML and Markdown report with plots")
     report.add_argument("inputs", nargs="+", type=Path, metavar="RUN_OR_RESULTS")

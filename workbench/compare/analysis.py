@@ -1,0 +1,161 @@
+"""Each family against the reference at matched learning: the rows `workbench compare` prints.
+
+For every family other than the reference and every forgetting metric: the per-seed Pareto
+fronts of both families, read at the family's matched learning levels (`matched_levels` over
+where the two families' learning spans overlap), the difference family - reference with its CI,
+and a verdict per level. Everything is computed in cost space (lower is better on both axes,
+workbench.compare.frontier) and turned back into each metric's own units only for output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from workbench.compare.frontier import (Difference, Estimate, difference, front_at,
+                                        matched_levels, overlap, pareto_front, summarise)
+from workbench.compare import points as pts
+from workbench.errors import UsageError
+
+
+@dataclass(frozen=True)
+class LevelRow:
+    """One matched learning level of one family and metric. Estimates are in cost space."""
+
+    level: int                      # 1-based: L1 is the least learning, Ln the most
+    learning: float                 # the level in the learning metric's own units
+    reference: Estimate | None      # None where the reference's front does not reach the level
+    family: Estimate | None         # None where the family's front does not reach it
+    diff: Difference | None         # family - reference; None unless both reach the level
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class MetricComparison:
+    metric: str
+    higher: bool                    # the catalogue's direction: is higher better?
+    rows: list[LevelRow]
+    label: str                      # 'helps', 'worse', 'mixed', 'no different', ...
+    text: str                       # 'helps at L2..L5'
+
+
+@dataclass(frozen=True)
+class FamilyComparison:
+    family: str
+    seeds: list[int]
+    points: int
+    span: tuple[float, float] | None   # learning cost every seed spans; None if seeds are disjoint
+    levels: list[float]                # learning costs, least learning first
+    metrics: list[MetricComparison]
+
+
+@dataclass
+class Comparison:
+    inputs: list[Path]
+    learning: str
+    learning_higher: bool
+    reference: str
+    reference_seeds: list[int]
+    reference_points: int
+    reference_span: tuple[float, float] | None
+    forgetting: list[tuple[str, bool]]      # (metric, higher is better)
+    skipped: list[str]                      # default forgetting metrics some entries lack
+    n_levels: int
+    families: list[FamilyComparison] = field(default_factory=list)
+
+    def units(self, cost: float) -> float:
+        """A learning cost back in the learning metric's units."""
+        return in_units(cost, self.learning_higher)
+
+
+def in_units(value: float, higher: bool) -> float:
+    """A cost back in its metric's units: negated when higher is better (0.0 - x, not -x, so a
+    zero prints as 0 rather than -0)."""
+    return 0.0 - value if higher else value
+
+
+def _span(seeds: dict[int, list[pts.Entry]], learning: str, higher: bool) -> tuple[float, float] | None:
+    """The learning costs every seed of a family reaches: the intersection of the seeds' spans,
+    so each level is backed by all seeds (see frontier.front_at)."""
+    return overlap(*(pts.learning_span(m, learning, higher) for m in seeds.values()))
+
+
+def _fronts(seeds: dict[int, list[pts.Entry]], learning: str, learning_higher: bool,
+            metric: str, higher: bool) -> list[list]:
+    return [pareto_front(pts.to_points(m, learning, learning_higher, metric, higher)) for m in seeds.values()]
+
+
+def compare_metric(reference_fronts: Sequence[Sequence], family_fronts: Sequence[Sequence],
+                   levels: Sequence[float], learning_higher: bool) -> list[LevelRow]:
+    """Rows for one metric: both families read at each level; no difference where either front
+    does not reach the level (a front is never extrapolated)."""
+    rows = []
+    for i, level in enumerate(levels, start=1):
+        ref, fam = front_at(reference_fronts, level), front_at(family_fronts, level)
+        short = [who for who, e in (("the reference's", ref), ("the family's", fam)) if e is None]
+        note = ("neither front reaches this learning" if len(short) == 2 else
+                f"{short[0]} front does not reach this learning" if short else "")
+        rows.append(LevelRow(i, in_units(level, learning_higher), ref, fam,
+                             None if short else difference(fam, ref), note))
+    return rows
+
+
+def _no_levels(c: Comparison, span: tuple[float, float] | None) -> str:
+    """Why a family has no matched level: its seeds, or the reference's, share no learning
+    range, or the two ranges (shown in the learning metric's units) do not overlap."""
+    if span is None or c.reference_span is None:
+        who = "its seeds" if span is None else "the reference's seeds"
+        return f"no comparison: {who} share no learning range"
+    def show(r: tuple[float, float]) -> str:
+        return "..".join(f"{x:.4g}" for x in sorted(map(c.units, r)))
+
+    return f"no comparison: learning {show(span)} does not meet the reference's {show(c.reference_span)}"
+
+
+def compare(paths: Sequence[str | Path], learning: str = pts.DEFAULT_LEARNING,
+            forgetting: Sequence[str] | None = None, reference: str | None = None,
+            n_levels: int = 5) -> Comparison:
+    """Read the results files and compare every family with the reference (docs/compare.md).
+    Bad input of any kind raises a one-line UsageError naming the file or flag."""
+    if n_levels < 2:
+        raise UsageError(f"--levels: {n_levels}; give 2 or more (the overlap's two ends at least)")
+    learning_higher = pts.direction(learning, "--learning")
+    wanted = [(m, pts.direction(m, "--forgetting")) for m in dict.fromkeys(forgetting or [])]
+    entries = pts.read_entries(paths)
+    grouped = pts.families(entries)
+    ref_name = pts.pick_reference(grouped, reference, entries)
+    if len(grouped) == 1:
+        raise UsageError(f"{pts.files(entries)}: only the reference family {ref_name!r}; nothing to compare")
+    pts.require(entries, learning, "--learning")
+    skipped: list[str] = []
+    if wanted:
+        for metric, _ in wanted:
+            pts.require(entries, metric, "--forgetting")
+    else:
+        used, skipped = pts.default_forgetting(entries)
+        wanted = [(m, pts.direction(m, "default forgetting metric")) for m in used]
+    pts.check_fronts(grouped)
+
+    ref_seeds = grouped[ref_name]
+    ref_span = _span(ref_seeds, learning, learning_higher)
+    result = Comparison([Path(p) for p in paths], learning, learning_higher, ref_name, sorted(ref_seeds),
+                        sum(map(len, ref_seeds.values())), ref_span, wanted, skipped, n_levels)
+    for name, seeds in grouped.items():
+        if name == ref_name:
+            continue
+        span = _span(seeds, learning, learning_higher)
+        levels = matched_levels(ref_span, span, n_levels) if span is not None and ref_span is not None else []
+        why = _no_levels(result, span)
+        metrics = []
+        for metric, higher in wanted:
+            rows = compare_metric(_fronts(ref_seeds, learning, learning_higher, metric, higher),
+                                  _fronts(seeds, learning, learning_higher, metric, higher),
+                                  levels, learning_higher)
+            label, text = summarise([r.diff.verdict if r.diff else None for r in rows])
+            if not levels:
+                text = why
+            metrics.append(MetricComparison(metric, higher, rows, label, text))
+        result.families.append(FamilyComparison(name, sorted(seeds), sum(map(len, seeds.values())),
+                                                span, levels, metrics))
+    return result
