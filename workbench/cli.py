@@ -41,6 +41,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_average(args) -> int:
+    from workbench.training.average import average_run
+
+    out = average_run(args.run, args.steps, args.out, args.weights)
+    print(f"run: {out / 'run.json'}\nadapter: {out / 'adapter'}")
+    return 0
+
+
 def cmd_fisher(args) -> int:
     from workbench.training.fisher import save_fisher
     from workbench.config.recipe import load_recipe
@@ -168,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     fisher.add_argument("overrides", nargs="*", metavar="key.path=value")
     fisher.add_argument("--out", help="default: <output_dir>/fisher.safetensors")
     fisher.set_defaults(func=cmd_fisher)
+
+    avg = sub.add_parser("average", help="average a run's adapter with its checkpoints, in weight space")
+    avg.add_argument("run", type=Path, help="a run directory written by `workbench train`")
+    avg.add_argument("--steps", nargs="+", required=True, metavar="STEP",
+                     help="'final' (the run's adapter) and checkpoint steps, e.g. --steps final 20")
+    avg.add_argument("--weights", nargs="+", type=float, metavar="W", help="default: equal; must sum to 1")
+    avg.add_argument("--out", type=Path, required=True, help="the new run directory")
+    avg.set_defaults(func=cmd_average)
 
     ev = sub.add_parser("eval", help="retention, learning and overfitting evals: tuned vs base")
     ev.add_argument("--suite", required=True, type=Path, help="eval suite YAML (see evals/)")
