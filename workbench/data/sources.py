@@ -80,7 +80,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def _read_json(path: Path) -> list[dict]:
+def read_json_records(path: Path) -> list[dict]:
     """A `.json` file is either one array of objects or JSON Lines under another name."""
     head = path.read_bytes().lstrip()[:1]
     if head != b"[":
@@ -136,7 +136,7 @@ def _read_saved_dataset(path: Path) -> list[dict]:
 
 
 READERS: dict[str, Callable[[Path], list[dict]]] = {
-    ".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    ".jsonl": _read_jsonl, ".json": read_json_records, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
 BIGBENCH_SPLITS = {"train": (0.2, 1.0), "val": (0.1, 0.2), "test": (0.0, 0.1)}

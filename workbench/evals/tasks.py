@@ -6,7 +6,6 @@ reproduces lm-eval's acc and acc_norm. BIG-bench items come from `workbench.data
 from __future__ import annotations
 
 import ast
-import json
 import os
 import re
 from pathlib import Path
@@ -17,6 +16,7 @@ import yaml
 
 from workbench.config.suggest import did_you_mean
 from workbench.data.bigbench import MCItem
+from workbench.data.sources import read_json_records
 from workbench.config.yamlfile import read_yaml
 from workbench.errors import UsageError
 
@@ -152,33 +152,17 @@ class _LocalTask:
         return [{key: doc.get(key) for key in self.features} for doc in docs]
 
     def _read_records(self, file: Path) -> list[dict]:
-        """JSON lines, or one JSON array of objects (both are what the `json` loader reads)."""
+        """JSON lines, or one JSON array of objects (both are what the `json` loader reads), through
+        the data layer's reader; its one-line error is prefixed with this task file."""
+        if not file.is_file():
+            raise self._error(f"data file {file}: not found")
         try:
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "strerror", None) or exc
-            raise self._error(f"data file {file}: cannot read it ({reason})") from None
-        if text.lstrip().startswith("["):
-            try:
-                records = json.loads(text)
-            except ValueError as exc:
-                raise self._error(f"data file {file}: not valid JSON ({exc})") from None
-            numbered = list(enumerate(records if isinstance(records, list) else [records], 1))
-        else:
-            numbered = []
-            for line_no, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        numbered.append((line_no, json.loads(line)))
-                    except ValueError as exc:
-                        raise self._error(f"data file {file}: line {line_no} is not valid JSON "
-                                          f"({exc})") from None
-        for where, record in numbered:
-            if not isinstance(record, dict):
-                raise self._error(f"data file {file}: record {where} is not a JSON object")
-        if not numbered:
+            records = read_json_records(file)
+        except UsageError as exc:
+            raise self._error(f"data file {exc}") from None
+        if not records:
             raise self._error(f"data file {file} holds no records")
-        return [record for _, record in numbered]
+        return records
 
     # --- lm-eval's doc_to_* (lm_eval/api/task.py, ConfigurableTask) -----------------------
 
