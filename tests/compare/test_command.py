@@ -314,3 +314,36 @@ def test_a_family_with_no_learning_in_common_is_not_compared(tmp_path):
     farther = metric_of(report, "farther")
     assert farther["verdict"] == "no comparison" and farther["rows"] == []
     assert farther["summary"] == "no comparison: learning 3..4 does not meet the reference's 1..2"
+
+
+def with_base(entries, base_loss=3.0):
+    """The entries as an eval writes them: each with the base's own val loss beside the tuned one."""
+    for e in entries:
+        e["metrics"]["learning.val_loss.base"] = {"value": base_loss}
+    return entries
+
+
+def test_the_base_is_every_family_s_free_origin(tmp_path):
+    """A reference that learns more everywhere (val loss 1.0..1.5) and a family that learns less
+    (2.0..2.5, forgetting more than the reference's line to the base) share no learning level
+    among their own points; any adapter scaled to 0 is the base (val loss 3.0, KL 0) exactly, so
+    both fronts reach it and the family is compared, and found worse, between 2.0 and 3.0."""
+    reference = with_base(sweep("baseline", kl=lambda s: 0.4 * s, learning=lambda s: 1.5 - 0.5 * s,
+                                scales=(0.5, 0.75, 1.0)))
+    family = with_base(sweep("kl", kl=lambda s: 0.3 + 0.1 * s, learning=lambda s: 2.5 - 0.5 * s,
+                             scales=(0.5, 0.75, 1.0)))
+    report = run(tmp_path, reference, family)
+    kl = metric_of(report, "kl")
+    assert kl["verdict"] == "worse"
+    levels = [lv["learning"] for lv in report["families"][0]["levels"]]
+    assert min(levels) == pytest.approx(2.0) and max(levels) == pytest.approx(3.0)
+    # at the base itself the two are the same model: no difference, exactly
+    at_base = next(r for r in kl["rows"] if r["learning"] == pytest.approx(3.0))
+    assert at_base["difference"] == {"value": 0.0, "se": 0.0, "ci": [0.0, 0.0]}
+
+
+def test_without_the_base_value_no_origin_is_invented(tmp_path):
+    """Entries that do not say the base's val loss get no base point: the fronts stay apart."""
+    reference = sweep("baseline", kl=lambda s: 0.4 * s, learning=lambda s: 1.5 - 0.5 * s, scales=(0.5, 0.75, 1.0))
+    family = sweep("kl", kl=lambda s: 0.3 + 0.1 * s, learning=lambda s: 2.5 - 0.5 * s, scales=(0.5, 0.75, 1.0))
+    assert metric_of(run(tmp_path, reference, family), "kl")["verdict"] == "no comparison"

@@ -136,6 +136,7 @@ def compare(paths: Sequence[str | Path], learning: str = pts.DEFAULT_LEARNING,
         used, skipped = pts.default_forgetting(entries)
         wanted = [(m, pts.direction(m, "default forgetting metric")) for m in used]
     pts.check_fronts(grouped)
+    grouped = pts.with_base_point(grouped, [learning, *(m for m, _ in wanted)])
 
     ref_seeds = grouped[ref_name]
     ref_span = _span(ref_seeds, learning, learning_higher)

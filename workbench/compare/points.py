@@ -169,6 +169,39 @@ def check_fronts(grouped: dict[str, dict[int, list[Entry]]]) -> None:
                                  "needs two or more: evaluate its adapter scales or checkpoints too")
 
 
+# What the base scores against itself, by the end of a metric's name: a ratio of 1, a change of 0.
+_SELF = {"ratio": 1.0, "delta": 0.0, "kl": 0.0, "kl_upper": 0.0, "top1_agreement": 1.0}
+
+
+def base_reading(entry: Entry, metric: str) -> float | None:
+    """The base model's value of `metric` (adapter scale 0), read from an entry of its eval: a
+    `.tuned` metric's `.base` sibling, 1 for a ratio, 0 for a change or a KL; None when unknown."""
+    stem, _, last = metric.rpartition(".")
+    if last == "tuned":
+        record = entry.metrics.get(f"{stem}.base")
+        value = record.get("value") if isinstance(record, dict) else None
+        return float(value) if _finite(value) else None
+    return _SELF.get(last)
+
+
+def with_base_point(grouped: dict[str, dict[int, list[Entry]]], metrics: Sequence[str]
+                    ) -> dict[str, dict[int, list[Entry]]]:
+    """Every family and seed with the base added as a point: any adapter scaled to 0 is the base,
+    exactly, so the base is on every family's curve for free and every front reaches it. A point
+    whose metrics are known without noise (a CI of zero width); left out when a metric has no
+    base value (say, an overfitting metric)."""
+    out: dict[str, dict[int, list[Entry]]] = {}
+    for family, seeds in grouped.items():
+        out[family] = {}
+        for seed, members in seeds.items():
+            values = {m: base_reading(members[0], m) for m in metrics}
+            base = [] if None in values.values() else [Entry(
+                members[0].source, "base", family, seed, 0, 0.0,
+                {m: {"value": v, "ci": [v, v]} for m, v in values.items()})]
+            out[family][seed] = [*members, *base]
+    return out
+
+
 def learning_span(members: Sequence[Entry], learning: str, higher: bool) -> tuple[float, float]:
     """(min, max) learning cost over the entries (negated when higher is better)."""
     costs = [-reading(e, learning)[0] if higher else reading(e, learning)[0] for e in members]
