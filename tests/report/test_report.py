@@ -10,7 +10,7 @@ from workbench.formats.results import KIND, SCHEMA_VERSION, metric
 from workbench.io import write_json
 from workbench.formats.metrics import is_metric
 from workbench.report.build import build_report
-from workbench.report.plots import FORGETTING, LEARNING, MC_RETENTION
+from workbench.report.tradeoff import FORGETTING, LEARNING, MC_RETENTION
 from workbench.report.tables import SUMMARY, fmt, summary_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -104,6 +104,8 @@ def test_page_names_every_entry_and_flags_the_adapter_that_changes_nothing(input
     assert "adapter changes nothing: noop" in html and "**adapter changes nothing**: noop" in md
     assert html.count('class="nothing"') == 1
     assert "<h3>runs/kl</h3>" in html and "penalties: kl_to_base, ewc" in html
+    # one baseline point draws no front: the matched-learning table gives way to a note saying so
+    assert "No matched-learning comparison: the reference family &#39;baseline&#39; has one point" in html
 
 
 def test_tables_show_the_input_values_and_a_dash_when_missing(inputs, tmp_path):

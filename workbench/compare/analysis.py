@@ -143,20 +143,22 @@ def compare(paths: Sequence[str | Path], learning: str = pts.DEFAULT_LEARNING,
     result = Comparison([Path(p) for p in paths], learning, learning_higher, ref_name, sorted(ref_seeds),
                         sum(map(len, ref_seeds.values())), ref_span, wanted, skipped, n_levels)
     for name, seeds in grouped.items():
-        if name == ref_name:
-            continue
-        span = _span(seeds, learning, learning_higher)
-        levels = matched_levels(ref_span, span, n_levels) if span is not None and ref_span is not None else []
-        why = _no_levels(result, span)
-        metrics = []
-        for metric, higher in wanted:
-            rows = compare_metric(_fronts(ref_seeds, learning, learning_higher, metric, higher),
-                                  _fronts(seeds, learning, learning_higher, metric, higher),
-                                  levels, learning_higher)
-            label, text = summarise([r.diff.verdict if r.diff else None for r in rows])
-            if not levels:
-                text = why
-            metrics.append(MetricComparison(metric, higher, rows, label, text))
-        result.families.append(FamilyComparison(name, sorted(seeds), sum(map(len, seeds.values())),
-                                                span, levels, metrics))
+        if name != ref_name:
+            result.families.append(family_comparison(result, ref_seeds, name, seeds))
     return result
+
+
+def family_comparison(c: Comparison, ref_seeds: dict[int, list[pts.Entry]], name: str,
+                      seeds: dict[int, list[pts.Entry]]) -> FamilyComparison:
+    """One family against the reference on every forgetting metric of `c`, at matched levels."""
+    span = _span(seeds, c.learning, c.learning_higher)
+    both = span is not None and c.reference_span is not None
+    levels = matched_levels(c.reference_span, span, c.n_levels) if both else []
+    metrics = []
+    for metric, higher in c.forgetting:
+        rows = compare_metric(_fronts(ref_seeds, c.learning, c.learning_higher, metric, higher),
+                              _fronts(seeds, c.learning, c.learning_higher, metric, higher),
+                              levels, c.learning_higher)
+        label, text = summarise([r.diff.verdict if r.diff else None for r in rows])
+        metrics.append(MetricComparison(metric, higher, rows, label, text if levels else _no_levels(c, span)))
+    return FamilyComparison(name, sorted(seeds), sum(map(len, seeds.values())), span, levels, metrics)

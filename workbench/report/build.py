@@ -1,13 +1,16 @@
 """`workbench report`: a static HTML page and a Markdown file comparing tuned adapters with their
-base, built from results files (`workbench eval`) and run records (`workbench train`).
+base and with training less, built from results files (`workbench eval`), run records
+(`workbench train`) and compare.json files (`workbench compare`).
 
     out/index.html   self-contained: plots embedded as PNG data URIs, plain CSS, no JavaScript
     out/report.md    the same tables, plots referenced as plots/*.png
     out/plots/*.png
 
 The pages are rendered from the Jinja templates in `templates/`, both from one context built
-here. Every file is written atomically, index.html last, so a killed report leaves the previous
-page.
+here. The page leads with forgetting at matched learning (workbench.report.matched) and the
+learning-vs-forgetting fronts; the per-run and per-entry detail follows, folded into <details>
+so it does not bury the answer. Every file is written atomically, index.html last, so a killed
+report leaves the previous page.
 """
 
 from __future__ import annotations
@@ -23,11 +26,10 @@ from jinja2 import Environment, FileSystemLoader
 from workbench.errors import UsageError
 from workbench.io import atomic_path
 from workbench.report.inputs import Run, load_inputs
-from workbench.report.plots import (
-    FORGETTING, MC_RETENTION, ReportEntry, loss_figure, reliability_figure, roc_figure, save, tradeoff_figure,
-    value
-)
+from workbench.report.matched import matched
+from workbench.report.plots import ReportEntry, loss_figure, reliability_figure, roc_figure, save, value
 from workbench.report.tables import MISSING, NOTHING, ci_cell, fmt, fmt_scale, metric_cell, summary_rows
+from workbench.report.tradeoff import FORGETTING, MC_RETENTION, tradeoff_figure
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -42,19 +44,22 @@ class Plot:
 def build_report(inputs: list[str | Path], out: str | Path) -> Path:
     """Write out/index.html, out/report.md and out/plots/; returns the path of index.html.
 
-    inputs: run directories, run.json files and results.json files, in any mix. Runs named by a
-    results entry's "run" field are added when their run.json exists.
+    inputs: run directories, run.json files, results.json files and compare.json files, in any
+    mix. Runs named by a results entry's "run" field are added when their run.json exists.
     """
     out = _out_dir(out)
-    entries, runs, sources = load_inputs(inputs)
+    loaded = load_inputs(inputs)
+    entries = loaded.entries
+    comparison = matched(entries, loaded.results, loaded.comparisons)  # before any file is written
     plots = PlotDir(out / "plots")
     context = {
-        "title": "Workbench report", "sources": sources, "nothing": NOTHING,
+        "title": "Workbench report", "sources": loaded.sources, "nothing": NOTHING,
         "why": "the adapter's delta is exactly zero, so its scores are the base's",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "flagged": [e.name for e in entries if e.data.get("changes_model") is False],
-        "summary": summary_rows(entries), "tradeoff": _tradeoff_plots(entries, plots),
-        "runs": [_run_context(run, plots) for run in runs],
+        "matched": comparison, "summary": summary_rows(entries),
+        "tradeoff": _tradeoff_plots(entries, comparison.reference, plots),
+        "runs": [_run_context(run, plots) for run in loaded.runs],
         "entries": [_entry_context(e, plots) for e in entries],
     }
     _write_text(out / "report.md", _template("report.md.j2", autoescape=False).render(**context))
@@ -68,6 +73,7 @@ def _template(name: str, autoescape: bool):
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=autoescape, trim_blocks=True,
                       lstrip_blocks=True)
     env.filters["cell"] = lambda text: str(text).replace("|", "\\|")
+    env.filters["escape_md"] = lambda text: str(text).replace("*", "\\*")  # a bare * starts emphasis
     return env.get_template(name)
 
 
@@ -98,12 +104,13 @@ class PlotDir:
                 path.unlink(missing_ok=True)
 
 
-def _tradeoff_plots(entries: list[ReportEntry], plots: PlotDir) -> list[Plot]:
+def _tradeoff_plots(entries: list[ReportEntry], reference: str | None, plots: PlotDir) -> list[Plot]:
     forgetting = next((x for x in FORGETTING if any(value(e, x[0]) is not None for e in entries)), None)
-    made = [plots.save(tradeoff_figure(entries, forgetting), "tradeoff", "Learning vs forgetting")
-            if forgetting else None,
-            plots.save(tradeoff_figure(entries, MC_RETENTION), "tradeoff-mc",
-                       "Learning vs multiple-choice retention")]
+    shaded = f"; shaded: forgets more than {reference} (training less) at that learning" if reference else ""
+    made = [plots.save(tradeoff_figure(entries, forgetting, reference), "tradeoff",
+                       f"Learning vs forgetting: each family's Pareto front{shaded}") if forgetting else None,
+            plots.save(tradeoff_figure(entries, MC_RETENTION, reference), "tradeoff-mc",
+                       f"Learning vs multiple-choice retention: each family's Pareto front{shaded}")]
     return [p for p in made if p]
 
 

@@ -1,5 +1,6 @@
-"""What a report is built from: results files (`workbench eval`) and run records (`workbench train`),
-given in any mix, merged into one list of entries and one list of runs.
+"""What a report is built from: results files (`workbench eval`), run records (`workbench train`)
+and compare.json files (`workbench compare --out`), given in any mix, merged into one list of
+entries, one list of runs and the comparisons.
 
 A run named by a results entry's "run" field is added when its run.json exists; run records are
 read through `read_run`, results files through `load_results`, so a bad input is one line.
@@ -11,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from workbench.compare.command import KIND as COMPARE_KIND, SCHEMA_VERSION as COMPARE_SCHEMA
 from workbench.errors import UsageError
 from workbench.formats.results import KIND, load_results
 from workbench.formats.run_record import FILENAME, RunRecord, read_run
@@ -24,22 +26,35 @@ class Run:
     record: RunRecord
 
 
-def load_inputs(inputs: list[str | Path]) -> tuple[list[ReportEntry], list[Run], list[dict]]:
-    """(entries merged across results files, runs, one summary dict per results file)."""
+@dataclass
+class Inputs:
+    entries: list[ReportEntry]       # merged across results files
+    runs: list[Run]
+    results: list[Path]              # the results files, each once, in the order given
+    comparisons: list[tuple[Path, dict]]   # compare.json files, each once
+    sources: list[dict]              # one summary per results or compare file, for the page
+
+
+def load_inputs(inputs: list[str | Path]) -> Inputs:
+    """Every input read, checked and sorted by kind; a bad one is a one-line UsageError."""
     if not inputs:
-        raise UsageError("report: name at least one run directory, run.json or results.json")
-    results, runs = {}, Runs()
+        raise UsageError("report: name at least one run directory, run.json, results.json or compare.json")
+    results, comparisons, runs = {}, {}, Runs()
     for raw in inputs:
         path = Path(raw)
         payload = _read_input(path)
         if isinstance(payload, RunRecord):
             runs.add(path if path.is_dir() else path.parent, payload)
+        elif payload.get("kind") == COMPARE_KIND:
+            comparisons.setdefault(path.resolve(), (path, payload))
         else:
             results.setdefault(path.resolve(), (path, payload))  # the same file twice counts once
     entries = merge_entries(list(results.values()))
     for entry in entries:
         entry.run = runs.find(entry)
-    return entries, runs.runs, [_source(path, r) for path, r in results.values()]
+    sources = [_source(path, r) for path, r in results.values()]
+    sources += [_compare_source(path, c) for path, c in comparisons.values()]
+    return Inputs(entries, runs.runs, [p for p, _ in results.values()], list(comparisons.values()), sources)
 
 
 def _read_input(path: Path) -> dict | RunRecord:
@@ -53,9 +68,14 @@ def _read_input(path: Path) -> dict | RunRecord:
     data = _read_json(path)
     if isinstance(data, dict) and data.get("kind") == KIND:
         return load_results(path)
+    if isinstance(data, dict) and data.get("kind") == COMPARE_KIND:
+        if data.get("schema_version") != COMPARE_SCHEMA:
+            raise UsageError(f"{path}: compare.json schema_version {data.get('schema_version')!r}; this "
+                             f"report reads {COMPARE_SCHEMA} (rerun workbench compare)")
+        return data
     if isinstance(data, dict) and isinstance(data.get("recipe"), dict):
         return read_run(path)
-    raise UsageError(f"{path}: neither a run.json nor a workbench results file")
+    raise UsageError(f"{path}: neither a run.json, a workbench results file nor a compare.json")
 
 
 def _read_json(path: Path):
@@ -74,8 +94,7 @@ def merge_entries(results: list[tuple[Path, dict]]) -> list[ReportEntry]:
             if name in taken:
                 name = _unique(f"{path.stem}:{name}", taken)
             taken.add(name)
-            sweep = f"{path}\0{data['name'].split('@')[0]}"
-            entries.append(ReportEntry(name, data, sweep, source=path))
+            entries.append(ReportEntry(name, data, source=path))
     return entries
 
 
@@ -93,6 +112,13 @@ def _source(path: Path, results: dict) -> dict:
     base = base.get("model") if isinstance(base, dict) else None
     meta = (f"suite {suite or '?'}, base {base or '?'}, {len(results['entries'])} entries, "
             f"created {results.get('created') or '?'}")
+    return {"path": str(path), "meta": meta}
+
+
+def _compare_source(path: Path, data: dict) -> dict:
+    reference = (data.get("reference") or {}).get("family", "?")
+    meta = (f"matched-learning comparison against {reference}, {len(data.get('families') or [])} "
+            f"families, created {data.get('created') or '?'}")
     return {"path": str(path), "meta": meta}
 
 

@@ -24,7 +24,7 @@ SUMMARY = [
 
 def summary_table(results: dict) -> str:
     """The summary table of one results dict as fixed-width text, for a terminal."""
-    entries = [ReportEntry(e["name"], e, sweep=e["name"].split("@")[0]) for e in results["entries"]]
+    entries = [ReportEntry(e["name"], e) for e in results["entries"]]
     headers, rows = summary_rows(entries)
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
 

@@ -1,0 +1,191 @@
+"""Learning against forgetting: each family drawn as its Pareto front, the reference shaded.
+
+The question the page answers (docs/compare.md) is whether a regularizer forgets less than
+training less at the same learning, so the figure puts learning on x and forgetting on y, draws
+every family's front (compare's, via workbench.report.families) as a line through its points,
+and shades what the reference front dominates: the band between it and the worse edge of the
+plot holds every (learning, forgetting) that forgets more than training less would at that
+learning. A family whose line runs outside the band forgets less. Points off their family's
+front are drawn hollow; the base is the star where every recipe starts (scale 0). Learning grows
+to the right in every panel (a lower-is-better axis such as val loss is reversed), so the
+panels' fronts have the same shape and can be read side by side.
+
+The perplexity ratio's y axis is logarithmic: one run that doubles perplexity would otherwise
+squash every other point into the bottom few pixels.
+"""
+
+from __future__ import annotations
+
+import math
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+from workbench.formats.metrics import higher_is_better
+from workbench.report.families import Front, family_front, grouped
+from workbench.report.plots import ReportEntry, interval, value
+
+PPL_RATIO = "retention.general.ppl.ratio"
+# (metric, its value at the base, axis label in two lines, each shorter than the axis is tall):
+# the first one any entry has is used
+FORGETTING = [
+    (PPL_RATIO, 1.0, "forgetting: general-text perplexity, tuned / base\n(1 = none, lower is better; log scale)"),
+    ("retention.general.kl", 0.0, "forgetting: KL(base || tuned) per token\n(on general text; 0 = none)"),
+]
+MC_RETENTION = ("retention.mc.all.acc.delta", 0.0,
+                "retention: multiple-choice accuracy, tuned − base\n(0 = unchanged, higher is better)")
+REFERENCE_COLOR = "0.2"
+LOG_TICKS = 7  # about this many labelled ticks on a log axis
+
+
+def _learning(prefix: str, what: str) -> tuple[str, str]:
+    """(metric prefix with .base/.tuned, axis label), the direction read from the catalogue."""
+    better = "higher" if higher_is_better(f"{prefix}.tuned") else "lower"
+    return prefix, f"learning: {what}  ({better} is better)"
+
+
+# one panel each where present
+LEARNING = [_learning("learning.val_loss", "held-out val loss"), _learning("learning.exact_match", "exact match")]
+
+
+def tradeoff_figure(entries: list[ReportEntry], y_axis: tuple[str, float, str],
+                    reference: str | None = None) -> Figure | None:
+    """Forgetting (`y_axis` = (metric, value at the base, label)) against learning, one panel per
+    learning metric present; `reference` is the family shaded as training less (none when it is
+    absent). None when no entry has both coordinates."""
+    y_name = y_axis[0]
+    panels = [(prefix, label) for prefix, label in LEARNING
+              if grouped(entries, f"{prefix}.tuned", y_name)]
+    if not panels:
+        return None
+    colors = _colors(list(grouped(entries)), reference)  # every family, so both figures agree
+    fig = Figure(figsize=(5.4 * len(panels) + 2.6, 4.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (prefix, label) in zip(axes, panels):
+        _panel(ax, entries, prefix, y_axis, colors, reference)
+        if not higher_is_better(f"{prefix}.tuned"):  # more learning to the right in every panel
+            ax.invert_xaxis()
+            label += ", axis reversed"
+        ax.set_xlabel(label)
+        ax.set_ylabel(y_axis[2])
+        ax.grid(alpha=0.3)
+    handles, labels = _legend(axes)
+    fig.legend(handles, labels, loc="outside right upper", fontsize=9, title="family (front)")
+    return fig
+
+
+def _colors(families: list[str], reference: str | None) -> dict[str, str]:
+    """One colour per family, the same in every panel and figure of a page; the reference grey."""
+    others = [f for f in families if f != reference]
+    return {**{f: f"C{i % 10}" for i, f in enumerate(others)}, **({reference: REFERENCE_COLOR} if reference else {})}
+
+
+def _panel(ax, entries: list[ReportEntry], prefix: str, y_axis: tuple[str, float, str],
+           colors: dict[str, str], reference: str | None) -> None:
+    y_name, y_base, _ = y_axis
+    x_name = f"{prefix}.tuned"
+    if y_name == PPL_RATIO:
+        ax.set_yscale("log")
+    bases = sorted({round(b, 12) for e in entries if (b := value(e, f"{prefix}.base")) is not None})
+    for i, base in enumerate(bases):
+        ax.plot([base], [y_base], "*", color="black", markersize=15, zorder=5,
+                label="base (every recipe at scale 0)" if i == 0 else None)
+    families = grouped(entries, x_name, y_name)
+    by_name = {e.name: e for e in entries}
+    ref_front = None
+    for family, seeds in families.items():
+        front = family_front(seeds, x_name, y_name)
+        color = colors.get(family, "C9")
+        is_ref = family == reference
+        xs, ys = zip(*front.curve)
+        # the reference dashed and on top: a family that matches it still shows through the gaps
+        ax.plot(xs, ys, "--" if is_ref else "-", color=color, lw=2.0 if is_ref else 1.8,
+                zorder=4.5 if is_ref else 3, label=f"{family} (reference)" if is_ref else family)
+        for member in (e for members in seeds.values() for e in members):
+            _point(ax, by_name[member.name], (x_name, y_name), color, member.name in front.members, is_ref)
+        if is_ref:
+            ref_front = front
+    ax.autoscale_view()
+    if y_name == PPL_RATIO:
+        _log_ticks(ax)
+    if ref_front is not None and len(ref_front.curve) > 1:  # a one-point front bounds no band
+        _shade(ax, ref_front, higher_is_better(y_name), colors[reference], reference)
+
+
+def _point(ax, entry: ReportEntry, names: tuple[str, str], color: str, on_front: bool, tag: bool) -> None:
+    """One entry with its CIs (bars without caps: caps on both axes read as an 'H' over the
+    marker), hollow when its family's front passes it by (dominated). `tag` writes its scale or
+    step beside it; only the reference's are tagged, since every family meets at the base and
+    tags of several families there overprint each other."""
+    (x, y), (x_name, y_name) = (value(entry, n) for n in names), names
+    ax.errorbar([x], [y], xerr=_err(x, interval(entry, x_name)), yerr=_err(y, interval(entry, y_name)),
+                fmt="o", color=color, markerfacecolor=color if on_front else "white", markersize=5.5,
+                elinewidth=0.9, alpha=0.9, zorder=4)
+    text = _tag(entry) if tag else ""
+    if text:
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, -11), fontsize=8, color=color)
+
+
+def _tag(entry: ReportEntry) -> str:
+    """What tells an entry from its family's others: its scale (×0.5) or checkpoint step; none
+    at scale 0, which is the base's star."""
+    scale, step = entry.data.get("scale"), entry.data.get("step")
+    if scale == 0:
+        return ""
+    parts = ([f"×{scale:g}"] if isinstance(scale, (int, float)) and scale != 1 else []) + \
+            ([f"step {step}"] if ":step" in entry.data["name"] and step is not None else [])
+    return " ".join(parts)
+
+
+def _err(v: float, ci: tuple[float, float] | None):
+    if ci is None:
+        return None
+    return [[max(v - ci[0], 0.0)], [max(ci[1] - v, 0.0)]]
+
+
+def _log_ticks(ax) -> None:
+    """Ticks for a ratio on a log axis: 1 (the base) and 1 ± 1, 2, 5 x 10^k (above 2: 2, 5, 10,
+    20, ...), every one far enough in log from those kept before it that the labels do not
+    touch. Matplotlib's own sit at powers of ten and 2..9 times them, so an axis from 1.0 to 1.3
+    would show no labelled tick at all."""
+    lo, hi = ax.get_ylim()
+    gap = math.log(hi / lo) / (2 * LOG_TICKS)
+    kept = [1.0] if lo <= 1.0 <= hi else []
+    for t in _candidates(lo, hi):
+        if all(abs(math.log(t / k)) > gap for k in kept):
+            kept.append(t)
+    ax.yaxis.set_major_locator(FixedLocator(sorted(kept)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(lo, hi)
+
+
+def _candidates(lo: float, hi: float) -> list[float]:
+    """Round ratios in [lo, hi], nearest 1 first: 1 ± d for d = 1, 2, 5 x 10^k below 1, and
+    d itself from 2 up."""
+    found = set()
+    for k in range(math.floor(math.log10((hi - lo) / 100)), math.ceil(math.log10(hi)) + 1):
+        for m in (1, 2, 5):
+            d = m * 10.0 ** k
+            found |= {round(1 + d, 12), round(1 - d, 12)} if d < 1 else {d} if d >= 2 else set()
+    return sorted((t for t in found if lo <= t <= hi), key=lambda t: abs(math.log(t)))
+
+
+def _shade(ax, front: Front, higher: bool, color: str, family: str) -> None:
+    """Fill between the reference front and the plot's worse edge (top for a lower-is-better
+    metric, bottom for a higher-is-better one), over the front's learning range only: compare
+    never extrapolates a front, so neither does the band."""
+    lo, hi = ax.get_ylim()
+    xs, ys = zip(*sorted(front.curve))
+    ax.fill_between(xs, ys, lo if higher else hi, color=color, alpha=0.13, lw=0, zorder=1,
+                    label=f"forgets more than {family} (training less)")
+    ax.set_ylim(lo, hi)
+
+
+def _legend(axes) -> tuple[list, list[str]]:
+    """The panels' handles, each label once: every panel draws the same families."""
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    return list(seen.values()), list(seen)
