@@ -94,6 +94,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_val: bool) -> Train
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate,
         num_train_epochs=t.epochs, max_steps=t.max_steps or -1, lr_scheduler_type=t.lr_scheduler,
+        # transformers 5 reads a warmup_steps below 1 as a fraction of the steps (warmup_ratio is gone)
         warmup_steps=t.warmup_ratio, max_grad_norm=t.max_grad_norm, seed=t.seed,
         weight_decay=reg.weight_decay, label_smoothing_factor=reg.label_smoothing,
         neftune_noise_alpha=reg.neftune_alpha,
