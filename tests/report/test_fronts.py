@@ -15,7 +15,7 @@ from workbench.compare.command import run_compare, to_json
 from workbench.errors import UsageError
 from workbench.io import write_json
 from workbench.report.build import build_report
-from workbench.report.families import family_of
+from workbench.compare.points import family_of
 from workbench.report.inputs import load_inputs
 from workbench.report.matched import compute
 from workbench.report.plots import ReportEntry

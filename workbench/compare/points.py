@@ -1,7 +1,7 @@
 """results.json entries as families of points on the (learning, forgetting) plane.
 
 Entries from several results files are merged. An entry's family is its recipe (`family`, or in
-files that predate it the name before "@": `kl@0.5` -> `kl`), its seed `seed` (default 0). A
+files that predate it the name before "@" or ":": `kl@0.5`, `kl:step20` -> `kl`), its seed `seed` (default 0). A
 family's points are all its entries: adapter scales, checkpoints, strengths and seeds alike.
 
 Every problem with the inputs is a one-line UsageError naming the file or the flag: metric names
@@ -43,6 +43,12 @@ class Entry:
     metrics: dict
 
 
+def family_of(entry: dict) -> str:
+    """entry["family"], else the name before "@" (a scale, `kl@0.5`) or ":" (a checkpoint,
+    `kl:step20`): files written before the family field hold only names."""
+    return entry.get("family") or re.split(r"[@:]", entry["name"], maxsplit=1)[0]
+
+
 def _listed(names: Sequence[str]) -> str:
     shown = ", ".join(names[:SHOWN])
     return shown + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
@@ -74,7 +80,7 @@ def read_entries(paths: Sequence[str | Path]) -> list[Entry]:
             seed = 0 if seed is None else seed  # files before seeds, or a null: one seed
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise UsageError(f"{path}: entry {name!r}: seed {seed!r} is not an integer")
-            entries.append(Entry(path, name, entry.get("family") or name.split("@")[0], seed,
+            entries.append(Entry(path, name, family_of(entry), seed,
                                  entry.get("step"), entry.get("scale"), entry["metrics"]))
     return entries
 

@@ -10,7 +10,6 @@ ReportEntry to compare's Entry and turns costs back into each metric's units.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,18 +21,12 @@ from workbench.report.plots import ReportEntry
 DEFAULT_REFERENCE = pts.DEFAULT_REFERENCE  # "baseline": the unregularized recipe, trained less
 
 
-def family_of(data: dict) -> str:
-    """entry["family"], else the name before "@" (a scale, `kl@0.5`) or ":" (a checkpoint,
-    `kl:step20`): files written before the family field hold only names."""
-    return data.get("family") or re.split(r"[@:]", data["name"], maxsplit=1)[0]
-
-
 def as_point(entry: ReportEntry) -> pts.Entry:
     """compare's Entry for a report entry; a missing or non-integer seed is seed 0, as compare
     reads files from before seeds."""
     seed = entry.data.get("seed")
     seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
-    return pts.Entry(entry.source or Path("-"), entry.name, family_of(entry.data), seed,
+    return pts.Entry(entry.source or Path("-"), entry.name, pts.family_of(entry.data), seed,
                      entry.data.get("step"), entry.data.get("scale"), entry.data["metrics"])
 
 
