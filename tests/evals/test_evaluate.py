@@ -230,3 +230,11 @@ def test_a_missing_checkpoint_step_is_one_line(workspace, cache, trained):
     (workspace / "missing.yaml").write_text(yaml.safe_dump({**SUITE, "checkpoints": [2, 3]}))
     with pytest.raises(UsageError, match=r"no checkpoint at step 3 \(saved: 2, 4; see train.save_steps\)"):
         run_eval(workspace / "missing.yaml", runs=[trained])
+
+
+def test_a_recipe_family_names_the_entry_s_family(workspace, cache):
+    """A lower learning rate is a free way to train less: its recipe says `family: baseline`, so
+    its entries pool into the baseline's points in `workbench compare`; without it, the name."""
+    runs = [make_run(workspace, "slow", seed=6, overrides=["family=baseline"]), make_run(workspace, "own", seed=7)]
+    results = run_eval(workspace / "suite.yaml", runs=runs)
+    assert [(e["name"], e["family"]) for e in results["entries"]] == [("slow", "baseline"), ("own", "own")]

@@ -132,6 +132,9 @@ class WandbSection(Section):
 class Recipe(Section):
     name: str = "recipe"
     description: str = ""
+    family: str | None = Field(
+        default=None, description="The family `workbench compare` pools this recipe's points into; default "
+        "its name. A free way to train less (a lower learning rate) names the baseline's family here.")
     model: ModelSection = ModelSection()
     lora: LoraSection = LoraSection()
     data: DataSection

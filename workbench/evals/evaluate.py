@@ -47,7 +47,7 @@ class AdapterSpec:
     family: str = ""  # the recipe the entry belongs to: its scales, checkpoints and seeds
 
     def __post_init__(self):
-        self.family = self.family or (self.recipe.name if self.recipe else self.name)
+        self.family = self.family or (self.recipe.family or self.recipe.name if self.recipe else self.name)
         if self.step is None and self.run is not None:
             self.step = self.run.global_step
 

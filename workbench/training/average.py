@@ -91,7 +91,7 @@ def average_run(run_dir: str | Path, steps: list[str], out: str | Path, weights:
         peft_model.save_pretrained(str(staged / "adapter"), selected_adapters=["average"])
         _flatten(staged / "adapter", "average")
         tokenizer.save_pretrained(str(staged / "adapter"))
-        record.recipe = {**record.recipe, "name": f"{recipe.name}_avg"}
+        record.recipe = {**record.recipe, "name": f"{recipe.name}_avg", "family": None}  # a family of its own
         record.adapter, record.status, record.history = "adapter", "completed", None
         extra = {"averaged_from": [{"adapter": str(p), "step": s, "weight": w}
                                    for p, s, w in zip(paths, steps, weights)], "source_run": str(run_dir)}
