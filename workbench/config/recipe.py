@@ -103,7 +103,8 @@ def _regularizers_schema() -> type[Section]:
     return create_model(
         "Regularizers",
         __base__=Section,
-        weight_decay=(float, Field(default=0.0, ge=0.0, description="Decoupled (AdamW).")),
+        weight_decay=(float, Field(default=0.0, ge=0.0, description="Decoupled under adamw; an L2 term in the "
+                                   "gradient under train.optimizer: sgd.")),
         lora_dropout=(float, Field(default=0.0, ge=0.0, lt=1.0)),
         label_smoothing=(float, Field(default=0.0, ge=0.0, lt=1.0)),
         neftune_alpha=(float | None, Field(default=None, gt=0.0)),
