@@ -226,3 +226,22 @@ def test_missing_spec_and_bad_parallel_are_usage_errors(tmp_path, capsys):
     with pytest.raises(UsageError, match="--parallel 0"):
         from workbench.sweep.runner import run_sweep
         run_sweep(write_spec(tmp_path), parallel=0)
+
+
+def test_seeds_as_a_parameter_make_one_family_with_a_seed_each(tmp_path):
+    """A sweep that repeats a recipe over `train.seed` gives evaluated entries of one family, each
+    with its run's seed: what `workbench compare` pools (mean over seeds, their spread in the CI)."""
+    from workbench.compare.points import families, read_entries
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"name": "seeds", "batch_size": 16, "max_length": 64, "bootstrap": 20,
+                                     "general": {"num_chunks": 4, "chunk_length": 32, "top_k": 16},
+                                     "target": {"num_examples": 4, "max_new_tokens": 4}, "overfitting": None,
+                                     "scales": [0.5]}))
+    out = tmp_path / "sweep"
+    spec = write_spec(tmp_path, name="seeds", parameters={"train.seed": [0, 1]}, eval_suite=str(suite))
+    assert main(["sweep", str(spec), "--output-dir", str(out)]) == 0
+    results = sorted(out.glob("run-*/results.json"))
+    grouped = families(read_entries(results))
+    assert list(grouped) == ["tiny"] and sorted(grouped["tiny"]) == [0, 1]
+    assert all(len(entries) == 2 for entries in grouped["tiny"].values())  # scale 1 and 0.5 per seed
