@@ -12,6 +12,7 @@ tuned / base; each keeps the direction of the quantity it compares.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from dataclasses import dataclass
@@ -36,13 +37,18 @@ class MetricFamily:
 
     @property
     def regex(self) -> re.Pattern:
-        parts = re.split(r"(<task>|<score>)", self.pattern)
-        body = "".join({"<task>": r"[^.]+", "<score>": "|".join(MIA_SCORES).join("()")}.get(p, re.escape(p))
-                       for p in parts)
-        return re.compile(body)
+        return _compiled(self.pattern)
 
     def example(self, task: str = "all", score: str = "loss") -> str:
         return self.pattern.replace("<task>", task).replace("<score>", score)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(pattern: str) -> re.Pattern:
+    """A family's pattern as a regex, built once: names are looked up per metric of every entry."""
+    parts = re.split(r"(<task>|<score>)", pattern)
+    return re.compile("".join({"<task>": r"[^.]+", "<score>": "|".join(MIA_SCORES).join("()")}.get(p, re.escape(p))
+                              for p in parts))
 
 
 def _expand(pattern: str, direction: Direction, unit: str, meaning: str) -> list[MetricFamily]:

@@ -58,10 +58,6 @@ class RunRecord(BaseModel):
     def name(self) -> str:
         return str(self.recipe.get("name", ""))
 
-    def train_steps(self) -> list[dict[str, Any]]:
-        """The history's training records (those with a task loss), in step order."""
-        return [h for h in self.history or [] if "task_loss" in h]
-
     def write(self, run_dir: str | Path) -> Path:
         """Atomically; keys that only a finished, resumed or tracked run has are left out until set."""
         path = Path(run_dir) / FILENAME
