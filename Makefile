@@ -1,9 +1,10 @@
 # Two entry points: `make demo` and `make test`. Each creates .venv and installs what it needs.
+# `make study` runs the study's full grid (docs/study.md); `make demo QUICK=1` a 5-minute profile.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test test-slow clean
+.PHONY: demo study test test-slow clean
 
 $(BIN)/workbench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +14,10 @@ $(BIN)/workbench: pyproject.toml
 	touch $@
 
 demo: $(BIN)/workbench
-	PATH="$(CURDIR)/$(BIN):$$PATH" QUICK=$(QUICK) bash scripts/demo.sh
+	PATH="$(CURDIR)/$(BIN):$$PATH" PROFILE=$(if $(QUICK),quick,demo) bash scripts/study.sh
+
+study: $(BIN)/workbench
+	PATH="$(CURDIR)/$(BIN):$$PATH" PROFILE=full bash scripts/study.sh
 
 test: $(BIN)/workbench
 	$(BIN)/pytest -q

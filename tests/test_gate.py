@@ -154,6 +154,16 @@ def test_entries_default_to_scale_one_then_all_then_names_and_globs():
     assert gated(policy(rule, entries="all"), names=["tiny"]) == ["tiny"]  # --entry wins
 
 
+def test_a_light_checkpoint_is_no_release_candidate_by_default():
+    """A checkpoint scored on learning and general text only (light) has scale 1 but lacks the
+    rest of the suite: the default leaves it out; naming it gates it."""
+    checkpoint = {**entry("tiny:step2"), "light": True}
+    data = results(entry("tiny"), checkpoint)
+    rule = {"metric": "retention.general.ppl.ratio", "max": 1.05}
+    assert sorted({c.entry for c in check(data, policy(rule))}) == ["tiny"]
+    assert sorted({c.entry for c in check(data, policy(rule), ["tiny:*"])}) == ["tiny:step2"]
+
+
 def test_unknown_entry_is_a_usage_error():
     rule = {"metric": "retention.general.ppl.ratio", "max": 1.05}
     with pytest.raises(UsageError, match=r"^--entry: no entry matches 'nope' \(results have: tiny@0, "):

@@ -3,7 +3,7 @@
 A policy is YAML (see evals/gates/release.yaml):
 
     name: release
-    entries: all                 # or [name or glob, ...]; default: the entries with scale == 1.0
+    entries: all                 # or [name or glob, ...]; default: scale == 1.0, not light
     rules:
       - metric: retention.mc.all.acc.delta   # a metric name (docs/results.md), or an fnmatch glob
         min: -0.01                           # at least one of min / max; both bounds inclusive
@@ -173,14 +173,15 @@ def _check_catalogued(path: Path, index: int, metric: str) -> None:
 
 def select_entries(results: dict, policy: Policy, names: list[str] | None = None) -> list[dict]:
     """The entries to gate: `names` (e.g. from --entry) if given, else the policy's `entries`,
-    else those with scale == 1.0 (the tuned adapters, not the scale sweep). Names may be globs;
-    one that matches nothing is a UsageError."""
+    else those with scale == 1.0 that are not light (the tuned adapters, not the scale sweep or
+    the checkpoints scored on learning and general text only). Names may be globs; one that
+    matches nothing is a UsageError."""
     entries = results["entries"]
     patterns, origin = (names, "--entry") if names else (policy.entries, f"{policy.source}: entries")
     if patterns is None:
-        chosen = [e for e in entries if e.get("scale", 1.0) == 1.0]
+        chosen = [e for e in entries if e.get("scale", 1.0) == 1.0 and e.get("light") is not True]
         if not chosen:
-            raise UsageError(f"{policy.source}: no entry has scale 1.0; name entries in the "
+            raise UsageError(f"{policy.source}: no entry has scale 1.0 and the whole suite; name entries in the "
                              "policy's `entries:` or with --entry")
         return chosen
     known = ", ".join(e["name"] for e in entries)

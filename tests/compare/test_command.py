@@ -347,3 +347,49 @@ def test_without_the_base_value_no_origin_is_invented(tmp_path):
     reference = sweep("baseline", kl=lambda s: 0.4 * s, learning=lambda s: 1.5 - 0.5 * s, scales=(0.5, 0.75, 1.0))
     family = sweep("kl", kl=lambda s: 0.3 + 0.1 * s, learning=lambda s: 2.5 - 0.5 * s, scales=(0.5, 0.75, 1.0))
     assert metric_of(run(tmp_path, reference, family), "kl")["verdict"] == "no comparison"
+
+
+def light(entries):
+    """The entries as an eval with light_points writes them: only the final adapter (scale 1)
+    carries the accuracy delta; every other point is light and lacks it."""
+    for e in entries:
+        e["light"] = e["scale"] != 1.0
+        if e["light"]:
+            del e["metrics"][ACC]
+    return entries
+
+
+def test_light_points_are_points_only_for_the_metrics_they_carry(tmp_path):
+    """Accuracy deltas exist on the final adapters only (and the base, as every family's origin):
+    each front for it is the segment base (val loss 2, delta 0) -> final (val loss 1). The
+    baseline's final loses 0.1, the family's 0.04, so at level x the fronts read -0.1 (2 - x) and
+    -0.04 (2 - x), and the family helps by 0.06 (2 - x): by hand at L1..L5 (x = 2.0 .. 1.0)."""
+    def fam(name, acc):
+        return light(with_base([entry(name, s, 2.0 - s, {KL: 0.2 * s * s, ACC: acc * s}) for s in SCALES],
+                               base_loss=2.0))
+    report = run(tmp_path, fam("baseline", -0.1), fam("kl", -0.04))
+    assert [m["metric"] for m in report["forgetting"]] == ["retention.general.kl", ACC]
+    rows = metric_of(report, "kl", ACC)["rows"]
+    assert [r["learning"] for r in rows] == pytest.approx([2.0, 1.75, 1.5, 1.25, 1.0])
+    assert [r["difference"]["value"] for r in rows] == pytest.approx([0.06 * (2 - r["learning"]) for r in rows])
+    assert metric_of(report, "kl", ACC)["summary"] == "helps at L2..L5"  # at L1 both are the base
+
+    # negative control: the same entries without the light mark are entries missing a metric, and
+    # the default leaves the accuracy delta out
+    plain = [fam("baseline", -0.1), fam("kl", -0.04)]
+    for e in plain[0] + plain[1]:
+        del e["light"]
+    report = run(tmp_path, *plain, name="plain.json")
+    assert [m["metric"] for m in report["forgetting"]] == ["retention.general.kl"]
+    assert report["forgetting_left_out"] == [ACC]
+
+
+def test_a_full_entry_missing_a_requested_metric_is_still_refused(tmp_path, capsys):
+    def fam(name):
+        return light([entry(name, s, 2.0 - s, {KL: 0.2 * s * s, ACC: -0.1 * s}) for s in SCALES])
+    baseline, family = fam("baseline"), fam("kl")
+    del family[-1]["metrics"][ACC]  # the final adapter, scored on the whole suite, lacks it
+    path = write(tmp_path, results(baseline, family))
+    assert main(["compare", str(path), "--forgetting", ACC]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"--forgetting {ACC} is missing or non-finite in 1 of 2 entries: kl@1" in err

@@ -238,3 +238,31 @@ def test_a_recipe_family_names_the_entry_s_family(workspace, cache):
     runs = [make_run(workspace, "slow", seed=6, overrides=["family=baseline"]), make_run(workspace, "own", seed=7)]
     results = run_eval(workspace / "suite.yaml", runs=runs)
     assert [(e["name"], e["family"]) for e in results["entries"]] == [("slow", "baseline"), ("own", "own")]
+
+
+def test_light_points_measure_learning_and_general_text_as_the_full_suite_does(workspace, tmp_path, monkeypatch,
+                                                                               trained):
+    """With light_points, scale and checkpoint entries carry only the learning and general-text
+    metrics, with the values the full suite gives them; the final adapter keeps everything; and
+    the light points cost fewer tuned forward passes (no multiple choice, no generation)."""
+    results, calls = {}, {}
+    for light in (False, True):
+        monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / f"cache-{light}"))
+        (workspace / "light.yaml").write_text(yaml.safe_dump(
+            {**SUITE, "checkpoints": "all", "scales": [0.5], "light_points": light}))
+        out = run_eval(workspace / "light.yaml", runs=[trained])
+        results[light] = {e["name"]: e for e in out["entries"]}
+        calls[light] = out["base"]["forward_calls"]
+    full, light = results[False], results[True]
+    assert [light[n]["light"] for n in ("traj", "traj@0.5", "traj:step2")] == [False, True, True]
+    assert not any(e["light"] for e in full.values())
+    assert values(light["traj"]) == values(full["traj"])
+    for name in ("traj@0.5", "traj:step2"):
+        kept = values(light[name])
+        assert {n.rpartition(".")[0] for n in kept} == {
+            "learning.val_loss", "learning.val_ppl", "retention.general.ppl", "retention.general",
+        }
+        assert kept == {n: values(full[name])[n] for n in kept}  # the same numbers, fewer of them
+        assert len(values(full[name])) > len(kept) + 20  # multiple choice, calibration, overfitting dropped
+    assert calls[True]["base"] == calls[False]["base"]
+    assert calls[True]["tuned"] < calls[False]["tuned"]

@@ -286,6 +286,21 @@ def test_ratio_bootstrap_identical_and_random():
     assert out == ratio_bootstrap_ci(base, tuned, n_boot=300)
 
 
+def test_ratio_bootstrap_tuned_interval_by_hand():
+    """The tuned perplexity's own CI. Two documents of one token each, tuned NLL 1 and 3: a
+    resample holds (1, 1), (1, 3) or (3, 3), so its perplexity is e^1, e^2 or e^3, and with 1000
+    resamples each end of a 95% interval is one of the extremes (each has probability 1/4)."""
+    base, tuned = [[2.0, 1], [2.0, 1]], [[1.0, 1], [3.0, 1]]
+    out = ratio_bootstrap_ci(base, tuned, n_boot=1000)
+    assert out["tuned"] == pytest.approx(math.exp(2))
+    assert (out["tuned_ci_low"], out["tuned_ci_high"]) == pytest.approx((math.exp(1), math.exp(3)))
+    # the base is flat, so the ratio's interval is the tuned one over e^2
+    assert (out["ci_low"], out["ci_high"]) == pytest.approx((math.exp(-1), math.exp(1)))
+    # a tuned side equal on every document has no spread
+    flat = ratio_bootstrap_ci(base, [[1.5, 1], [1.5, 1]], n_boot=200)
+    assert flat["tuned_ci_low"] == flat["tuned_ci_high"] == pytest.approx(math.exp(1.5))
+
+
 def test_ratio_bootstrap_validation():
     with pytest.raises(ValueError):
         ratio_bootstrap_ci([1.0, 2.0], [1.0, 2.0])  # not [n, 2]

@@ -299,3 +299,23 @@ def test_unreadable_archive_and_failed_download(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match=r"could not download bigbench==1\.0\.0 .*No matching distribution"):
         fetch_bigbench(["alpha"])
     assert not list((tmp_path / "cache" / "bigbench").glob(".sdist-*"))  # the download dir is gone
+
+
+def test_bigbench_mc_in_the_chat_format(bigbench):
+    """prompt: chat renders the input as a user turn of the model's chat template (the tiny
+    model's is ChatML) and scores each choice right after the assistant's turn opens."""
+    from workbench.evals.evaluate import _mc_items
+    from workbench.evals.suite import Suite
+    from workbench.modeling.load import load_tokenizer
+    from workbench.config.recipe import ModelSection
+
+    tokenizer = load_tokenizer(ModelSection(name="tiny-random-llama"))
+    suite = Suite(name="t", multiple_choice=[{"bigbench": "alpha", "prompt": "chat", "limit": 1}])
+    item = _mc_items(suite, Path("."), tokenizer)["alpha"][0]
+    assert item == MCItem("<|im_start|>user\nPick one.<|im_end|>\n<|im_start|>assistant\n",
+                          ("low", "mid", "top", "other"), 2, 0, "")
+    tokenizer.chat_template = None
+    with pytest.raises(UsageError, match="'alpha': prompt: chat needs a tokenizer with a chat template"):
+        _mc_items(suite, Path("."), tokenizer)
+    with pytest.raises(ValueError, match="'prompt' applies to bigbench tasks"):
+        Suite(name="t", multiple_choice=[{"local": "task.yaml", "prompt": "chat"}])

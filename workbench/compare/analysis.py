@@ -83,7 +83,8 @@ def _span(seeds: dict[int, list[pts.Entry]], learning: str, higher: bool) -> tup
 
 def _fronts(seeds: dict[int, list[pts.Entry]], learning: str, learning_higher: bool,
             metric: str, higher: bool) -> list[list]:
-    return [pareto_front(pts.to_points(m, learning, learning_higher, metric, higher)) for m in seeds.values()]
+    return [pareto_front(pts.to_points(pts.carrying(m, metric), learning, learning_higher, metric, higher))
+            for m in seeds.values()]
 
 
 def compare_metric(reference_fronts: Sequence[Sequence], family_fronts: Sequence[Sequence],
@@ -131,7 +132,7 @@ def compare(paths: Sequence[str | Path], learning: str = pts.DEFAULT_LEARNING,
     skipped: list[str] = []
     if wanted:
         for metric, _ in wanted:
-            pts.require(entries, metric, "--forgetting")
+            pts.require(pts.full(entries), metric, "--forgetting")
     else:
         used, skipped = pts.default_forgetting(entries)
         wanted = [(m, pts.direction(m, "default forgetting metric")) for m in used]

@@ -7,6 +7,8 @@ family's points are all its entries: adapter scales, checkpoints, strengths and 
 Every problem with the inputs is a one-line UsageError naming the file or the flag: metric names
 outside the catalogue (or without a direction), a learning or forgetting metric missing from
 entries, no reference family, a family or seed with one point, files from different suites.
+A light entry (a trajectory point scored on learning and general text only, `"light": true`)
+is a point only for the metrics it carries.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Entry:
     step: int | None
     scale: float | None
     metrics: dict
+    light: bool = False  # a trajectory point scored on learning and general text only
 
 
 def family_of(entry: dict) -> str:
@@ -80,8 +83,8 @@ def read_entries(paths: Sequence[str | Path]) -> list[Entry]:
             seed = 0 if seed is None else seed  # files before seeds, or a null: one seed
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise UsageError(f"{path}: entry {name!r}: seed {seed!r} is not an integer")
-            entries.append(Entry(path, name, family_of(entry), seed,
-                                 entry.get("step"), entry.get("scale"), entry["metrics"]))
+            entries.append(Entry(path, name, family_of(entry), seed, entry.get("step"), entry.get("scale"),
+                                 entry["metrics"], entry.get("light") is True))
     return entries
 
 
@@ -117,6 +120,17 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def full(entries: Sequence[Entry]) -> list[Entry]:
+    """The entries scored on the whole suite (not light trajectory points), which must carry every
+    forgetting metric compared; all of them when every entry is light."""
+    return [e for e in entries if not e.light] or list(entries)
+
+
+def carrying(members: Sequence[Entry], metric: str) -> list[Entry]:
+    """The entries that are points for `metric`: a light entry lacking it is no point on its front."""
+    return [e for e in members if reading(e, metric) is not None]
+
+
 def require(entries: Sequence[Entry], metric: str, flag: str) -> None:
     """Every entry must carry `metric` with a finite value; else one line naming the file(s) and
     the entries without it."""
@@ -128,8 +142,9 @@ def require(entries: Sequence[Entry], metric: str, flag: str) -> None:
 
 def default_forgetting(entries: Sequence[Entry]) -> tuple[list[str], list[str]]:
     """(used, skipped): the default forgetting metrics - the general-text perplexity ratio and KL
-    and every multiple-choice accuracy delta - that every entry carries, and those some lack
-    (left out rather than refused: defaults are a convenience, --forgetting is a request)."""
+    and every multiple-choice accuracy delta - that every full (not light) entry carries, and those
+    some lack (left out rather than refused: defaults are a convenience, --forgetting is a request)."""
+    entries = full(entries)
     present = dict.fromkeys(m for e in entries for m in e.metrics)
     candidates = [*DEFAULT_FORGETTING, *sorted(m for m in present if MC_DELTA.fullmatch(m))]
     used = [m for m in candidates if all(reading(e, m) is not None for e in entries)]

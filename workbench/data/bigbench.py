@@ -1,11 +1,13 @@
-"""Eval and training items from BIG-bench tasks, in the one prompt format the survey measured:
-the context is `"Q: {input}\nA:"` and each choice, or the generative target, follows after one
-space (`shared/bigbench-smollm2-survey.md`)."""
+"""Eval and training items from BIG-bench tasks, by default in the prompt format the survey
+measured: the context is `"Q: {input}\nA:"` and each choice, or the generative target, follows
+after one space (`shared/bigbench-smollm2-survey.md`). Multiple-choice items take another
+context format on request (an eval suite's `prompt: chat`)."""
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 from workbench.assets.bigbench import task_examples
 from workbench.errors import UsageError
@@ -27,11 +29,14 @@ def bigbench_prompt(text: str) -> str:
     return f"Q: {text}\nA:"
 
 
-def bigbench_mc(name: str, limit: int | None = None) -> list[MCItem]:
+def bigbench_mc(name: str, limit: int | None = None, prompt: Callable[[str], str] = bigbench_prompt,
+                delimiter: str = " ") -> list[MCItem]:
     """The task's multiple-choice items (examples with `target_scores`), in file order.
 
     Choices keep the file's order; gold is the first choice with the highest score. Examples
     without target_scores are skipped and counted on stderr; `limit` caps the items returned.
+    `prompt` turns an example's input into the context (default `Q: {input}\nA:`) and each
+    choice is scored after `delimiter`.
     """
     items, skipped = [], 0
     for doc_id, example in enumerate(task_examples(name)):
@@ -45,7 +50,7 @@ def bigbench_mc(name: str, limit: int | None = None) -> list[MCItem]:
             raise UsageError(f"bigbench task {name!r}: example {doc_id} has non-numeric target_scores")
         values = list(scores.values())
         gold = values.index(max(values))
-        items.append(MCItem(bigbench_prompt(example["input"]), tuple(scores), gold, doc_id))
+        items.append(MCItem(prompt(example["input"]), tuple(scores), gold, doc_id, delimiter))
     if skipped:
         print(f"bigbench {name}: skipped {skipped} example(s) without target_scores", file=sys.stderr)
     if not items:

@@ -148,13 +148,24 @@ def check_tokenizer(spec: AdapterSpec, tokenizer) -> None:
 # --- data ------------------------------------------------------------------------------------
 
 
-def _mc_items(suite: Suite, suite_dir: Path) -> dict[str, list]:
+def _chat_prompt(tokenizer, task: str):
+    """The input as a user turn in the chat template, ending where the assistant's reply starts."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"multiple-choice task {task!r}: prompt: chat needs a tokenizer with a chat "
+                         "template, and this model's has none")
+    return lambda text: tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True)
+
+
+def _mc_items(suite: Suite, suite_dir: Path, tokenizer) -> dict[str, list]:
     from workbench.data.bigbench import bigbench_mc
     from workbench.evals.tasks import local_task
 
     tasks = {}
     for task in suite.multiple_choice:
-        if task.bigbench:
+        if task.bigbench and task.prompt == "chat":
+            items = bigbench_mc(task.bigbench, task.limit, _chat_prompt(tokenizer, task.name), delimiter="")
+        elif task.bigbench:
             items = bigbench_mc(task.bigbench, task.limit)
         else:
             items = local_task(suite_dir / task.local, task.limit)
@@ -261,7 +272,7 @@ def run_eval(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path]
     tokenizer = load_tokenizer(section)
     for spec in specs:
         check_tokenizer(spec, tokenizer)
-    shared = EvalData(general_data(suite, tokenizer), _mc_items(suite, suite_dir), None)
+    shared = EvalData(general_data(suite, tokenizer), _mc_items(suite, suite_dir, tokenizer), None)
     targets = {spec.name: target_data(spec, suite, suite_dir, tokenizer) for spec in specs}
     model, tokenizer = load_model(section, tokenizer)
     base_fp = model_fingerprint(model)
@@ -278,11 +289,13 @@ def run_eval(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path]
         norm = delta_norm(peft_model, f"a{i}")
         scales = [1.0] + [s for s in suite.scales if s != 1.0] if i < finals else [1.0]  # checkpoints: 1 only
         for scale in scales:
-            entries.append(_evaluate_entry(evaluator, spec, f"a{i}", scale, norm, shared, targets[spec.name]))
+            light = suite.light_points and (i >= finals or scale != 1.0)
+            entries.append(_evaluate_entry(evaluator, Entry(_entry_name(spec, scale), f"a{i}", scale, light),
+                                           spec, norm, shared, targets[spec.name]))
     results = {
         "schema_version": SCHEMA_VERSION, "kind": KIND,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "suite": {"name": suite.name, "path": str(suite_path), "fingerprint": fingerprint(suite.model_dump())},
+        "suite": {"name": suite.name, "path": str(suite_path), "fingerprint": suite.base_fingerprint()},
         "base": {"model": section.name, "fingerprint": base_fp,
                  "cache": {"hits": sorted(set(evaluator.cache.hits)), "misses": sorted(set(evaluator.cache.misses))},
                  "forward_calls": dict(evaluator.forward_calls)},
@@ -296,17 +309,21 @@ def run_eval(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path]
     return results
 
 
-def _evaluate_entry(evaluator: Evaluator, spec: AdapterSpec, adapter: str, scale: float, norm: float,
+def _entry_name(spec: AdapterSpec, scale: float) -> str:
+    return spec.name if scale == 1.0 else f"{spec.name}@{scale:g}"
+
+
+def _evaluate_entry(evaluator: Evaluator, entry: Entry, spec: AdapterSpec, norm: float,
                     shared: EvalData, target: TargetData | None) -> dict:
-    name = spec.name if scale == 1.0 else f"{spec.name}@{scale:g}"
     start = time.perf_counter()
     data = EvalData(shared.general, shared.multiple_choice, target)
-    metrics, curves = evaluator.evaluate(Entry(name, adapter, scale), data)
+    metrics, curves = evaluator.evaluate(entry, data)
     if is_main_process():
-        print(f"eval: {name}: {len(metrics)} metrics in {time.perf_counter() - start:.1f} s", flush=True)
-    return {"name": name, "adapter": str(spec.path), "run": str(spec.run_dir) if spec.run_dir else None,
+        print(f"eval: {entry.name}: {len(metrics)} metrics in {time.perf_counter() - start:.1f} s", flush=True)
+    scale = entry.scale
+    return {"name": entry.name, "adapter": str(spec.path), "run": str(spec.run_dir) if spec.run_dir else None,
             "family": spec.family, "seed": spec.recipe.train.seed if spec.recipe else None, "step": spec.step,
-            "scale": scale, "changes_model": norm * scale > 0.0, "delta_norm": norm * scale,
+            "scale": scale, "light": entry.light, "changes_model": norm * scale > 0.0, "delta_norm": norm * scale,
             "metrics": metrics, "curves": curves}
 
 

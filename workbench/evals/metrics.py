@@ -263,7 +263,8 @@ def ratio_bootstrap_ci(base, tuned, n_boot: int = 1000, alpha: float = 0.05, see
     base, tuned: [n, 2], one (summed token NLL, token count) row per document, the same
     documents in the same order. ppl = exp(sum nll / sum tokens) pools tokens (a mean of
     per-document perplexities would overweight short documents). Documents are resampled with
-    the same indices for both. Returns base, tuned (perplexities), ratio, ci_low, ci_high, n.
+    the same indices for both. Returns base, tuned (perplexities), ratio, ci_low, ci_high (of
+    the ratio), tuned_ci_low, tuned_ci_high (of the tuned perplexity alone), n.
     """
     base, tuned = np.asarray(base, dtype=np.float64), np.asarray(tuned, dtype=np.float64)
     if base.ndim != 2 or base.shape[1] != 2 or base.shape[0] == 0 or base.shape != tuned.shape:
@@ -279,10 +280,14 @@ def ratio_bootstrap_ci(base, tuned, n_boot: int = 1000, alpha: float = 0.05, see
         # difference of mean NLLs, exponentiated once: exp(0) is exactly 1 for identical inputs
         return sums[2] / sums[3] - sums[0] / sums[1]
 
-    ratios = []
+    ratios, tuned_ppls = [], []
     for idx in _resamples(len(columns), n_boot, alpha, seed):
-        ratios.append(math.exp(log_ratio(columns[idx].sum(axis=0))))
+        resampled = columns[idx].sum(axis=0)
+        ratios.append(math.exp(log_ratio(resampled)))
+        tuned_ppls.append(math.exp(resampled[2] / resampled[3]))
     sums = columns.sum(axis=0)
     low, high = _interval(ratios, alpha)
+    tuned_low, tuned_high = _interval(tuned_ppls, alpha)
     return {"base": math.exp(sums[0] / sums[1]), "tuned": math.exp(sums[2] / sums[3]),
-            "ratio": math.exp(log_ratio(sums)), "ci_low": low, "ci_high": high, "n": len(columns)}
+            "ratio": math.exp(log_ratio(sums)), "ci_low": low, "ci_high": high,
+            "tuned_ci_low": tuned_low, "tuned_ci_high": tuned_high, "n": len(columns)}

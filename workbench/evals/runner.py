@@ -49,6 +49,7 @@ class Entry:
     name: str
     adapter: str  # the PEFT adapter name loaded on the model
     scale: float = 1.0
+    light: bool = False  # learning (target held-out loss) and general text only: a trajectory point
 
 
 def _mean_nll(rows: list[torch.Tensor]) -> np.ndarray:
@@ -95,7 +96,7 @@ class Evaluator:
         curves: dict[str, dict] = {}
         if data.general is not None:
             metrics.update(self._general(entry, data.general))
-        if data.multiple_choice:
+        if data.multiple_choice and not entry.light:
             m, c = self._multiple_choice(entry, data.multiple_choice)
             metrics.update(m)
             curves.update(c)
@@ -142,7 +143,7 @@ class Evaluator:
         ordered = {"kl_low": per_chunk[:, 0], "kl_high": per_chunk[:, 1], "agree": per_chunk[:, 2]}
         ppl = M.ratio_bootstrap_ci(base["nll"].numpy(), _mean_nll(rows), n_boot=self.suite.bootstrap)
         out = {"retention.general.ppl.base": metric(ppl["base"]),
-               "retention.general.ppl.tuned": metric(ppl["tuned"]),
+               "retention.general.ppl.tuned": metric(ppl["tuned"], (ppl["tuned_ci_low"], ppl["tuned_ci_high"])),
                "retention.general.ppl.ratio": metric(ppl["ratio"], (ppl["ci_low"], ppl["ci_high"]))}
         for name, key in (("kl", "kl_low"), ("kl_upper", "kl_high"), ("top1_agreement", "agree")):
             ci = M.paired_bootstrap_ci(np.zeros_like(ordered[key]), ordered[key], n_boot=self.suite.bootstrap)
@@ -241,20 +242,16 @@ class Evaluator:
         n_learn = min(t.num_examples, len(target.heldout))
         n_pairs = min(len(target.members), len(target.heldout))
         with self.tuned(entry):
-            heldout_rows = token_logprobs(self.model, target.heldout, self.suite.batch_size, self.pad_id,
+            heldout = target.heldout[:n_learn] if entry.light else target.heldout
+            heldout_rows = token_logprobs(self.model, heldout, self.suite.batch_size, self.pad_id,
                                           desc=f"{entry.name}: target held-out")
+            if entry.light:
+                return self._learning(base, heldout_rows, n_learn), {}
             member_rows = token_logprobs(self.model, target.members, self.suite.batch_size, self.pad_id,
                                          desc=f"{entry.name}: target train")
             heldout_gen = self._generate(target.heldout[:max(n_learn, n_pairs)], f"{entry.name}: generate held-out")
             member_gen = self._generate(target.members[:n_pairs], f"{entry.name}: generate train")
-        learn = M.ratio_bootstrap_ci(base["heldout_nll"].numpy()[:n_learn], _mean_nll(heldout_rows[:n_learn]),
-                                     n_boot=self.suite.bootstrap)
-        log = math.log
-        out = {"learning.val_loss.base": metric(log(learn["base"])),
-               "learning.val_loss.tuned": metric(log(learn["tuned"])),
-               "learning.val_loss.delta": metric(log(learn["ratio"]), (log(learn["ci_low"]), log(learn["ci_high"]))),
-               "learning.val_ppl.base": metric(learn["base"]),
-               "learning.val_ppl.tuned": metric(learn["tuned"])}
+        out = self._learning(base, heldout_rows, n_learn)
         tuned_em = self._exact_matches(heldout_gen[0][:n_learn], heldout_gen[1][:n_learn])
         em = M.paired_bootstrap_ci(base["exact_match"].numpy(), tuned_em, n_boot=self.suite.bootstrap)
         out.update(_paired("learning.exact_match", em))
@@ -266,6 +263,18 @@ class Evaluator:
         out["overfitting.extraction.gap"] = metric(out["overfitting.extraction.train"]["value"]
                                                    - out["overfitting.extraction.heldout"]["value"])
         return self._overfitting(out, base, heldout_rows, member_rows, n_pairs)
+
+    def _learning(self, base: dict, heldout_rows: list[torch.Tensor], n: int) -> dict:
+        """Held-out target loss of the first n examples, base and tuned, with a paired CI."""
+        learn = M.ratio_bootstrap_ci(base["heldout_nll"].numpy()[:n], _mean_nll(heldout_rows[:n]),
+                                     n_boot=self.suite.bootstrap)
+        log = math.log
+        tuned_ci = (learn["tuned_ci_low"], learn["tuned_ci_high"])
+        return {"learning.val_loss.base": metric(log(learn["base"])),
+                "learning.val_loss.tuned": metric(log(learn["tuned"]), tuple(map(log, tuned_ci))),
+                "learning.val_loss.delta": metric(log(learn["ratio"]), (log(learn["ci_low"]), log(learn["ci_high"]))),
+                "learning.val_ppl.base": metric(learn["base"]),
+                "learning.val_ppl.tuned": metric(learn["tuned"], tuned_ci)}
 
     def _overfitting(self, out: dict, base: dict, heldout_rows, member_rows, n: int) -> tuple[dict, dict]:
         """Train vs held-out loss gap, and membership inference on n members vs n non-members."""

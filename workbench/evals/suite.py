@@ -9,6 +9,8 @@
     target: {num_examples: 64}               # the run's held-out split, or explicit files
     overfitting: {num_examples: 64, min_k: 0.2}
     scales: [0.25, 0.5, 0.75]                # adapter-scale sweep (0 is the base, 1 the adapter)
+    checkpoints: all                         # a run's saved checkpoints as entries too
+    light_points: true                       # scale and checkpoint entries: learning and general text
 
 Paths are relative to the suite file. Every section may be switched off with `null`.
 """
@@ -41,11 +43,17 @@ class MultipleChoiceTask(Section):
     bigbench: str | None = None
     local: str | None = None
     limit: int | None = Field(default=None, ge=1)
+    prompt: Literal["qa", "chat"] = Field(
+        default="qa", description="a BIG-bench item's format: qa is `Q: {input}\nA:` with each choice after a "
+        "space; chat is the input as a user turn in the model's chat template, each choice the start of the "
+        "assistant's reply (a format a fine-tune on plain `Q:/A:` prompts does not train)")
 
     @model_validator(mode="after")
     def _one_source(self):
         if (self.bigbench is None) == (self.local is None):
             raise ValueError("give exactly one of 'bigbench' or 'local'")
+        if self.local is not None and self.prompt != "qa":
+            raise ValueError("'prompt' applies to bigbench tasks; a local task's YAML sets its own doc_to_text")
         return self
 
     @property
@@ -94,6 +102,9 @@ class Suite(Section):
     checkpoints: Literal["all"] | list[int] = Field(
         default=[], description="a run's saved checkpoints to score as entries NAME:stepN besides its final "
         "adapter: 'all', or a list of steps; the base side is shared, so each costs only its tuned side")
+    light_points: bool = Field(
+        default=False, description="scale and checkpoint entries measure only learning (the target held-out "
+        "loss) and general text, the axes of `workbench compare`; the final adapters get the whole suite")
     lm_eval: LmEval | None = None
 
     @model_validator(mode="after")
@@ -107,7 +118,7 @@ class Suite(Section):
 
     def base_fingerprint(self) -> str:
         """What the base side depends on: everything but the sweep and lm-eval."""
-        return fingerprint(self.model_dump(exclude={"name", "description", "scales", "checkpoints", "lm_eval"}))
+        return fingerprint(self.model_dump(exclude={"name", "description", "scales", "checkpoints", "light_points", "lm_eval"}))
 
 
 def load_suite(path: str | Path) -> tuple[Suite, Path]:

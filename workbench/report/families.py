@@ -27,7 +27,8 @@ def as_point(entry: ReportEntry) -> pts.Entry:
     seed = entry.data.get("seed")
     seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
     return pts.Entry(entry.source or Path("-"), entry.name, pts.family_of(entry.data), seed,
-                     entry.data.get("step"), entry.data.get("scale"), entry.data["metrics"])
+                     entry.data.get("step"), entry.data.get("scale"), entry.data["metrics"],
+                     entry.data.get("light") is True)
 
 
 def grouped(entries: list[ReportEntry], *metrics: str) -> dict[str, dict[int, list[pts.Entry]]]:

@@ -48,19 +48,25 @@ def kl_bounds(base_values: torch.Tensor, base_ids: torch.Tensor, tuned_logprobs:
     tail_log = tuned.scatter(-1, base_ids, float("-inf"))  # tuned log-probs, head removed
     q_tail = tail_log.exp().sum(-1).clamp(min=torch.finfo(torch.float64).tiny)
     lower = head + _xlogy_ratio(mass, mass.clamp(min=1e-300).log(), q_tail.log())
-    return lower, head + _tail_upper(mass, p[:, -1], tail_log)
+    return lower, head + _tail_upper(mass, p[:, -1], tail_log, tuned_logprobs, base_ids)
 
 
-def _tail_upper(mass: torch.Tensor, cap: torch.Tensor, tail_log: torch.Tensor) -> torch.Tensor:
+def _tail_upper(mass: torch.Tensor, cap: torch.Tensor, tail_log: torch.Tensor, tuned_logprobs: torch.Tensor,
+                base_ids: torch.Tensor) -> torch.Tensor:
     """max sum_v x_v log(x_v / q_v) over 0 <= x_v <= cap, sum x = mass; [n].
 
-    tail_log: [n, V] tuned log-probs with the head at -inf (never chosen: x there would be 0).
+    tail_log: [n, V] tuned log-probs (float64) with the head at -inf (never chosen: x there
+    would be 0). The least likely tail tokens are found on the caller's tuned log-probs in their
+    own precision (float32, whose top-k is several times faster than float64's; float64 holds
+    the same values, so the same tokens), and their float64 values are summed.
     """
     n_full = torch.floor(mass / cap).long()  # tokens that take the whole cap
     n_tail = int((tail_log > float("-inf")).sum(-1).min())
     need = min(int(n_full.max()) + 1, n_tail)
-    smallest, _ = (-tail_log).masked_fill(tail_log == float("-inf"), float("-inf")).topk(need, dim=-1)
-    log_q = -smallest  # [n, need]: the tuned model's least likely tail tokens, ascending
+    excluded = tuned_logprobs.scatter(-1, base_ids, float("inf"))
+    excluded = excluded.masked_fill(excluded == float("-inf"), float("inf"))  # a zero-probability token: as the head
+    order = excluded.topk(need, dim=-1, largest=False).indices
+    log_q = tail_log.gather(-1, order)  # [n, need]: the tuned model's least likely tail tokens, ascending
     ranks = torch.arange(need, device=mass.device)[None, :]
     x = torch.where(ranks < n_full[:, None], cap[:, None], torch.zeros_like(log_q))
     remainder = (mass - n_full.double() * cap).clamp(min=0.0)
