@@ -393,3 +393,18 @@ def test_a_full_entry_missing_a_requested_metric_is_still_refused(tmp_path, caps
     assert main(["compare", str(path), "--forgetting", ACC]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"--forgetting {ACC} is missing or non-finite in 1 of 2 entries: kl@1" in err
+
+
+def test_the_markdown_opens_with_one_verdict_row_per_family(tmp_path):
+    """The overview: per family and metric the verdict, where, and the difference at the most
+    learning both fronts reach (L5 here, val loss 1.0: exactly -0.1 for the shifted family)."""
+    path = write(tmp_path, results(sweep("baseline"), sweep("kl", shift=-0.1), sweep("same")))
+    md = tmp_path / "compare.md"
+    assert main(["compare", str(path), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    overview = text[text.index("## Verdicts"):text.index("## kl")]
+    rows = [line for line in overview.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| family | points | seeds | `retention.general.kl` |"
+    assert rows[1].startswith("| kl | 5 | 0 | **helps** (helps at L1..L5); -0.1 [-0.1")
+    assert rows[1].endswith("] at L5 |")
+    assert rows[2].startswith("| same | 5 | 0 | **no different**; +0 [-0.00") and rows[2].endswith("] at L5 |")

@@ -100,8 +100,30 @@ def format_table(c: Comparison, width: int = 160) -> str:
     return "\n".join(lines + [""] + _summary(c))
 
 
+def _at_most_learning(m) -> str:
+    """The difference at the level of most learning that both fronts reach, with its level."""
+    row = next((r for r in reversed(m.rows) if r.diff is not None), None)
+    return "" if row is None else f"{_difference(row.diff, m.higher)} at L{row.level}"
+
+
+def overview(c: Comparison) -> list[str]:
+    """A Markdown table, one row per family: each metric's verdict, where, and the difference
+    at the most learning both fronts reach (the number a reader wants first)."""
+    metrics = [m for m, _ in c.forgetting]
+    lines = ["| family | points | seeds | " + " | ".join(f"`{m}`" for m in metrics) + " |",
+             "|---|---:|---|" + "---|" * len(metrics)]
+    for fam in c.families:
+        cells = []
+        for m in fam.metrics:
+            where = {"no different": "", "no comparison": ""}.get(m.label, f" ({m.text})")
+            detail = _at_most_learning(m)
+            cells.append(f"**{m.label}**{where}" + (f"; {detail}" if detail else ""))
+        lines.append(f"| {fam.family} | {fam.points} | {', '.join(map(str, fam.seeds))} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(c: Comparison) -> str:
-    """The same as Markdown: one section and table per family."""
+    """The same as Markdown: an overview of the verdicts, then one section and table per family."""
     better = "higher" if c.learning_higher else "lower"
     lines = ["# Forgetting at matched learning", "",
              f"Inputs: {', '.join(f'`{p}`' for p in c.inputs)}. Learning: `{c.learning}` ({better} is "
@@ -109,6 +131,9 @@ def markdown(c: Comparison) -> str:
              f"seeds {', '.join(map(str, c.reference_seeds))}). Difference = family − reference in the "
              "metric's units, with its 95% CI; a verdict needs the CI on one side of 0. "
              "L1 is the least learning.", ""]
+    lines += ["## Verdicts", "", "Per family and forgetting metric: the verdict against training less, the levels "
+              "it holds at, and the difference (family − reference) at the most learning both reach.", ""]
+    lines += overview(c) + [""]
     for fam in c.families:
         lines += [f"## {fam.family}", "",
                   f"{fam.points} points, seeds {', '.join(map(str, fam.seeds))}.", "",
