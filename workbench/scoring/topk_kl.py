@@ -16,6 +16,8 @@ With k = V the two bounds meet and equal the exact KL.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -35,38 +37,36 @@ def kl_bounds(base_values: torch.Tensor, base_ids: torch.Tensor, tuned_logprobs:
     """(lower, upper) bounds on KL(base || tuned) per token, each [n].
 
     base_values, base_ids: [n, k] from `base_topk`; tuned_logprobs: [n, V] log-softmax.
+    The [n, V] work (the tail's mass, the least likely tail tokens) runs in the tuned log-probs'
+    own precision (float32 from a model: several times faster than float64, and as exact as the
+    log-softmax it reads); the per-token sums over the head and the chosen tail are float64.
     """
-    tuned = tuned_logprobs.double()
     p_log = base_values.double()
     p = p_log.exp()
-    q_log = tuned.gather(-1, base_ids)
+    q_log = tuned_logprobs.gather(-1, base_ids).double()
     head = _xlogy_ratio(p, p_log, q_log).sum(-1)
-    k, vocab = base_ids.shape[-1], tuned.shape[-1]
+    k, vocab = base_ids.shape[-1], tuned_logprobs.shape[-1]
     if k >= vocab:
         return head, head
     mass = (1.0 - p.sum(-1)).clamp(min=0.0)  # [n] base tail mass
-    tail_log = tuned.scatter(-1, base_ids, float("-inf"))  # tuned log-probs, head removed
-    q_tail = tail_log.exp().sum(-1).clamp(min=torch.finfo(torch.float64).tiny)
-    lower = head + _xlogy_ratio(mass, mass.clamp(min=1e-300).log(), q_tail.log())
-    return lower, head + _tail_upper(mass, p[:, -1], tail_log, tuned_logprobs, base_ids)
+    tail_log = tuned_logprobs.scatter(-1, base_ids, float("-inf"))  # tuned log-probs, head removed
+    q_tail_log = torch.logsumexp(tail_log, -1).double().clamp(min=math.log(torch.finfo(torch.float64).tiny))
+    lower = head + _xlogy_ratio(mass, mass.clamp(min=1e-300).log(), q_tail_log)
+    return lower, head + _tail_upper(mass, p[:, -1], tail_log)
 
 
-def _tail_upper(mass: torch.Tensor, cap: torch.Tensor, tail_log: torch.Tensor, tuned_logprobs: torch.Tensor,
-                base_ids: torch.Tensor) -> torch.Tensor:
+def _tail_upper(mass: torch.Tensor, cap: torch.Tensor, tail_log: torch.Tensor) -> torch.Tensor:
     """max sum_v x_v log(x_v / q_v) over 0 <= x_v <= cap, sum x = mass; [n].
 
-    tail_log: [n, V] tuned log-probs (float64) with the head at -inf (never chosen: x there
-    would be 0). The least likely tail tokens are found on the caller's tuned log-probs in their
-    own precision (float32, whose top-k is several times faster than float64's; float64 holds
-    the same values, so the same tokens), and their float64 values are summed.
+    tail_log: [n, V] tuned log-probs with the head at -inf (never chosen: x there would be 0,
+    and a tail token of probability 0 is skipped likewise).
     """
     n_full = torch.floor(mass / cap).long()  # tokens that take the whole cap
     n_tail = int((tail_log > float("-inf")).sum(-1).min())
     need = min(int(n_full.max()) + 1, n_tail)
-    excluded = tuned_logprobs.scatter(-1, base_ids, float("inf"))
-    excluded = excluded.masked_fill(excluded == float("-inf"), float("inf"))  # a zero-probability token: as the head
+    excluded = tail_log.masked_fill(tail_log == float("-inf"), float("inf"))
     order = excluded.topk(need, dim=-1, largest=False).indices
-    log_q = tail_log.gather(-1, order)  # [n, need]: the tuned model's least likely tail tokens, ascending
+    log_q = tail_log.gather(-1, order).double()  # [n, need]: the least likely tail tokens, ascending
     ranks = torch.arange(need, device=mass.device)[None, :]
     x = torch.where(ranks < n_full[:, None], cap[:, None], torch.zeros_like(log_q))
     remainder = (mass - n_full.double() * cap).clamp(min=0.0)
