@@ -22,8 +22,8 @@ LAYERS = {
     "workbench.scoring": 4,
     "workbench.data": 5,
     "workbench.training": 6, "workbench.evals": 6,
-    "workbench.gate": 7, "workbench.compare": 7, "workbench.report": 7, "workbench.tracking": 7,
-    "workbench.sweep": 7,
+    "workbench.gate": 7, "workbench.calibrate": 7, "workbench.compare": 7, "workbench.report": 7,
+    "workbench.tracking": 7, "workbench.sweep": 7,
     "workbench.cli": 8, "workbench.__main__": 8,
 }
 SIDE_BY_SIDE = {"workbench.training", "workbench.evals"}  # the same layer, never each other
@@ -122,7 +122,8 @@ def _command(argv: list[str]) -> str:
             "print(json.dumps({'code': code, 'torch': 'torch' in sys.modules}))")
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["gate", "--help"], ["recipes"], ["recipes", "recipes/tiny.yaml"]],
+@pytest.mark.parametrize("argv", [["--help"], ["gate", "--help"], ["calibrate", "--help"], ["recipes"],
+                                  ["recipes", "recipes/tiny.yaml"]],
                          ids=" ".join)
 def test_reading_commands_load_no_torch(argv):
     assert _fresh(_command(argv)) == {"code": 0, "torch": False}

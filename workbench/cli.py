@@ -1,4 +1,4 @@
-"""`workbench train | fisher | eval | gate | compare | report | sweep | recipes`: exit 0 on success, 1 when a job fails, 2 on bad input."""
+"""`workbench train | fisher | eval | gate | calibrate | compare | report | sweep | recipes`: exit 0 on success, 1 when a job fails, 2 on bad input."""
 
 from __future__ import annotations
 
@@ -103,6 +103,13 @@ def cmd_gate(args) -> int:
     return run_gate(args.results, args.policy, args.entry)
 
 
+def cmd_calibrate(args) -> int:
+    from workbench.calibrate import run_calibrate
+
+    return run_calibrate(args.suite, args.policy, args.out, run=args.run, adapter=args.adapter, base=args.base,
+                         tolerance=args.tolerance)
+
+
 def cmd_compare(args) -> int:
     from workbench.compare.command import run_compare
 
@@ -203,6 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--policy", required=True, type=Path, help="gate policy YAML (see evals/gates/)")
     gate.add_argument("--entry", action="append", metavar="NAME", help="entries to check (default: the policy's)")
     gate.set_defaults(func=cmd_gate)
+
+    cal = sub.add_parser("calibrate", help="the largest adapter scale that passes a gate policy, written as a "
+                         "new adapter: exit 0 found, 1 no scale passes")
+    source = cal.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, metavar="RUN_DIR", help="a training run directory")
+    source.add_argument("--adapter", type=Path, metavar="DIR", help="a PEFT adapter directory (with --base)")
+    cal.add_argument("--base", help="base model (hub id, local dir or embedded name) for --adapter")
+    cal.add_argument("--suite", required=True, type=Path, help="eval suite YAML (see evals/)")
+    cal.add_argument("--policy", required=True, type=Path, help="gate policy YAML (see evals/gates/)")
+    cal.add_argument("--out", required=True, type=Path, metavar="OUTDIR",
+                     help="new directory: the scaled adapter, results.json and calibration.json")
+    cal.add_argument("--tolerance", type=float, default=0.01, metavar="T",
+                     help="stop bisecting when the bracket on the scale is narrower than T, in (0, 1) "
+                          "(default: %(default)s)")
+    cal.set_defaults(func=cmd_calibrate)
 
     compare = sub.add_parser("compare", help="which recipe forgets less for the same learning: each family's "
                              "front against the reference's (training less), with 95%% CIs")

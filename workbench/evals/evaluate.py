@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -254,20 +254,59 @@ def delta_norm(peft_model, name: str) -> float:
 # --- the command ----------------------------------------------------------------------------
 
 
-def run_eval(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path] = (), base: str | None = None,
-             out: str | Path | None = None, use_cache: bool = True) -> dict:
-    """Evaluate every run/adapter against the base under the suite; returns the results dict.
+@dataclass
+class Session:
+    """The suite's data and the base model loaded once with every adapter on it (a0, a1, ...):
+    `workbench eval` scores its entries with it, `workbench calibrate` one adapter at many scales."""
 
-    Under `accelerate launch` with several processes every rank loads the model on its own device
-    and scores a share of each component's items; every rank then holds all the scores and
-    computes the same metrics, and the main process writes."""
-    init_distributed()
+    suite: Suite
+    suite_path: str | Path
+    suite_dir: Path
+    specs: list[AdapterSpec]
+    finals: int  # specs[:finals] are the runs and adapters named; the rest their checkpoints
+    section: ModelSection
+    base_fp: str
+    evaluator: Evaluator
+    shared: EvalData
+    targets: dict[str, TargetData | None]
+    norms: dict[int, float] = field(default_factory=dict)
+
+    def entry(self, i: int, scale: float = 1.0, light: bool = False) -> dict:
+        """The results entry of adapter i at `scale`, scored on the loaded model."""
+        spec = self.specs[i]
+        if i not in self.norms:
+            self.norms[i] = delta_norm(self.evaluator.peft, f"a{i}")
+        return _evaluate_entry(self.evaluator, Entry(_entry_name(spec, scale), f"a{i}", scale, light),
+                               spec, self.norms[i], self.shared, self.targets[spec.name])
+
+    def results(self, entries: list[dict]) -> dict:
+        """The results.json payload (docs/results.md) for these entries."""
+        cache = self.evaluator.cache
+        return {
+            "schema_version": SCHEMA_VERSION, "kind": KIND,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "suite": {"name": self.suite.name, "path": str(self.suite_path),
+                      "fingerprint": self.suite.base_fingerprint()},
+            "base": {"model": self.section.name, "fingerprint": self.base_fp,
+                     "cache": {"hits": sorted(set(cache.hits)), "misses": sorted(set(cache.misses))},
+                     "forward_calls": dict(self.evaluator.forward_calls)},
+            "versions": versions(),
+            "entries": entries,
+        }
+
+
+def open_session(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path] = (), base: str | None = None,
+                 use_cache: bool = True, checkpoints: bool = True) -> Session:
+    """Resolve and check what to evaluate (bad input raises UsageError before the model loads
+    where it can), read the suite's data, load the base once and every adapter onto it. With
+    `checkpoints`, a run's checkpoints the suite names are loaded too."""
     suite, suite_dir = load_suite(suite_path)
     specs = resolve_specs(list(runs), list(adapters))
     if not specs:
         raise UsageError("nothing to evaluate: give --run RUN_DIR or --base MODEL --adapter DIR")
     finals = len(specs)
-    specs += checkpoint_specs(specs, suite.checkpoints)
+    if checkpoints:
+        specs += checkpoint_specs(specs, suite.checkpoints)
     section = base_section(specs, base)
     tokenizer = load_tokenizer(section)
     for spec in specs:
@@ -284,26 +323,28 @@ def run_eval(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path]
     if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit model is placed as it loads
         peft_model.to(local_device())
     evaluator = Evaluator(peft_model, tokenizer, suite, BaseCache(base_fp, enabled=use_cache))
+    return Session(suite, suite_path, suite_dir, specs, finals, section, base_fp, evaluator, shared, targets)
+
+
+def run_eval(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path] = (), base: str | None = None,
+             out: str | Path | None = None, use_cache: bool = True) -> dict:
+    """Evaluate every run/adapter against the base under the suite; returns the results dict.
+
+    Under `accelerate launch` with several processes every rank loads the model on its own device
+    and scores a share of each component's items; every rank then holds all the scores and
+    computes the same metrics, and the main process writes."""
+    init_distributed()
+    session = open_session(suite_path, runs, adapters, base, use_cache)
+    suite = session.suite
     entries = []
-    for i, spec in enumerate(specs):
-        norm = delta_norm(peft_model, f"a{i}")
-        scales = [1.0] + [s for s in suite.scales if s != 1.0] if i < finals else [1.0]  # checkpoints: 1 only
+    for i in range(len(session.specs)):
+        final = i < session.finals
+        scales = [1.0] + [s for s in suite.scales if s != 1.0] if final else [1.0]  # checkpoints: 1 only
         for scale in scales:
-            light = suite.light_points and (i >= finals or scale != 1.0)
-            entries.append(_evaluate_entry(evaluator, Entry(_entry_name(spec, scale), f"a{i}", scale, light),
-                                           spec, norm, shared, targets[spec.name]))
-    results = {
-        "schema_version": SCHEMA_VERSION, "kind": KIND,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "suite": {"name": suite.name, "path": str(suite_path), "fingerprint": suite.base_fingerprint()},
-        "base": {"model": section.name, "fingerprint": base_fp,
-                 "cache": {"hits": sorted(set(evaluator.cache.hits)), "misses": sorted(set(evaluator.cache.misses))},
-                 "forward_calls": dict(evaluator.forward_calls)},
-        "versions": versions(),
-        "entries": entries,
-    }
+            entries.append(session.entry(i, scale, light=suite.light_points and (not final or scale != 1.0)))
+    results = session.results(entries)
     if suite.lm_eval is not None:
-        results["lm_eval"] = _lm_eval(evaluator, specs, suite, suite_dir)
+        results["lm_eval"] = _lm_eval(session.evaluator, session.specs, suite, session.suite_dir)
     if out is not None and is_main_process():
         write_json(out, results)
     return results
