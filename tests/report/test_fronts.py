@@ -177,3 +177,28 @@ def test_without_a_reference_nothing_is_shaded():
 def test_family_falls_back_to_the_name_before_at_or_colon():
     assert [family_of({"name": n}) for n in ("kl@0.5", "kl:step20", "kl")] == ["kl"] * 3
     assert family_of({"name": "x@0.5", "family": "ewc"}) == "ewc"
+
+
+def test_a_distant_base_adds_a_panel_up_close_on_the_fine_tunes():
+    """Fine-tunes between val loss 3.8 and 4.6 and a base at 11.8: the full panel keeps the base,
+    a second one crops to the fine-tunes' learning (padded by 6% of their spread) and to their
+    forgetting with its CIs; without the distant base there is no second panel."""
+    def near(name, family, loss, ratio):
+        e = {**point(family, 1.0), "name": name}
+        e["metrics"]["learning.val_loss.tuned"] = {"value": loss}
+        e["metrics"]["learning.val_loss.base"] = {"value": 11.8}
+        e["metrics"]["retention.general.ppl.ratio"] = {"value": ratio, "ci": [ratio * 0.9, ratio * 1.1]}
+        del e["metrics"]["learning.exact_match.tuned"]
+        return ReportEntry(name, e)
+    rows = [near("b1", "baseline", 3.8, 4.0), near("b2", "baseline", 4.6, 1.2), near("k1", "kl", 4.2, 1.5)]
+    fig = tradeoff_figure(rows, FORGETTING[0], reference="baseline")
+    assert len(fig.axes) == 2 and "up close" in fig.axes[1].get_xlabel()
+    whole, close = fig.axes
+    assert max(whole.get_xlim()) > 11.8  # the base star is in the whole panel
+    assert sorted(close.get_xlim()) == pytest.approx([3.8 - 0.048, 4.6 + 0.048])
+    low, high = close.get_ylim()
+    pad = (4.4 / 1.08) ** 0.06
+    assert (low, high) == pytest.approx((1.08 / pad, 4.4 * pad))
+    for row in rows:  # without the distant base: one panel
+        row.data["metrics"]["learning.val_loss.base"] = {"value": 5.0}
+    assert len(tradeoff_figure(rows, FORGETTING[0], reference="baseline").axes) == 1

@@ -23,7 +23,7 @@ from workbench.data.examples import data_fingerprint, format_example, general_te
 from workbench.data.sources import is_named_source, read_records
 from workbench.distributed import init_distributed, is_main_process, local_device
 from workbench.errors import UsageError
-from workbench.io import fingerprint, write_json
+from workbench.io import write_json
 from workbench.modeling.load import load_model, load_tokenizer, model_fingerprint
 from workbench.config.recipe import ModelSection, Recipe, describe_error
 from workbench.formats.run_record import RunRecord, read_run, run_path, versions
