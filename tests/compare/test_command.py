@@ -408,3 +408,24 @@ def test_the_markdown_opens_with_one_verdict_row_per_family(tmp_path):
     assert rows[1].startswith("| kl | 5 | 0 | **helps** (helps at L1..L5); -0.1 [-0.1")
     assert rows[1].endswith("] at L5 |")
     assert rows[2].startswith("| same | 5 | 0 | **no different**; +0 [-0.00") and rows[2].endswith("] at L5 |")
+
+
+def test_learning_is_taken_as_measured_whatever_its_ci(tmp_path):
+    """Points share their held-out examples, so a learning CI does not widen the comparison: the
+    same families with a wide CI on val loss (±0.5) give the same differences and CIs as with a
+    narrow one, and carried as independent noise the learning se would have widened them."""
+    def fams(half):
+        return [sweep("baseline", half=half), sweep("kl", shift=-0.1, half=half)]
+    def widen_learning(groups, half):
+        for e in groups[0] + groups[1]:
+            x = e["metrics"][LEARNING]["value"]
+            e["metrics"][LEARNING]["ci"] = [x - half, x + half]
+        return groups
+    narrow = run(tmp_path, *fams(0.00196), name="narrow.json")
+    wide = run(tmp_path, *widen_learning(fams(0.00196), 0.5), name="wide.json")
+    rows = [metric_of(r, "kl")["rows"] for r in (narrow, wide)]
+    assert [r["difference"] for r in rows[0]] == [r["difference"] for r in rows[1]]
+    # negative control: the delta method with the learning se through the front's slope (0.4 at
+    # full scale for kl = 0.2 s^2) would add (0.4 * 0.5 / 1.96)^2 to a variance of about 2e-6
+    se = rows[1][-1]["difference"]["se"]
+    assert se < 0.01 < 0.4 * 0.5 / 1.96
