@@ -69,6 +69,9 @@ def test_dotted_overrides_are_typed_and_validated():
     (["train.max_steps=0"], "train.max_steps: Input should be greater than or equal to 1"),
     (["lora.enabled=false", "regularizers.kl_to_base.weight=1"], "kl_to_base act on the LoRA adapter"),
     (["regularizers.ewc.weight=5"], "regularizers.ewc needs a Fisher"),
+    (["regularizers.kl_to_base.target=0"], "regularizers.kl_to_base.target: Input should be greater than 0"),
+    (["regularizers.kl_to_base.target=0.1", "regularizers.kl_to_base.weight_min=2",
+      "regularizers.kl_to_base.weight_max=1"], "regularizers.kl_to_base: weight_min 2 is above weight_max 1"),
 ])
 def test_bad_recipes_give_one_line_naming_the_key(overrides, message):
     with pytest.raises(UsageError) as info:

@@ -20,7 +20,8 @@ class PenaltyConfig(BaseModel):
 
 
 class KLConfig(PenaltyConfig):
-    weight: float = Field(default=0.1, ge=0.0)
+    weight: float = Field(default=0.1, ge=0.0, description="Multiplier of the KL in the loss; with `target` "
+                          "set, the controller's starting value.")
     direction: Literal["forward", "reverse"] = "forward"
     temperature: float = Field(default=1.0, gt=0.0)
     warmup_steps: int = Field(default=0, ge=0, description="Ramp the weight linearly from 0.")
@@ -30,12 +31,32 @@ class KLConfig(PenaltyConfig):
         "the base's top-k log-probs on the training set, computed once and cached across epochs and "
         "recipes; the KL's base tail is then lumped into one outcome (a lower bound).")
     top_k: int = Field(default=256, ge=1, description="Log-probs per token kept by reference: topk_cache.")
+    target: float | None = Field(
+        default=None, gt=0.0, description="A budget: the KL per completion token (nats) to hold. After every "
+        "optimiser step the weight is adapted toward it (log w += target_gain * e, e the relative error "
+        "clipped to +-0.2), starting from `weight` and kept within [weight_min, weight_max].")
+    target_gain: float = Field(default=0.3, gt=0.0, description="With `target`: the change of log(weight) per "
+                               "step per unit of relative error, so at most a factor exp(0.2 x gain) a step "
+                               "(6% at 0.3). Measured on the tiny model in docs/regularizers.md.")
+    weight_min: float = Field(default=1e-3, gt=0.0, description="With `target`: the lowest weight.")
+    weight_max: float = Field(default=1e3, gt=0.0, description="With `target`: the highest weight.")
 
     @model_validator(mode="after")
-    def _cache_needs_forward(self) -> "KLConfig":
+    def _consistent(self) -> "KLConfig":
         if self.reference == "topk_cache" and self.direction != "forward":
             raise ValueError("reference: topk_cache supports direction: forward only (the reverse KL "
                              "weighs every token by the tuned model, so it needs the base's whole distribution)")
+        if self.target is None:
+            return self
+        if self.weight_min > self.weight_max:
+            raise ValueError(f"weight_min {self.weight_min:g} is above weight_max {self.weight_max:g}")
+        if not self.weight_min <= self.weight <= self.weight_max:
+            raise ValueError(f"with a target, weight is the controller's starting value and must lie in "
+                             f"[weight_min, weight_max] = [{self.weight_min:g}, {self.weight_max:g}], "
+                             f"got {self.weight:g}")
+        if self.warmup_steps:
+            raise ValueError("target and warmup_steps exclude each other: with a target the controller sets "
+                             "the weight (and lowers it anyway while the KL is below its target)")
         return self
 
 

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import ProgressCallback, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from workbench.data.examples import NOT_MODEL_INPUTS
-from workbench.errors import RunFailed
+from workbench.errors import RunFailed, UsageError
+from workbench.io import write_json
 from workbench.scoring.masks import IGNORE, next_token_mask, shifted_labels
 from workbench.training.regularizers import Penalty
 
@@ -31,6 +35,20 @@ class TermsProgress(ProgressCallback):
                      or k.endswith("_weighted")}
             self.training_bar.set_postfix({k.removesuffix("_weighted"): f"{v:.3g}"
                                            for k, v in shown.items()}, refresh=False)
+
+
+PENALTY_STATE = "penalties.json"  # in each checkpoint that has a controlled weight
+
+
+class AfterOptimiserStep(TrainerCallback):
+    """Runs the trainer's per-step hook on every rank, after the update and before the step is
+    logged or checkpointed (so a checkpoint holds the weight its next step uses)."""
+
+    def __init__(self, trainer: "RegularizedTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.update_penalty_weights()
 
 
 def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None,
@@ -55,10 +73,12 @@ class RegularizedTrainer(Trainer):
     """Adds `weight(step) * penalty` for each penalty to the task loss and logs every term.
 
     Terms are logged per step under their own names, unweighted and `<name>_weighted`, next to
-    `task_loss`. Per-token penalties are normalised exactly like the task loss (by the number of
-    label tokens in the whole accumulated, all-rank batch), parameter penalties count once per
-    optimisation step; so gradient accumulation and data parallelism change nothing, neither in
-    the update nor in the logged terms (see `log`).
+    `task_loss`; a controlled weight (`Penalty.controlled`, e.g. a KL budget) also as
+    `<name>_weight`, the weight in force during the step, and it is updated once per optimiser
+    step (`update_penalty_weights`) and checkpointed. Per-token penalties are normalised exactly
+    like the task loss (by the number of label tokens in the whole accumulated, all-rank batch),
+    parameter penalties count once per optimisation step; so gradient accumulation and data
+    parallelism change nothing, neither in the update nor in the logged terms (see `log`).
     """
 
     def __init__(self, *args, penalties: list[Penalty] = (), **kwargs):
@@ -72,6 +92,11 @@ class RegularizedTrainer(Trainer):
         self.penalties = list(penalties)
         self._terms: dict[str, list[torch.Tensor]] = defaultdict(list)  # each as it entered the loss
         self._steps: list[float] = []  # step_scale per micro-batch: they sum to the steps since the last log
+        self._controlled = [p for p in self.penalties if p.controlled]
+        self._step_terms: dict[str, list[torch.Tensor]] = defaultdict(list)  # the same, this step only
+        self._step_steps: list[float] = []
+        if self._controlled:
+            self.add_callback(AfterOptimiserStep(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = dict(inputs)  # a compute_loss_func pops "labels"; penalties need the mask
@@ -85,15 +110,22 @@ class RegularizedTrainer(Trainer):
         scales = {"task_loss": token_scale}
         for penalty in self.penalties:
             value = penalty.penalty(model, batch, outputs)
-            weighted = penalty.weight(self.state.global_step) * value
+            weight = penalty.weight(self.state.global_step)
+            weighted = weight * value
             scale = token_scale if penalty.per_token else step_scale
             loss = loss + weighted * scale
             for name, term in ((penalty.name, value), (f"{penalty.name}_weighted", weighted)):
                 terms[name], scales[name] = term.detach(), scale
+            if penalty.controlled:  # the same on every rank and micro-batch of the step
+                terms[f"{penalty.name}_weight"] = value.new_tensor(weight)
+                scales[f"{penalty.name}_weight"] = step_scale
+                self._step_terms[penalty.name].append(value.detach() * scale)
         self._check_finite(terms)
         for name, value in terms.items():
             self._terms[name].append(value * scales[name])
         self._steps.append(step_scale)
+        if self._controlled:
+            self._step_steps.append(step_scale)
         return (loss, outputs) if return_outputs else loss
 
     def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
@@ -159,6 +191,46 @@ class RegularizedTrainer(Trainer):
             self._terms.clear()
             self._steps.clear()
         super().log(logs, *args, **kwargs)
+
+    def update_penalty_weights(self) -> None:
+        """Once per optimiser step, on every rank: hand each controlled penalty its term of the
+        step just taken, reduced exactly as `log` reduces it (so with logging_steps 1 it is the
+        logged value): summed over the step's micro-batches as they entered the loss, averaged
+        over ranks, per step. Every rank gets the same value, so every rank holds the same weight."""
+        if not self._step_terms:
+            return
+        totals = torch.stack([torch.stack(self._step_terms[p.name]).float().sum() for p in self._controlled])
+        totals = self._mean_over_ranks(totals) / sum(self._step_steps)
+        for penalty, measured in zip(self._controlled, totals.tolist()):
+            penalty.update(measured)
+        self._step_terms.clear()
+        self._step_steps.clear()
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The parent's checkpoint, with the controlled penalties' state written first: the parent
+        writes trainer_state.json last, which marks a checkpoint complete (`run.latest_checkpoint`),
+        so a complete checkpoint always has it."""
+        if self._controlled and self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            write_json(folder / PENALTY_STATE, {p.name: p.state_dict() for p in self._controlled})
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """The parent's `train`; resuming also restores each controlled weight from the checkpoint."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if checkpoint and self._controlled:
+            path = Path(checkpoint) / PENALTY_STATE
+            if not path.is_file():
+                raise UsageError(f"{checkpoint}: no {PENALTY_STATE}, so the controlled weight of "
+                                 f"{', '.join(p.name for p in self._controlled)} cannot be restored")
+            state = json.loads(path.read_text())
+            for penalty in self._controlled:
+                if penalty.name not in state:
+                    raise UsageError(f"{path}: no state for {penalty.name}")
+                penalty.load_state_dict(state[penalty.name])
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         """The mean over data-parallel ranks: an all-reduce that every rank must call; one

@@ -29,6 +29,23 @@ class Penalty:
     def weight(self, step: int) -> float:
         return self.config.weight
 
+    @property
+    def controlled(self) -> bool:
+        """Whether `update` adapts the weight: then the trainer calls it once per optimiser step,
+        logs the weight in force as `<name>_weight`, and checkpoints `state_dict()`."""
+        return False
+
+    def update(self, measured: float) -> None:
+        """After each optimiser step: the step's unweighted term, reduced like the logged one (the
+        mean over the step's micro-batches, normalised like the task loss, and over ranks)."""
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue with the same weight (JSON-serialisable)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def penalty(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> torch.Tensor:
         raise NotImplementedError
 

@@ -10,6 +10,7 @@ plus O(chunk_size x vocab), and nothing is recomputed in backward.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -123,6 +124,20 @@ def _sharded(model: torch.nn.Module) -> bool:
     return True
 
 
+ERROR_CLIP = 0.2  # the relative error's bound, as Ziegler et al. (2019): one noisy step moves the weight little
+
+
+def next_log_weight(log_weight: float, measured: float, target: float, gain: float,
+                    weight_min: float, weight_max: float) -> float:
+    """One step of the KL budget's controller (the adaptive KL coefficient of Ziegler et al. 2019,
+    in log space): e = clip((measured - target) / target, -0.2, 0.2), log w + gain * e, clamped to
+    [log weight_min, log weight_max]. log w sums the errors, so on the weight this is integral
+    action: it settles where the KL meets the target on average, with no steady offset, and a
+    step changes the weight by at most a factor exp(0.2 gain): 6% at the default gain 0.3."""
+    error = min(max((measured - target) / target, -ERROR_CLIP), ERROR_CLIP)
+    return min(max(log_weight + gain * error, math.log(weight_min)), math.log(weight_max))
+
+
 @register
 class KLToBase(Penalty):
     name = "kl_to_base"
@@ -136,10 +151,31 @@ class KLToBase(Penalty):
             raise ValueError("kl_to_base with reference: topk_cache needs reference_cache=... "
                              "(see workbench.training.reference)")
         self.reference_cache = reference_cache if config.reference == "topk_cache" else None
+        self.log_weight = math.log(config.weight) if config.target is not None else None
 
     def weight(self, step: int) -> float:
+        if self.log_weight is not None:  # a target: the controller's weight (the config refuses warmup)
+            return math.exp(self.log_weight)
         ramp = min(1.0, step / self.config.warmup_steps) if self.config.warmup_steps else 1.0
         return self.config.weight * ramp
+
+    @property
+    def controlled(self) -> bool:
+        return self.log_weight is not None
+
+    def update(self, measured: float) -> None:
+        """`measured`: this step's KL per completion token, before the weight (see `Penalty.update`)."""
+        if self.log_weight is not None:
+            cfg = self.config
+            self.log_weight = next_log_weight(self.log_weight, measured, cfg.target, cfg.target_gain,
+                                              cfg.weight_min, cfg.weight_max)
+
+    def state_dict(self) -> dict:
+        return {} if self.log_weight is None else {"log_weight": self.log_weight}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.log_weight is not None:
+            self.log_weight = float(state["log_weight"])
 
     def penalty(self, model, inputs, outputs) -> torch.Tensor:
         """Mean KL per completion token: positions t whose next-token label (t + 1) is not -100."""
