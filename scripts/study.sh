@@ -5,7 +5,7 @@
 # recipe with the front that training less gives for free (workbench compare); gate; report.
 #   PROFILE=full   every regularizer at two strengths, seeds for baseline, KL and EWC (make study)
 #   PROFILE=demo   the baseline at two learning rates, KL-to-base and EWC at one strength (make demo)
-#   PROFILE=quick  baseline and KL-to-base, fewer steps, a smaller suite (make demo QUICK=1)
+#   PROFILE=quick  baseline and KL-to-base, 20 steps, a smaller suite (make demo QUICK=1)
 #   OUT=dir        where runs, results and the report go (default runs/study-PROFILE)
 # A killed study resumes: runs whose run.json says "completed" are not trained again.
 set -euo pipefail
@@ -51,7 +51,7 @@ case "$PROFILE" in
   full) GRID=("${FULL[@]}") ;;
   demo) GRID=("${DEMO[@]}") ;;
   quick) GRID=("${QUICK[@]}"); SUITE=evals/smollm2_quick.yaml
-         TRAIN_ARGS=(train.max_steps=24 data.max_examples=384 train.eval_steps=12 train.save_steps=12) ;;
+         TRAIN_ARGS=(train.max_steps=20 data.max_examples=320 train.eval_steps=10 train.save_steps=10) ;;
   *) echo "error: PROFILE=$PROFILE: expected full, demo or quick" >&2; exit 2 ;;
 esac
 OUT=${OUT:-runs/study-$PROFILE}
