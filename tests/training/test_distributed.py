@@ -187,3 +187,30 @@ def test_kl_to_base_under_fsdp2_sharding(tmp_path):
     assert result["expected"] > 1e-4 and result["gradient_reached"] and result["head_sharded"]
     assert result["value"] == pytest.approx(result["expected"], rel=1e-5)
     assert result["resharded"] == pytest.approx(result["expected"], rel=1e-5)
+
+
+# the retention probe every 2 steps on 32-token chunks, with the KL penalty off so that the
+# training-batch KL is the probe's own base forward
+PROBE = ["train.retention_probe.every=2", "train.retention_probe.chunk_length=32", "regularizers.kl_to_base=null"]
+
+
+def test_two_processes_probe_as_one(trained):
+    """The probe shares its chunks out over the ranks and gathers them back, and the training-batch
+    KL is reduced like every term: 2 processes log 1 process's values (the adapters agree to EXACT,
+    so the values differ by rounding). Negative control: the probe's KL moved by 1e-4 of itself
+    is caught by the tolerance."""
+    (one_adapter, one), (two_adapter, two) = trained(1, *SGD, *PROBE), trained(2, *SGD, *PROBE)
+    assert_adapters_equal(one_adapter, two_adapter, EXACT)
+    keys = ("retention_ppl_ratio", "retention_kl", "retention_kl_upper", "retention_train_kl")
+    probed = [{"step": h["step"], **{k: h[k] for k in keys if k in h}} for h in one["history"]
+              if any(k in h for k in keys)]
+    assert [p["step"] for p in probed if "retention_kl" in p] == [2, 4]
+    assert [p["step"] for p in probed if "retention_train_kl" in p] == [1, 2, 3, 4]
+    other = [{"step": h["step"], **{k: h[k] for k in keys if k in h}} for h in two["history"]
+             if any(k in h for k in keys)]
+    assert [p.keys() for p in other] == [p.keys() for p in probed]
+    for a, b in zip(probed, other):
+        for key in set(a) - {"step"}:
+            assert b[key] == pytest.approx(a[key], rel=TERMS_EXACT), (a["step"], key)
+            if a[key] > 1e-6:  # at step 1 the adapter is still the base: KL 0
+                assert b[key] * (1 + 1e-4) != pytest.approx(a[key], rel=TERMS_EXACT)

@@ -69,6 +69,48 @@ class DataSection(Section):
     replay: ReplaySection | None = None
 
 
+class GeneralText(Section):
+    """Retention on general text: perplexity, KL(base || tuned) and top-1 agreement per token."""
+
+    source: str = "builtin:pydoc_heldout"
+    num_chunks: int = Field(default=32, ge=2)
+    chunk_length: int = Field(default=256, ge=8)
+    top_k: int = Field(default=256, ge=1, description="base log-probs cached per token for KL")
+    seed: int = 0
+
+    def general(self) -> "GeneralText":
+        """These settings alone: what the base side's cache entry is keyed by."""
+        return GeneralText(**self.model_dump(include=set(GeneralText.model_fields)))
+
+
+class RetentionProbe(GeneralText):
+    """`workbench eval`'s general-text retention, measured while training on a few held-out chunks:
+    logged as retention_ppl_ratio, retention_kl, retention_kl_upper, retention_top1_agreement and
+    retention_ppl (docs/budgets.md)."""
+
+    num_chunks: int = Field(default=4, ge=2)
+    every: int = Field(default=10, ge=1, description="steps between probes; the last step and, under "
+                       "train.select, every checkpoint are probed too")
+    train_kl: bool = Field(default=True, description="also log retention_train_kl: KL(base || tuned) per "
+                           "completion token of the training batch, at every logged step")
+
+
+class Select(Section):
+    """Which checkpoint becomes the run's adapter: the best by `metric` (lower is better) among the
+    checkpoints whose probe meets every bound in `subject_to`, each an upper bound on a logged value."""
+
+    metric: Literal["eval_loss", "retention_ppl_ratio", "retention_kl", "retention_kl_upper"] = "eval_loss"
+    subject_to: dict[Literal["retention_ppl_ratio", "retention_kl", "retention_kl_upper", "eval_loss"],
+                     float] = Field(default={}, description="upper bounds, e.g. {retention_ppl_ratio: 1.05}")
+
+    @model_validator(mode="after")
+    def _positive(self) -> "Select":
+        bad = [f"{k}: {v}" for k, v in self.subject_to.items() if not v > 0]
+        if bad:
+            raise ValueError(f"select.subject_to bounds must be positive: {', '.join(bad)}")
+        return self
+
+
 class EarlyStopping(Section):
     patience: int = Field(default=3, ge=1, description="Evaluations without improvement.")
     min_delta: float = Field(default=0.0, ge=0.0)
@@ -95,6 +137,17 @@ class TrainSection(Section):
     eval_steps: int | None = Field(default=None, ge=1, description="Default: once per epoch.")
     save_steps: int | None = Field(default=None, ge=1)
     early_stopping: EarlyStopping | None = None
+    retention_probe: RetentionProbe | None = None
+    select: Select | None = Field(default=None, description="keep every checkpoint and write the best one "
+                                  "within the budget to adapter/, not the last (needs retention_probe)")
+
+    @model_validator(mode="after")
+    def _selection(self) -> "TrainSection":
+        if self.select is not None and self.retention_probe is None:
+            raise ValueError("train.select needs train.retention_probe: the budget is on what the probe measures")
+        if self.select is not None and self.early_stopping is not None:
+            raise ValueError("train.select and train.early_stopping both choose the adapter: give one")
+        return self
 
 
 def _regularizers_schema() -> type[Section]:

@@ -49,7 +49,7 @@ class AdapterSpec:
     def __post_init__(self):
         self.family = self.family or (self.recipe.family or self.recipe.name if self.recipe else self.name)
         if self.step is None and self.run is not None:
-            self.step = self.run.global_step
+            self.step = self.run.adapter_step or self.run.global_step
 
 
 # --- resolving what to evaluate -------------------------------------------------------------

@@ -20,12 +20,13 @@ from workbench.data.examples import data_fingerprint
 from workbench.io import fingerprint
 from workbench.modeling.lora import adapter_scale, as_base, unwrap_peft
 from workbench.evals import metrics as M
+from workbench.scoring import general
 from workbench.scoring.base_cache import BaseCache, ragged, unragged
+from workbench.scoring.general import nll_rows
 from workbench.formats.results import metric
 from workbench.scoring.scorer import Request, Scorer, choice_outcome
 from workbench.evals.suite import Suite
-from workbench.scoring.tokens import greedy_generate, prompt_and_reference, scored_tokens, token_logprobs
-from workbench.scoring.topk_kl import base_topk, kl_bounds
+from workbench.scoring.tokens import greedy_generate, prompt_and_reference, token_logprobs
 
 
 @dataclass
@@ -50,11 +51,6 @@ class Entry:
     adapter: str  # the PEFT adapter name loaded on the model
     scale: float = 1.0
     light: bool = False  # learning (target held-out loss) and general text only: a trajectory point
-
-
-def _mean_nll(rows: list[torch.Tensor]) -> np.ndarray:
-    """[n, 2]: (summed NLL, token count) per example."""
-    return np.array([[-float(r.sum()), len(r)] for r in rows], dtype=np.float64)
 
 
 class Evaluator:
@@ -108,45 +104,19 @@ class Evaluator:
 
     # --- general text: perplexity, KL and agreement -------------------------------------------
 
-    def _general_base(self, chunks: list[dict]) -> dict[str, torch.Tensor]:
-        k = self.suite.general.top_k
-
-        def keep(i, logprobs):
-            return tuple(t.cpu() for t in base_topk(logprobs, k))
-
-        with self.base():
-            scored = scored_tokens(self.model, chunks, self.suite.batch_size, self.pad_id, keep,
-                                   desc="base: general text")
-        rows = [row for row, _ in scored]
-        return {"nll": torch.from_numpy(_mean_nll(rows)), "topk_values": torch.cat([v for _, (v, _) in scored]),
-                "topk_ids": torch.cat([ids for _, (_, ids) in scored]).to(torch.int32),
-                "offsets": ragged(rows)["offsets"]}
-
     def _general(self, entry: Entry, chunks: list[dict]) -> dict:
         g = self.suite.general
-        base = self.cache.get("general", (g.model_dump(), data_fingerprint(chunks)), lambda: self._general_base(chunks))
-        offsets = base["offsets"]
-
-        def compare(i, logprobs):
-            """(KL lower bound, KL upper bound, top-1 agreement), each a mean over chunk i's tokens."""
-            lo, hi = offsets[i], offsets[i + 1]
-            b_values, b_ids = base["topk_values"][lo:hi], base["topk_ids"][lo:hi].long()
-            low, high = kl_bounds(b_values, b_ids, logprobs.cpu())
-            agree = (logprobs.argmax(-1).cpu() == b_ids[:, 0]).double().mean()
-            return float(low.mean()), float(high.mean()), float(agree)
-
+        base = general.base_side(self.model, chunks, g.top_k, self.suite.batch_size, self.pad_id, self.cache,
+                                 (g.model_dump(), data_fingerprint(chunks)), self.base)
         with self.tuned(entry):
-            scored = scored_tokens(self.model, chunks, self.suite.batch_size, self.pad_id, compare,
-                                   desc=f"{entry.name}: general text")
-        rows = [row for row, _ in scored]
-        per_chunk = np.array([summary for _, summary in scored])  # [chunks, 3]
-        ordered = {"kl_low": per_chunk[:, 0], "kl_high": per_chunk[:, 1], "agree": per_chunk[:, 2]}
-        ppl = M.ratio_bootstrap_ci(base["nll"].numpy(), _mean_nll(rows), n_boot=self.suite.bootstrap)
+            scores = general.tuned_side(self.model, chunks, base, self.suite.batch_size, self.pad_id,
+                                        desc=f"{entry.name}: general text")
+        ppl = M.ratio_bootstrap_ci(scores.base_nll, scores.tuned_nll, n_boot=self.suite.bootstrap)
         out = {"retention.general.ppl.base": metric(ppl["base"]),
                "retention.general.ppl.tuned": metric(ppl["tuned"], (ppl["tuned_ci_low"], ppl["tuned_ci_high"])),
                "retention.general.ppl.ratio": metric(ppl["ratio"], (ppl["ci_low"], ppl["ci_high"]))}
-        for name, key in (("kl", "kl_low"), ("kl_upper", "kl_high"), ("top1_agreement", "agree")):
-            ci = M.paired_bootstrap_ci(np.zeros_like(ordered[key]), ordered[key], n_boot=self.suite.bootstrap)
+        for name, values in (("kl", scores.kl_low), ("kl_upper", scores.kl_high), ("top1_agreement", scores.agree)):
+            ci = M.paired_bootstrap_ci(np.zeros_like(values), values, n_boot=self.suite.bootstrap)
             out[f"retention.general.{name}"] = metric(ci["tuned"], (ci["ci_low"], ci["ci_high"]))
         return out
 
@@ -232,8 +202,8 @@ class Evaluator:
                                          desc="base: target train")
             learn = target.heldout[:self.suite.target.num_examples]
             matches = self._exact_matches(*self._generate(learn, "base: generate"))
-        return {"heldout_nll": torch.from_numpy(_mean_nll(heldout_rows)),
-                "member_nll": torch.from_numpy(_mean_nll(member_rows).reshape(-1, 2)),
+        return {"heldout_nll": torch.from_numpy(nll_rows(heldout_rows)),
+                "member_nll": torch.from_numpy(nll_rows(member_rows).reshape(-1, 2)),
                 "exact_match": torch.from_numpy(matches)}
 
     def _target(self, entry: Entry, target: TargetData) -> tuple[dict, dict]:
@@ -266,7 +236,7 @@ class Evaluator:
 
     def _learning(self, base: dict, heldout_rows: list[torch.Tensor], n: int) -> dict:
         """Held-out target loss of the first n examples, base and tuned, with a paired CI."""
-        learn = M.ratio_bootstrap_ci(base["heldout_nll"].numpy()[:n], _mean_nll(heldout_rows[:n]),
+        learn = M.ratio_bootstrap_ci(base["heldout_nll"].numpy()[:n], nll_rows(heldout_rows[:n]),
                                      n_boot=self.suite.bootstrap)
         log = math.log
         tuned_ci = (learn["tuned_ci_low"], learn["tuned_ci_high"])
@@ -278,7 +248,7 @@ class Evaluator:
 
     def _overfitting(self, out: dict, base: dict, heldout_rows, member_rows, n: int) -> tuple[dict, dict]:
         """Train vs held-out loss gap, and membership inference on n members vs n non-members."""
-        train_nll, val_nll = _mean_nll(member_rows), _mean_nll(heldout_rows)
+        train_nll, val_nll = nll_rows(member_rows), nll_rows(heldout_rows)
         train_loss = train_nll[:, 0].sum() / train_nll[:, 1].sum()
         out["overfitting.train_loss.tuned"] = metric(train_loss)
         out["overfitting.loss_gap"] = metric(val_nll[:, 0].sum() / val_nll[:, 1].sum() - train_loss)

@@ -24,17 +24,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from workbench.errors import UsageError
 from workbench.io import fingerprint
-from workbench.config.recipe import Section, read_yaml, describe_error
-
-
-class GeneralText(Section):
-    """Retention on general text: perplexity, KL(base || tuned) and top-1 agreement per token."""
-
-    source: str = "builtin:pydoc_heldout"
-    num_chunks: int = Field(default=32, ge=2)
-    chunk_length: int = Field(default=256, ge=8)
-    top_k: int = Field(default=256, ge=1, description="base log-probs cached per token for KL")
-    seed: int = 0
+from workbench.config.recipe import GeneralText, Section, read_yaml, describe_error
 
 
 class MultipleChoiceTask(Section):

@@ -20,7 +20,7 @@ from workbench.io import write_json
 
 SCHEMA_VERSION = 1
 FILENAME = "run.json"
-_UNTIL_SET = ("history", "final", "global_step", "adapter", "resumed_from", "wandb")
+_UNTIL_SET = ("history", "final", "global_step", "adapter", "adapter_step", "selection", "resumed_from", "wandb")
 Status = Literal["running", "completed", "interrupted", "failed"]
 
 
@@ -51,6 +51,11 @@ class RunRecord(BaseModel):
     final: dict[str, Any] | None = Field(default=None, description="Train metrics and the final eval_loss.")
     global_step: int | None = None
     adapter: str | None = Field(default=None, description="The adapter directory, relative to the run.")
+    adapter_step: int | None = Field(default=None, description="The step the adapter was saved at, when "
+                                     "train.select chose a checkpoint rather than the last step.")
+    selection: dict[str, Any] | None = Field(
+        default=None, description="Under train.select: metric, subject_to, step (null when no checkpoint met "
+        "the bounds), reason, and each candidate checkpoint's values, `meets` and the bounds it `breaks`.")
     resumed_from: str | None = None
     wandb: dict[str, Any] | None = Field(default=None, description="The W&B run: id, project, entity, url.")
 

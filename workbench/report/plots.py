@@ -58,15 +58,19 @@ def save(fig: Figure, path: Path) -> None:
 
 
 def loss_figure(label: str, run: RunRecord) -> Figure | None:
-    """Total, task and eval loss vs step; below them, each penalty's weighted term."""
+    """Total, task and eval loss vs step; below them, each penalty's weighted term; below that, when
+    the run has a retention probe, the KL to the base (general text and the training batch) and the
+    general-text perplexity ratio, with the KL budget and the selected checkpoint marked."""
     history = [h for h in run.history or [] if "step" in h]
     train = [h for h in history if "loss" in h]
     evals = [h for h in history if "eval_loss" in h]
     if not train and not evals:
         return None
     terms = [p for p in _penalty_names(run, train) if any(f"{p}_weighted" in h for h in train)]
-    fig = Figure(figsize=(8.0, 6.8 if terms else 4.4), layout="constrained")
-    axes = fig.subplots(2 if terms else 1, 1, sharex=True, squeeze=False)[:, 0]
+    probed = any(k in h for h in history for k in ("retention_kl", "retention_train_kl"))
+    panels = 1 + bool(terms) + probed
+    fig = Figure(figsize=(8.0, 2.4 + 2.2 * panels), layout="constrained")
+    axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
     _series(axes[0], train, "loss", "total loss", "-")
     _series(axes[0], train, "task_loss", "task loss", "--")
     _series(axes[0], evals, "eval_loss", "eval loss", "o")
@@ -75,13 +79,32 @@ def loss_figure(label: str, run: RunRecord) -> Figure | None:
         _series(axes[1], train, f"{term}_weighted", f"{term} (weighted)", "-")
     if terms:
         axes[1].set_ylabel("weighted penalty")
+    if probed:
+        _retention_panel(axes[-1], run, history)
     axes[-1].set_xlabel("step")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_title(f"training losses: {label}")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
     return fig
+
+
+def _retention_panel(ax, run: RunRecord, history: list[dict]) -> None:
+    _series(ax, history, "retention_train_kl", "KL to base, training batch", "-")
+    _series(ax, history, "retention_kl", "KL to base, general text (probe)", "o-")
+    target = ((run.recipe.get("regularizers") or {}).get("kl_to_base") or {}).get("target")
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", label=f"KL budget {target:g}")
+    selected = (getattr(run, "selection", None) or {}).get("step")
+    if selected is not None:
+        ax.axvline(selected, color="black", linestyle="--", linewidth=0.8, label=f"selected: step {selected}")
+    ax.set_ylabel("nats per token")
+    if any("retention_ppl_ratio" in h for h in history):
+        twin = ax.twinx()
+        _series(twin, history, "retention_ppl_ratio", "general-text perplexity ratio (right)", "s--")
+        twin.set_ylabel("perplexity ratio")
+        twin.legend(fontsize=8, loc="lower right")
 
 
 def _penalty_names(run: RunRecord, train: list[dict]) -> list[str]:

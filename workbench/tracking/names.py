@@ -85,7 +85,9 @@ def lineage(record: dict) -> dict:
 
 def trainer_key(key: str) -> str:
     """A Trainer log key as a W&B key, as transformers' own WandbCallback names them:
-    eval_loss -> eval/loss, everything else under train/."""
+    eval_loss -> eval/loss, the retention probe's retention_kl -> retention/kl, everything else under train/."""
+    if key.startswith("retention_"):
+        return f"retention/{key.removeprefix('retention_')}"
     return f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
 
 

@@ -17,7 +17,7 @@ from workbench.data.examples import (
     EXAMPLE_INDEX, Collator, build_datasets, data_fingerprint, general_text_examples
 )
 from workbench.distributed import init_distributed, is_main_process, world_size
-from workbench.errors import Interrupted, UsageError
+from workbench.errors import Interrupted, RunFailed, UsageError
 from workbench.training.fisher import estimate_fisher, load_fisher, save_fisher
 from workbench.io import cache_dir, fingerprint
 from workbench.modeling.load import (
@@ -26,7 +26,9 @@ from workbench.modeling.load import (
 from workbench.config.recipe import Recipe, resolved
 from workbench.formats.run_record import RunRecord, read_run, versions
 from workbench.training.reference import topk_reference_for
+from workbench.training.probe import RetentionProbeCallback, probe_chunks
 from workbench.training.regularizers import PENALTIES
+from workbench.training.select import choose, closest, copy_adapter
 from workbench.modeling.lora import lora_factors
 from workbench.training.trainer import RegularizedTrainer
 
@@ -99,7 +101,8 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_val: bool) -> Train
         weight_decay=reg.weight_decay, label_smoothing_factor=reg.label_smoothing,
         neftune_noise_alpha=reg.neftune_alpha,
         logging_steps=t.logging_steps, eval_strategy=eval_strategy, eval_steps=t.eval_steps,
-        save_strategy=save_strategy, save_steps=t.save_steps or t.eval_steps, save_total_limit=2,
+        save_strategy=save_strategy, save_steps=t.save_steps or t.eval_steps,
+        save_total_limit=None if t.select else 2,  # selection chooses among every checkpoint
         load_best_model_at_end=t.early_stopping is not None and has_val,
         metric_for_best_model="eval_loss", greater_is_better=False,
         bf16=recipe.model.dtype == "bfloat16", fp16=recipe.model.dtype == "float16",
@@ -130,6 +133,10 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
             print(f"kl reference: top-{reference_meta['top_k']} base log-probs at {reference_meta['positions']} "
                   f"positions, {how}: {reference_meta['path']}")
     penalties = [PENALTIES[name](cfg, **context) for name, cfg in recipe.penalties().items()]
+    probe = recipe.train.retention_probe
+    chunks = probe_chunks(probe, tokenizer) if probe else None
+    if recipe.train.select and recipe.train.select.metric == "eval_loss" and not data.val:
+        raise UsageError("train.select.metric eval_loss needs validation data (data.val or data.val_fraction)")
     args = training_arguments(recipe, output_dir, has_val=bool(data.val))
     callbacks = []
     if recipe.train.early_stopping and data.val:
@@ -138,7 +145,10 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
     trainer = RegularizedTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=data.val or None,
         data_collator=collator, processing_class=tokenizer,
-        penalties=penalties, callbacks=callbacks)
+        penalties=penalties, callbacks=callbacks, train_kl=bool(probe and probe.train_kl))
+    if probe:
+        trainer.add_callback(RetentionProbeCallback(trainer, probe, chunks, base_fingerprint,
+                                                    every_checkpoint=recipe.train.select is not None))
     record = RunRecord(recipe=resolved(recipe), versions=versions(), world_size=args.world_size,
                        command=sys.argv, model_fingerprint=base_fingerprint, parameters=count_parameters(model),
                        data={**data.stats, "train_fingerprint": data_fingerprint(data.train)},
@@ -256,12 +266,36 @@ def train(recipe: Recipe, output_dir: Path | None = None, resume: bool = False,
     final = dict(result.metrics)
     if trainer.eval_dataset is not None:
         final.update(trainer.evaluate())
-    trainer.save_model(str(output_dir / "adapter"))
-    # the Trainer pickles its arguments next to the adapter; nothing loads it and pickles run code
-    (output_dir / "adapter" / "training_args.bin").unlink(missing_ok=True)
+    record.history, record.final, record.global_step = trainer.state.log_history, final, trainer.state.global_step
+    if recipe.train.select is not None:
+        _write_selected(recipe, trainer, output_dir, record, observer, watching)
+    else:
+        trainer.save_model(str(output_dir / "adapter"))
+        # the Trainer pickles its arguments next to the adapter; nothing loads it and pickles run code
+        (output_dir / "adapter" / "training_args.bin").unlink(missing_ok=True)
     if trainer.is_world_process_zero():
-        record.status, record.history, record.final = "completed", trainer.state.log_history, final
-        record.global_step, record.adapter = trainer.state.global_step, "adapter"
+        record.status, record.adapter = "completed", "adapter"
         record.write(output_dir)
     observer.finish(watching, output_dir, record)
     return output_dir
+
+
+def _write_selected(recipe: Recipe, trainer: RegularizedTrainer, output_dir: Path, record: RunRecord,
+                    observer: RunObserver, watching) -> None:
+    """Under train.select: the chosen checkpoint's adapter becomes adapter/; when none meets the
+    bounds the run fails (exit 1) and keeps every checkpoint."""
+    saved = {int(p.name.rpartition("-")[2]): p for p in (output_dir / "checkpoints").glob("checkpoint-*")
+             if p.name.rpartition("-")[2].isdigit() and (p / "adapter_model.safetensors").is_file()}
+    record.selection = choose(trainer.state.log_history, list(saved), recipe.train.select)
+    step = record.selection["step"]
+    if step is None:
+        if trainer.is_world_process_zero():
+            record.status = "failed"
+            record.write(output_dir)
+        observer.finish(watching, output_dir, record, exit_code=1)
+        raise RunFailed(f"train.select: {record.selection['reason']}; {closest(record.selection)}. Every "
+                        f"checkpoint is kept in {output_dir / 'checkpoints'}; no adapter/ was written")
+    if trainer.is_world_process_zero():
+        copy_adapter(saved[step], output_dir / "adapter")
+        print(f"select: adapter from step {step}: {record.selection['reason']}")
+    record.adapter_step = step

@@ -20,6 +20,7 @@ from workbench.errors import RunFailed, UsageError
 from workbench.io import write_json
 from workbench.scoring.masks import IGNORE, next_token_mask, shifted_labels
 from workbench.training.regularizers import Penalty
+from workbench.training.regularizers.kl import chunked_kl, reference_hidden
 
 
 class TermsProgress(ProgressCallback):
@@ -37,6 +38,7 @@ class TermsProgress(ProgressCallback):
                                            for k, v in shown.items()}, refresh=False)
 
 
+TRAIN_KL = "retention_train_kl"
 PENALTY_STATE = "penalties.json"  # in each checkpoint that has a controlled weight
 
 
@@ -81,7 +83,9 @@ class RegularizedTrainer(Trainer):
     parallelism change nothing, neither in the update nor in the logged terms (see `log`).
     """
 
-    def __init__(self, *args, penalties: list[Penalty] = (), **kwargs):
+    def __init__(self, *args, penalties: list[Penalty] = (), train_kl: bool = False, **kwargs):
+        """train_kl: log `retention_train_kl`, KL(base || tuned) per completion token of the training
+        batch, at every logged step (`_train_kl`)."""
         super().__init__(*args, **kwargs)
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(TermsProgress)
@@ -97,6 +101,8 @@ class RegularizedTrainer(Trainer):
         self._step_steps: list[float] = []
         if self._controlled:
             self.add_callback(AfterOptimiserStep(self))
+        self.train_kl = train_kl
+        self._monitor_steps: list[float] = []  # step_scale of the micro-batches the monitor measured
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = dict(inputs)  # a compute_loss_func pops "labels"; penalties need the mask
@@ -120,6 +126,9 @@ class RegularizedTrainer(Trainer):
                 terms[f"{penalty.name}_weight"] = value.new_tensor(weight)
                 scales[f"{penalty.name}_weight"] = step_scale
                 self._step_terms[penalty.name].append(value.detach() * scale)
+        if self.train_kl and (self.state.global_step + 1) % self.args.logging_steps == 0:
+            terms[TRAIN_KL], scales[TRAIN_KL] = self._train_kl(model, batch, outputs, terms), token_scale
+            self._monitor_steps.append(step_scale)
         self._check_finite(terms)
         for name, value in terms.items():
             self._terms[name].append(value * scales[name])
@@ -127,6 +136,19 @@ class RegularizedTrainer(Trainer):
         if self._controlled:
             self._step_steps.append(step_scale)
         return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _train_kl(self, model, batch: dict, outputs, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """KL(base || tuned) per completion token of this micro-batch, with no gradient: the
+        KL-to-base penalty's value when it measures exactly that (forward, exact, temperature 1),
+        else a base forward of the decoder and the KL chunk by chunk. Only on logged steps."""
+        kl = next((p for p in self.penalties if p.name == "kl_to_base"), None)
+        if kl is not None and (kl.config.reference, kl.config.direction, kl.config.temperature) == ("exact", "forward", 1.0):
+            return terms["kl_to_base"]
+        hidden, head = reference_hidden(model, batch)
+        mask = next_token_mask(batch["labels"])
+        total, count = chunked_kl(outputs["logits"].detach(), hidden, head, mask)
+        return total / count.clamp(min=1)
 
     def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
         """Stop before backward when a term is NaN or inf, naming it: no step is taken on it, so
@@ -186,10 +208,13 @@ class RegularizedTrainer(Trainer):
         """
         if self._terms and "loss" in logs:
             totals = torch.stack([torch.stack(values).float().sum() for values in self._terms.values()])
-            totals = self._mean_over_ranks(totals) / sum(self._steps)
+            steps = torch.tensor([sum(self._monitor_steps) if name == TRAIN_KL else sum(self._steps)
+                                  for name in self._terms], dtype=totals.dtype, device=totals.device)
+            totals = self._mean_over_ranks(totals) / steps
             logs.update(zip(self._terms, totals.tolist()))
             self._terms.clear()
             self._steps.clear()
+            self._monitor_steps.clear()
         super().log(logs, *args, **kwargs)
 
     def update_penalty_weights(self) -> None:
