@@ -32,6 +32,8 @@ FULL=(
   "label_smoothing_0.3 | label_smoothing | regularizers.label_smoothing=0.3"
   "replay_0.2       | replay          |"
   "replay_0.5       | replay          | data.replay.ratio=0.5"
+  "kl_budget        | kl_budget       |"
+  "budget_select    | budget_select   | train.save_steps=5"
 )
 DEMO=(
   "baseline         | baseline        |"
@@ -75,7 +77,7 @@ for row in "${GRID[@]}"; do
   fi
   echo "== train: $name: recipes/smollm2/$recipe.yaml $overrides"
   # shellcheck disable=SC2086 # overrides are words
-  workbench train "recipes/smollm2/$recipe.yaml" "name=$name" ${overrides} "${TRAIN_ARGS[@]}" --output-dir "$OUT/$name"
+  workbench train "recipes/smollm2/$recipe.yaml" "name=$name" "${TRAIN_ARGS[@]}" ${overrides} --output-dir "$OUT/$name"
 done
 echo "== trained in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
 

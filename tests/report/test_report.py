@@ -201,3 +201,29 @@ def test_every_metric_the_report_names_is_in_the_catalogue():
 def test_fmt_is_compact_and_dashes_what_is_missing():
     assert [fmt(None), fmt(math.nan), fmt(1.03), fmt(-0.01, signed=True), fmt(1.2345e-5)] == \
         ["—", "—", "1.030", "-0.010", "1.23e-05"]
+
+
+def test_the_training_curves_draw_the_probe_the_kl_budget_and_the_selected_step():
+    """A run with a retention probe gets a third panel: the training-batch KL on every step, the
+    probe's KL at its steps, the perplexity ratio on a right axis, the budget as a horizontal line
+    at the target and the selected checkpoint as a vertical line at its step."""
+    from workbench.formats.run_record import RunRecord
+    from workbench.report.plots import loss_figure
+
+    record = run_record()
+    record["recipe"] = {"name": "kl_ewc", "regularizers": {"kl_to_base": {"target": 0.3}}}
+    for h in record["history"]:
+        if "loss" in h:
+            h["retention_train_kl"] = 0.05 * h["step"]
+    record["history"] += [{"retention_kl": 0.02 * s, "retention_ppl_ratio": 1 + 0.01 * s, "step": s} for s in (3, 6)]
+    record["selection"] = {"step": 3}
+    fig = loss_figure("kl_ewc", RunRecord(**record))
+    losses, penalties, retention, ratio = fig.axes
+    lines = {line.get_label(): line for line in retention.get_lines()}
+    assert list(lines["KL to base, training batch"].get_xdata()) == [1, 2, 3, 4, 5, 6]
+    assert list(lines["KL to base, general text (probe)"].get_ydata()) == pytest.approx([0.06, 0.12])
+    assert list(lines["KL budget 0.3"].get_ydata()) == [0.3, 0.3]
+    assert list(lines["selected: step 3"].get_xdata()) == [3, 3]
+    assert list(ratio.get_lines()[0].get_ydata()) == pytest.approx([1.03, 1.06])
+    plain = loss_figure("kl_ewc", RunRecord(**run_record()))
+    assert len(plain.axes) == 2  # no probe: no retention panel

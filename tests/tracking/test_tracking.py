@@ -363,6 +363,7 @@ def test_metric_names_map_to_wandb_keys():
     assert wandb_key("overfitting.mia.loss.auc") == "overfit/mia/loss/auc"
     assert wandb_key("learning.val_loss.delta") == "learning/val_loss/delta"
     assert trainer_key("eval_loss") == "eval/loss" and trainer_key("kl_to_base_weighted") == "train/kl_to_base_weighted"
+    assert trainer_key("retention_ppl_ratio") == "retention/ppl_ratio" and trainer_key("retention_train_kl") == "retention/train_kl"
     assert flatten({"a": {"b": 1, "c": {"d": None}}, "e": None, "f": {}}) == {"a.b": 1, "a.c.d": None, "e": None, "f": {}}
 
 
