@@ -102,9 +102,9 @@ def _retention_panel(ax, run: RunRecord, history: list[dict]) -> None:
     ax.set_ylabel("nats per token")
     if any("retention_ppl_ratio" in h for h in history):
         twin = ax.twinx()
-        _series(twin, history, "retention_ppl_ratio", "general-text perplexity ratio (right)", "s--")
+        _series(twin, history, "retention_ppl_ratio", "general-text perplexity ratio (right)", "s--", color="C2")
         twin.set_ylabel("perplexity ratio")
-        twin.legend(fontsize=8, loc="lower right")
+        twin.legend(fontsize=8, loc="upper right")
 
 
 def _penalty_names(run: RunRecord, train: list[dict]) -> list[str]:
@@ -113,10 +113,10 @@ def _penalty_names(run: RunRecord, train: list[dict]) -> list[str]:
     return named + [p for p in found if p not in named]
 
 
-def _series(ax, history: list[dict], key: str, label: str, style: str) -> None:
+def _series(ax, history: list[dict], key: str, label: str, style: str, **kwargs) -> None:
     points = [(h["step"], h[key]) for h in history if finite(h.get(key)) and finite(h.get("step"))]
     if points:
-        ax.plot(*zip(*points), style, label=label)
+        ax.plot(*zip(*points), style, label=label, **kwargs)
 
 
 # --- calibration and membership inference ------------------------------------------------------
