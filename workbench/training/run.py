@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import sys
 import threading
@@ -18,8 +17,9 @@ from workbench.data.examples import (
 )
 from workbench.distributed import init_distributed, is_main_process, world_size
 from workbench.errors import Interrupted, UsageError
+from workbench.training.faults import latest_checkpoint, recorded, write_manifest
 from workbench.training.fisher import estimate_fisher, load_fisher, save_fisher
-from workbench.io import cache_dir, fingerprint
+from workbench.io import cache_dir, fingerprint, writing
 from workbench.modeling.load import (
     apply_lora, count_parameters, load_model, load_tokenizer, model_fingerprint
 )
@@ -146,25 +146,16 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
     return trainer, record
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete Trainer checkpoint: the Trainer writes trainer_state.json last, so a
-    checkpoint whose state does not parse was cut short by a kill and is passed over."""
-    def step(path: Path) -> int:
-        return int(path.name.rpartition("-")[2]) if path.name.rpartition("-")[2].isdigit() else -1
-
-    for checkpoint in sorted((output_dir / "checkpoints").glob("checkpoint-*"), key=step, reverse=True):
-        try:
-            json.loads((checkpoint / "trainer_state.json").read_text())
-            return checkpoint
-        except (OSError, ValueError):
-            continue
-    return None
-
-
 def _check_resumable(recipe: Recipe, output_dir: Path) -> Path:
-    checkpoint = latest_checkpoint(output_dir)
+    skipped: list[tuple[Path, str]] = []
+    checkpoint = latest_checkpoint(output_dir, skipped)
+    if checkpoint is None and skipped:
+        raise UsageError(f"{output_dir}: no checkpoint loads: "
+                         + "; ".join(f"{path.name}: {why}" for path, why in skipped))
     if checkpoint is None:
         raise UsageError(f"{output_dir}: no complete checkpoint to resume from")
+    for path, why in skipped if is_main_process() else ():
+        print(f"resume: skipping {path.name}: {why}")
     started = read_run(output_dir).recipe
     now = resolved(recipe)
     # the wandb section only says where results go: resuming with tracking changed is fine
@@ -228,10 +219,16 @@ def train(recipe: Recipe, output_dir: Path | None = None, resume: bool = False,
     resume: continue from the newest complete checkpoint in output_dir (same recipe required);
     the Trainer restores the model, optimiser, scheduler, RNG states and the data position.
     observer.start returns a context manager the training loop runs inside (W&B closes its run
-    when an error escapes it).
+    when an error escapes it). run.json says `failed` or `interrupted` on every way out
+    (`faults.recorded`).
     """
-    observer = observer or _Unobserved()
     output_dir = Path(output_dir or recipe.output_dir)
+    with recorded(output_dir):
+        return _train(recipe, output_dir, resume, observer)
+
+
+def _train(recipe: Recipe, output_dir: Path, resume: bool, observer: RunObserver | None) -> Path:
+    observer = observer or _Unobserved()
     checkpoint = _check_resumable(recipe, output_dir) if resume else None
     trainer, record = build_trainer(recipe, output_dir)
     watching = observer.start(recipe, trainer, output_dir, record, resume)
@@ -256,9 +253,12 @@ def train(recipe: Recipe, output_dir: Path | None = None, resume: bool = False,
     final = dict(result.metrics)
     if trainer.eval_dataset is not None:
         final.update(trainer.evaluate())
-    trainer.save_model(str(output_dir / "adapter"))
-    # the Trainer pickles its arguments next to the adapter; nothing loads it and pickles run code
-    (output_dir / "adapter" / "training_args.bin").unlink(missing_ok=True)
+    with writing(output_dir / "adapter", ""):
+        trainer.save_model(str(output_dir / "adapter"))
+        # the Trainer pickles its arguments next to the adapter; nothing loads it and pickles run code
+        (output_dir / "adapter" / "training_args.bin").unlink(missing_ok=True)
+        if trainer.is_world_process_zero():
+            write_manifest(output_dir / "adapter")
     if trainer.is_world_process_zero():
         record.status, record.history, record.final = "completed", trainer.state.log_history, final
         record.global_step, record.adapter = trainer.state.global_step, "adapter"
