@@ -43,7 +43,7 @@ def write_cause(exc: BaseException, where: str | os.PathLike | None = None) -> s
         return (exc.strerror or first_line(exc)).lower()
     text = str(exc)
     if "os error" in text:  # safetensors: "... No space left on device (os error 28)"
-        return first_line(exc).rsplit(": ", 1)[-1].lower()
+        return first_line(exc).rsplit(": ", 1)[-1].split(" (os error")[0].lower()
     if isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in text or "file write failed" in text):
         return _no_space(where) or "the torch writer failed"
     return None

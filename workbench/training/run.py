@@ -17,13 +17,14 @@ from workbench.data.examples import (
 )
 from workbench.distributed import init_distributed, is_main_process, world_size
 from workbench.errors import Interrupted, UsageError
-from workbench.training.faults import latest_checkpoint, recorded, write_manifest
+from workbench.training.faults import latest_checkpoint, recorded
 from workbench.training.fisher import estimate_fisher, load_fisher, save_fisher
 from workbench.io import cache_dir, fingerprint, writing
 from workbench.modeling.load import (
     apply_lora, count_parameters, load_model, load_tokenizer, model_fingerprint
 )
 from workbench.config.recipe import Recipe, resolved
+from workbench.formats.integrity import write_manifest
 from workbench.formats.run_record import RunRecord, read_run, versions
 from workbench.training.reference import topk_reference_for
 from workbench.training.regularizers import PENALTIES

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import shutil
 from collections import defaultdict
@@ -18,9 +17,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from workbench.data.examples import NOT_MODEL_INPUTS
 from workbench.errors import RunFailed, UsageError, WriteFailed
-from workbench.io import write_json, writing
+from workbench.formats.integrity import write_manifest
+from workbench.io import read_json, write_json, writing
 from workbench.scoring.masks import IGNORE, next_token_mask, shifted_labels
-from workbench.training.faults import write_manifest
 from workbench.training.regularizers import Penalty
 
 
@@ -238,7 +237,7 @@ class RegularizedTrainer(Trainer):
             if not path.is_file():
                 raise UsageError(f"{checkpoint}: no {PENALTY_STATE}, so the controlled weight of "
                                  f"{', '.join(p.name for p in self._controlled)} cannot be restored")
-            state = json.loads(path.read_text())
+            state = read_json(path, PENALTY_STATE)
             for penalty in self._controlled:
                 if penalty.name not in state:
                     raise UsageError(f"{path}: no state for {penalty.name}")
