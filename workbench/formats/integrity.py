@@ -99,3 +99,46 @@ def check_safetensors_file(path: Path) -> str | None:
         return f"not a readable safetensors file ({first_line(exc)})"
     actual = path.stat().st_size - 8 - size
     return None if actual == end else f"not a complete safetensors file ({actual} data bytes, the header says {end})"
+
+
+SEAL = "workbench_sha256"  # a safetensors metadata key: the sha256 of the data after the header
+_PLACEHOLDER = "0" * 64
+
+
+def seal_metadata(metadata: dict[str, str] | None = None) -> dict[str, str]:
+    """Metadata to write a safetensors file with, holding a placeholder that `seal` fills in."""
+    return {**(metadata or {}), SEAL: _PLACEHOLDER}
+
+
+def seal(path: str | Path) -> None:
+    """Fill in the sha256 of a just-written safetensors file's data, in place: the placeholder
+    has the digest's length, so the header keeps its size and the data its offsets."""
+    path = Path(path)
+    with open(path, "r+b") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = handle.read(size)
+        digest = hashlib.sha256()
+        while block := handle.read(_CHUNK):
+            digest.update(block)
+        placeholder = f'"{SEAL}":"{_PLACEHOLDER}"'.encode()
+        if header.count(placeholder) != 1:
+            raise ValueError(f"{path}: no {SEAL} placeholder in the safetensors header")
+        handle.seek(8)
+        handle.write(header.replace(placeholder, f'"{SEAL}":"{digest.hexdigest()}"'.encode()))
+
+
+def check_sealed(path: Path) -> str | None:
+    """None when a safetensors file is whole: its header, its length and, when it carries one,
+    its data's sha256."""
+    problem = check_safetensors_file(path)
+    if problem:
+        return problem
+    with open(path, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        expected = (json.loads(handle.read(size)).get("__metadata__") or {}).get(SEAL)
+        if expected is None:
+            return None
+        digest = hashlib.sha256()
+        while block := handle.read(_CHUNK):
+            digest.update(block)
+    return None if digest.hexdigest() == expected else "its data's sha256 differs from when it was written (damaged)"

@@ -76,10 +76,14 @@ def fisher_for(recipe: Recipe, model, tokenizer, base_fingerprint: str):
     key = fingerprint(base_fingerprint, ewc.model_dump(exclude={"weight"}), recipe.train.seed, modules, reference)
     path = cache_dir() / "fisher" / f"{key}.safetensors"
     if path.is_file():
-        if is_main_process():
-            print(f"fisher: cached {path}")
-        fisher, metadata = load_fisher(path, model, base_fingerprint)
-        return fisher, {**metadata, "path": str(path)}
+        try:
+            fisher, metadata = load_fisher(path, model, base_fingerprint)
+            if is_main_process():
+                print(f"fisher: cached {path}")
+            return fisher, {**metadata, "path": str(path)}
+        except UsageError as exc:  # a cache entry can be computed again
+            if is_main_process():
+                print(f"fisher: {exc}; estimating it again")
     fisher, metadata = compute_fisher(recipe, model, tokenizer, base_fingerprint)
     if is_main_process():
         save_fisher(path, fisher, metadata)
