@@ -356,6 +356,6 @@ def test_a_run_killed_outright_reads_stale_and_a_failed_one_gives_its_reason(tmp
     child.wait()
     assert run_state(read_run(run), run) == "stale"
     assert describe_state(read_run(run), run).startswith("stale: run.json says running")
-    with pytest.raises(UsageError, match=r"run is stale: run.json says running"):
+    with pytest.raises(UsageError, match=r"no final adapter to evaluate: the run is stale: run.json says running"):
         from workbench.evals.evaluate import resolve_specs
         resolve_specs([run], [])

@@ -73,7 +73,7 @@ def _read_run(run_dir: Path) -> tuple[RunRecord, Recipe]:
     except ValidationError as exc:
         raise UsageError(f"{run_path(run_dir)}: recipe: {describe_error(exc)}") from None
     if run.status != "completed":
-        raise UsageError(f"{run_path(run_dir)}: run is {describe_state(run, run_dir)}, not completed: no final adapter")
+        raise UsageError(f"{run_path(run_dir)}: no final adapter to evaluate: the run is {describe_state(run, run_dir)}")
     return run, recipe
 
 
