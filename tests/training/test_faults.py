@@ -141,3 +141,39 @@ def test_nan_injection_names_the_fault_and_keeps_the_last_checkpoint(tmp_path, g
     assert json.loads((last / "trainer_state.json").read_text())["global_step"] == 4
     saved = load_file(last / "adapter_model.safetensors")
     assert saved and all(torch.isfinite(t).all() for t in saved.values())
+
+
+@pytest.mark.slow
+def test_a_killed_data_parallel_rank_never_leaves_running_and_resume_gives_the_same_adapter(tmp_path):
+    """Two gloo processes; rank 1 is SIGKILLed after step 5. The launcher ends the job; run.json
+    must then read failed (rank 0 saw its peer go) or stale (rank 0 was killed before it could
+    say), never running; --resume on two processes gives the uninterrupted run's adapter."""
+    from tests.training.test_distributed import free_port
+    from workbench.formats.run_record import read_run, run_state
+
+    def launch(out, *extra, module="workbench", kill=None):
+        env = {**os.environ, "WORKBENCH_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled",
+               "OMP_NUM_THREADS": "1", "KILL_RANK": "1", "KILL_STEP": str(kill)}
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", module, "train", RECIPE, "--output-dir", str(out),
+               *COMMON, "train.batch_size=4", *extra]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=repo("."))
+
+    clean = launch(tmp_path / "clean")
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    out = tmp_path / "killed"
+    killed = launch(out, module="tests.kill_rank", kill=5)
+    assert killed.returncode != 0
+    record = read_run(out)
+    state = run_state(record, out)
+    assert state in ("failed", "interrupted", "stale"), state
+    if state == "failed":
+        assert "a data-parallel process is gone" in record.reason
+        assert "failed: a data-parallel process is gone" in killed.stderr and "--resume" in killed.stderr
+    assert latest_checkpoint(out).name == "checkpoint-4"
+    resumed = launch(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert read_run(out).status == "completed"
+    assert_adapters_match(adapter(tmp_path / "clean"), adapter(out), rtol=1e-5, atol=1e-7, norm_tol=1e-6,
+                          min_close=1.0)

@@ -26,7 +26,8 @@ from workbench.errors import UsageError
 from workbench.io import write_json
 from workbench.modeling.load import load_model, load_tokenizer, model_fingerprint
 from workbench.config.recipe import ModelSection, Recipe, describe_error
-from workbench.formats.run_record import RunRecord, read_run, run_path, versions
+from workbench.formats.integrity import check_folder
+from workbench.formats.run_record import RunRecord, describe_state, read_run, run_path, versions
 from workbench.modeling.lora import gram, lora_factors
 from workbench.scoring.base_cache import BaseCache
 from workbench.formats.results import KIND, SCHEMA_VERSION
@@ -56,9 +57,13 @@ class AdapterSpec:
 
 
 def _check_adapter_dir(path: Path) -> None:
+    """Every file there and whole (its manifest, else its format), before any model loads."""
     missing = [f for f in ADAPTER_FILES if not (path / f).is_file()]
     if missing:
         raise UsageError(f"{path}: not a PEFT adapter directory (missing {', '.join(missing)})")
+    damaged = check_folder(path)
+    if damaged:
+        raise UsageError(f"{path / damaged[0]}: {damaged[1]}; train again, or resume the run from a checkpoint")
 
 
 def _read_run(run_dir: Path) -> tuple[RunRecord, Recipe]:
@@ -68,7 +73,7 @@ def _read_run(run_dir: Path) -> tuple[RunRecord, Recipe]:
     except ValidationError as exc:
         raise UsageError(f"{run_path(run_dir)}: recipe: {describe_error(exc)}") from None
     if run.status != "completed":
-        raise UsageError(f"{run_path(run_dir)}: run status is {run.status!r}, not 'completed': no final adapter")
+        raise UsageError(f"{run_path(run_dir)}: no final adapter to evaluate: the run is {describe_state(run, run_dir)}")
     return run, recipe
 
 

@@ -6,12 +6,12 @@ the catalogue, `workbench.formats.metrics`, which that page's table is generated
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from workbench.errors import UsageError
+from workbench.io import read_json
 
 SCHEMA_VERSION = 1
 KIND = "workbench.eval"
@@ -34,10 +34,7 @@ def load_results(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: results file not found")
-    try:
-        results = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: not a results JSON file ({exc})") from None
+    results = read_json(path, "results JSON file")
     if not isinstance(results, dict) or results.get("kind") != KIND:
         raise UsageError(f"{path}: not a workbench results file (no \"kind\": \"{KIND}\")")
     if results.get("schema_version") != SCHEMA_VERSION:

@@ -1,27 +1,40 @@
 """`run.json`: what `workbench train` writes about a run, and the one way every command reads it.
 
 The record is written atomically at start (`status: running`), when a signal stops the run
-(`interrupted`) and at the end (`completed`). Readers go through `read_run`, which turns a
-missing, torn or foreign file into one line naming the file.
+(`interrupted`), when an error escapes training (`failed`, with a one-line `reason`) and at the
+end (`completed`). A process killed outright (SIGKILL, a lost node) cannot write anything, so the
+writer also holds an exclusive lock on `run.lock` next to it for as long as it runs; the kernel
+releases the lock when the process dies, however it dies. `run_state` reads `running` as
+`stale` when no process holds the lock. Readers go through `read_run`, which turns a missing,
+torn or foreign file into one line naming the file.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import fcntl
+import os
 import platform
+import socket
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from workbench.errors import UsageError, first_line
-from workbench.io import write_json
+from workbench.io import read_json, write_json
 
 SCHEMA_VERSION = 1
 FILENAME = "run.json"
-_UNTIL_SET = ("history", "final", "global_step", "adapter", "adapter_step", "selection", "resumed_from", "wandb")
+LOCK = "run.lock"
+_UNTIL_SET = ("history", "final", "global_step", "adapter", "adapter_step", "selection", "resumed_from", "wandb",
+              "reason")
 Status = Literal["running", "completed", "interrupted", "failed"]
+
+
+def _writer() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname()}
 
 
 class RunRecord(BaseModel):
@@ -31,6 +44,9 @@ class RunRecord(BaseModel):
 
     schema_version: int = SCHEMA_VERSION
     status: Status = "running"
+    reason: str | None = Field(default=None, description="Why a run is failed or interrupted, one line.")
+    writer: dict[str, Any] = Field(default_factory=_writer,
+                                   description="pid and host of the process that writes the record")
     recipe: dict[str, Any] = Field(description="The fully resolved recipe, every default filled in.")
     versions: dict[str, str] = Field(default_factory=dict,
                                      description="workbench, python, torch, transformers, peft, accelerate")
@@ -82,10 +98,7 @@ def read_run(path: str | Path) -> RunRecord:
     path = run_path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no run.json (give a run directory written by `workbench train`)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # ValueError covers JSON and UTF-8 decoding errors
-        raise UsageError(f"{path}: not a readable run.json ({first_line(exc)})") from None
+    data = read_json(path, "run.json")
     if not isinstance(data, dict) or "recipe" not in data:
         raise UsageError(f"{path}: not a workbench run record (no \"recipe\")")
     if data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
@@ -97,6 +110,84 @@ def read_run(path: str | Path) -> RunRecord:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
         raise UsageError(f"{path}: {key}: {err['msg']}") from None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold `run_dir/run.lock` while the block runs: the mark that a live process writes this
+    run. A second writer is refused with one line naming the holder."""
+    path = Path(run_dir) / LOCK
+    created = not path.parent.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise UsageError(f"{run_dir}: another process is writing this run ({handle.read().strip() or 'pid unknown'}); "
+                             "wait for it or give another --output-dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock; the file stays, empty locks are harmless
+        if created and [p.name for p in path.parent.iterdir()] == [LOCK]:  # refused before writing anything
+            path.unlink(missing_ok=True)
+            path.parent.rmdir()
+
+
+def is_held(run_dir: str | Path) -> bool:
+    """Whether a live process holds the run's lock (works across processes on this machine and
+    on file systems with working flock; the lock file gone means nobody holds it)."""
+    path = Path(run_dir) / LOCK
+    try:
+        handle = open(path)
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def run_state(record: RunRecord, path: str | Path) -> str:
+    """The record's status, with `running` read as `stale` when no live process writes it."""
+    if record.status == "running" and not is_held(run_path(path).parent):
+        return "stale"
+    return record.status
+
+
+def describe_state(record: RunRecord, path: str | Path) -> str:
+    """One phrase for a run that is not completed: what its record says and what to do."""
+    state = run_state(record, path)
+    where = record.writer.get("host", "?"), record.writer.get("pid", "?")
+    if state == "stale":
+        return (f"stale: run.json says running but its writer (pid {where[1]} on {where[0]}) is gone; "
+                "continue it with `workbench train ... --resume`")
+    if state == "running":
+        return f"running (pid {where[1]} on {where[0]})"
+    return state + (f" ({record.reason})" if record.reason else "")
+
+
+def settle(run_dir: str | Path, status: Status, reason: str) -> bool:
+    """Mark the running record this process wrote failed or interrupted, with its one-line
+    reason; True when written. Never raises: it runs on the way out of an error, which it must
+    not hide (a run.json that cannot be written is left to read as stale)."""
+    try:
+        record = read_run(run_dir)
+        if record.status != "running" or record.writer != _writer():
+            return False
+        record.status, record.reason = status, reason
+        record.write(run_dir)
+        return True
+    except Exception:
+        return False
 
 
 def versions() -> dict[str, str]:

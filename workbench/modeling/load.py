@@ -30,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from workbench.formats.integrity import check_folder, write_manifest
 from workbench.assets import embedded
 from workbench.assets.embedded import download_gguf
 from workbench.assets.fetch import file_lock
@@ -120,6 +121,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         model.generation_config = loaded.generation_config
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
+    write_manifest(out)  # the sizes and sha256s every later load checks
     if "quantization_config" in (out / "config.json").read_text():
         raise RuntimeError(f"{out}/config.json still has a quantization_config")
 
@@ -179,6 +181,9 @@ def _require_4bit() -> None:
 def _load_pretrained(section: ModelSection, local: Path | None) -> PreTrainedModel:
     """from_pretrained with the section's dtype and, for 4-bit, the bitsandbytes config."""
     kwargs: dict[str, Any] = {"dtype": _dtype(section.dtype)}
+    damaged = check_folder(local) if local is not None else None
+    if damaged:
+        raise UsageError(f"{local / damaged[0]}: {damaged[1]}; download or convert the model again")
     if local is not None and any(local.glob("*.safetensors")):
         kwargs["use_safetensors"] = True
     if section.load_in_4bit:

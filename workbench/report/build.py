@@ -24,6 +24,7 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader
 
 from workbench.errors import UsageError
+from workbench.formats.run_record import describe_state
 from workbench.io import atomic_path
 from workbench.report.inputs import Run, load_inputs
 from workbench.report.matched import matched
@@ -119,7 +120,7 @@ def _run_context(run: Run, plots: PlotDir) -> dict:
     final = record.final or {}
     penalties = ", ".join(record.penalties) or "none"
     steps = "?" if record.global_step is None else record.global_step
-    meta = (f"recipe {record.name}; penalties: {penalties}; status {record.status}; "
+    meta = (f"recipe {record.name}; penalties: {penalties}; status {describe_state(record, run.path)}; "
             f"{steps} steps; final eval loss {fmt(final.get('eval_loss'))}")
     return {"label": run.label, "meta": meta,
             "plot": plots.save(loss_figure(run.label, record), f"loss-{run.path.resolve().name}",

@@ -8,13 +8,13 @@ read through `read_run`, results files through `load_results`, so a bad input is
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.compare.command import KIND as COMPARE_KIND, SCHEMA_VERSION as COMPARE_SCHEMA
 from workbench.errors import UsageError
 from workbench.formats.results import KIND, load_results
+from workbench.io import read_json
 from workbench.formats.run_record import FILENAME, RunRecord, read_run
 from workbench.report.plots import ReportEntry
 
@@ -79,10 +79,7 @@ def _read_input(path: Path) -> dict | RunRecord:
 
 
 def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path}: not a JSON file ({exc})") from None
+    return read_json(path, "JSON file")
 
 
 def merge_entries(results: list[tuple[Path, dict]]) -> list[ReportEntry]:

@@ -17,6 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from workbench.distributed import all_ranks, is_main_process, world_size
+from workbench.errors import WriteFailed, first_line
+from workbench.formats.integrity import check_sealed, seal, seal_metadata
 from workbench.io import atomic_path, cache_dir, fingerprint
 
 
@@ -70,16 +72,30 @@ class BaseCache:
 
 
 def _load(path: Path) -> dict[str, torch.Tensor] | None:
-    """The entry's tensors, or None when it is missing or unreadable."""
-    try:
-        return load_file(path) if path.is_file() else None
-    except (SafetensorError, OSError):
+    """The entry's tensors, or None when it is missing or damaged (said in one line: the entry
+    is computed again and replaced)."""
+    if not path.is_file():
         return None
+    try:
+        damaged = check_sealed(path)
+        if damaged is None:
+            return load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        damaged = first_line(exc)
+    if is_main_process():
+        print(f"cache: {path}: {damaged}; computing it again", flush=True)
+    return None
 
 
 def _store(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    """Write the entry; a failed write (no space, no permission) is said in one line and the job
+    goes on without it: a cache entry is only ever a shortcut."""
+    try:
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=seal_metadata())
+            seal(tmp)
+    except WriteFailed as exc:
+        print(f"cache: could not write {path} ({exc.cause}); going on without caching it", flush=True)
 
 
 def ragged(rows: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from workbench.errors import UsageError
+from workbench.formats.integrity import check_sealed, seal, seal_metadata
 from workbench.io import atomic_path
 from workbench.distributed import my_share
 from workbench.modeling.lora import as_base, lora_factors, unwrap_peft
@@ -142,7 +143,8 @@ def save_fisher(path: str | Path, fisher: dict[str, torch.Tensor], metadata: dic
     """Write the Fisher as safetensors with string metadata (fingerprints, estimator), atomically."""
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in fisher.items()}, str(tmp),
-                  metadata={k: str(v) for k, v in metadata.items()})
+                  metadata=seal_metadata({k: str(v) for k, v in metadata.items()}))
+        seal(tmp)
     return Path(path)
 
 
@@ -151,6 +153,9 @@ def load_fisher(path: str | Path, model: torch.nn.Module, model_fingerprint: str
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: Fisher file not found (create one with `workbench fisher`)")
+    damaged = check_sealed(path)
+    if damaged:
+        raise UsageError(f"{path}: not a readable safetensors Fisher file ({damaged})")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import sys
 import threading
@@ -18,12 +17,14 @@ from workbench.data.examples import (
 )
 from workbench.distributed import init_distributed, is_main_process, world_size
 from workbench.errors import Interrupted, RunFailed, UsageError
+from workbench.training.faults import latest_checkpoint, recorded
 from workbench.training.fisher import estimate_fisher, load_fisher, save_fisher
-from workbench.io import cache_dir, fingerprint
+from workbench.io import cache_dir, fingerprint, writing
 from workbench.modeling.load import (
     apply_lora, count_parameters, load_model, load_tokenizer, model_fingerprint
 )
 from workbench.config.recipe import Recipe, resolved
+from workbench.formats.integrity import check_folder, write_manifest
 from workbench.formats.run_record import RunRecord, read_run, versions
 from workbench.training.reference import topk_reference_for
 from workbench.training.probe import RetentionProbeCallback, probe_chunks
@@ -77,10 +78,14 @@ def fisher_for(recipe: Recipe, model, tokenizer, base_fingerprint: str):
     key = fingerprint(base_fingerprint, ewc.model_dump(exclude={"weight"}), recipe.train.seed, modules, reference)
     path = cache_dir() / "fisher" / f"{key}.safetensors"
     if path.is_file():
-        if is_main_process():
-            print(f"fisher: cached {path}")
-        fisher, metadata = load_fisher(path, model, base_fingerprint)
-        return fisher, {**metadata, "path": str(path)}
+        try:
+            fisher, metadata = load_fisher(path, model, base_fingerprint)
+            if is_main_process():
+                print(f"fisher: cached {path}")
+            return fisher, {**metadata, "path": str(path)}
+        except UsageError as exc:  # a cache entry can be computed again
+            if is_main_process():
+                print(f"fisher: {exc}; estimating it again")
     fisher, metadata = compute_fisher(recipe, model, tokenizer, base_fingerprint)
     if is_main_process():
         save_fisher(path, fisher, metadata)
@@ -156,25 +161,16 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
     return trainer, record
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete Trainer checkpoint: the Trainer writes trainer_state.json last, so a
-    checkpoint whose state does not parse was cut short by a kill and is passed over."""
-    def step(path: Path) -> int:
-        return int(path.name.rpartition("-")[2]) if path.name.rpartition("-")[2].isdigit() else -1
-
-    for checkpoint in sorted((output_dir / "checkpoints").glob("checkpoint-*"), key=step, reverse=True):
-        try:
-            json.loads((checkpoint / "trainer_state.json").read_text())
-            return checkpoint
-        except (OSError, ValueError):
-            continue
-    return None
-
-
 def _check_resumable(recipe: Recipe, output_dir: Path) -> Path:
-    checkpoint = latest_checkpoint(output_dir)
+    skipped: list[tuple[Path, str]] = []
+    checkpoint = latest_checkpoint(output_dir, skipped)
+    if checkpoint is None and skipped:
+        raise UsageError(f"{output_dir}: no checkpoint loads: "
+                         + "; ".join(f"{path.name}: {why}" for path, why in skipped))
     if checkpoint is None:
         raise UsageError(f"{output_dir}: no complete checkpoint to resume from")
+    for path, why in skipped if is_main_process() else ():
+        print(f"resume: skipping {path.name}: {why}")
     started = read_run(output_dir).recipe
     now = resolved(recipe)
     # the wandb section only says where results go: resuming with tracking changed is fine
@@ -238,10 +234,16 @@ def train(recipe: Recipe, output_dir: Path | None = None, resume: bool = False,
     resume: continue from the newest complete checkpoint in output_dir (same recipe required);
     the Trainer restores the model, optimiser, scheduler, RNG states and the data position.
     observer.start returns a context manager the training loop runs inside (W&B closes its run
-    when an error escapes it).
+    when an error escapes it). run.json says `failed` or `interrupted` on every way out
+    (`faults.recorded`).
     """
-    observer = observer or _Unobserved()
     output_dir = Path(output_dir or recipe.output_dir)
+    with recorded(output_dir):
+        return _train(recipe, output_dir, resume, observer)
+
+
+def _train(recipe: Recipe, output_dir: Path, resume: bool, observer: RunObserver | None) -> Path:
+    observer = observer or _Unobserved()
     checkpoint = _check_resumable(recipe, output_dir) if resume else None
     trainer, record = build_trainer(recipe, output_dir)
     watching = observer.start(recipe, trainer, output_dir, record, resume)
@@ -270,9 +272,12 @@ def train(recipe: Recipe, output_dir: Path | None = None, resume: bool = False,
     if recipe.train.select is not None:
         _write_selected(recipe, trainer, output_dir, record, observer, watching)
     else:
-        trainer.save_model(str(output_dir / "adapter"))
-        # the Trainer pickles its arguments next to the adapter; nothing loads it and pickles run code
-        (output_dir / "adapter" / "training_args.bin").unlink(missing_ok=True)
+        with writing(output_dir / "adapter", ""):
+            trainer.save_model(str(output_dir / "adapter"))
+            # the Trainer pickles its arguments next to the adapter; nothing loads it and pickles run code
+            (output_dir / "adapter" / "training_args.bin").unlink(missing_ok=True)
+            if trainer.is_world_process_zero():
+                write_manifest(output_dir / "adapter")
     if trainer.is_world_process_zero():
         record.status, record.adapter = "completed", "adapter"
         record.write(output_dir)
@@ -285,7 +290,8 @@ def _write_selected(recipe: Recipe, trainer: RegularizedTrainer, output_dir: Pat
     """Under train.select: the chosen checkpoint's adapter becomes adapter/; when none meets the
     bounds the run fails (exit 1) and keeps every checkpoint."""
     saved = {int(p.name.rpartition("-")[2]): p for p in (output_dir / "checkpoints").glob("checkpoint-*")
-             if p.name.rpartition("-")[2].isdigit() and (p / "adapter_model.safetensors").is_file()}
+             if p.name.rpartition("-")[2].isdigit() and (p / "adapter_model.safetensors").is_file()
+             and check_folder(p) is None}  # a damaged checkpoint is no candidate
     record.selection = choose(trainer.state.log_history, list(saved), recipe.train.select)
     step = record.selection["step"]
     if step is None:
@@ -296,6 +302,8 @@ def _write_selected(recipe: Recipe, trainer: RegularizedTrainer, output_dir: Pat
         raise RunFailed(f"train.select: {record.selection['reason']}; {closest(record.selection)}. Every "
                         f"checkpoint is kept in {output_dir / 'checkpoints'}; no adapter/ was written")
     if trainer.is_world_process_zero():
-        copy_adapter(saved[step], output_dir / "adapter")
+        with writing(output_dir / "adapter", ""):
+            copy_adapter(saved[step], output_dir / "adapter")
+            write_manifest(output_dir / "adapter")
         print(f"select: adapter from step {step}: {record.selection['reason']}")
     record.adapter_step = step

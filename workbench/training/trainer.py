@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,8 +16,9 @@ from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from workbench.data.examples import NOT_MODEL_INPUTS
-from workbench.errors import RunFailed, UsageError
-from workbench.io import write_json
+from workbench.errors import RunFailed, UsageError, WriteFailed
+from workbench.formats.integrity import write_manifest
+from workbench.io import read_json, write_json, writing
 from workbench.scoring.masks import IGNORE, next_token_mask, shifted_labels
 from workbench.training.regularizers import Penalty
 from workbench.training.regularizers.kl import chunked_kl, reference_hidden
@@ -234,11 +235,22 @@ class RegularizedTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         """The parent's checkpoint, with the controlled penalties' state written first: the parent
         writes trainer_state.json last, which marks a checkpoint complete (`run.latest_checkpoint`),
-        so a complete checkpoint always has it."""
-        if self._controlled and self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            write_json(folder / PENALTY_STATE, {p.name: p.state_dict() for p in self._controlled})
-        super()._save_checkpoint(model, trial)
+        so a complete checkpoint always has it. Then, once every rank has written its share, the
+        manifest of sizes and sha256s that resume checks (`faults.check_checkpoint`). A failed
+        write removes the partial folder (it frees the space it took) and names the file."""
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        try:
+            with writing(folder, ""):
+                if self._controlled and self.args.should_save:
+                    write_json(folder / PENALTY_STATE, {p.name: p.state_dict() for p in self._controlled})
+                super()._save_checkpoint(model, trial)
+                self.accelerator.wait_for_everyone()
+                if self.args.should_save and folder.is_dir():
+                    write_manifest(folder)
+        except WriteFailed:
+            if self.args.should_save:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """The parent's `train`; resuming also restores each controlled weight from the checkpoint."""
@@ -250,7 +262,7 @@ class RegularizedTrainer(Trainer):
             if not path.is_file():
                 raise UsageError(f"{checkpoint}: no {PENALTY_STATE}, so the controlled weight of "
                                  f"{', '.join(p.name for p in self._controlled)} cannot be restored")
-            state = json.loads(path.read_text())
+            state = read_json(path, PENALTY_STATE)
             for penalty in self._controlled:
                 if penalty.name not in state:
                     raise UsageError(f"{path}: no state for {penalty.name}")
