@@ -236,11 +236,17 @@ def test_resume_continues_with_the_weight_it_stopped_at(tmp_path, monkeypatch):
     assert weights(steps_of(control))[4] == 1.0 != pytest.approx(weights(whole)[4], rel=1e-2)
 
 
-def test_resume_refuses_a_checkpoint_without_the_controller_state(tmp_path):
+@pytest.mark.parametrize("sealed, message", [(True, f"no checkpoint loads: checkpoint-2: {PENALTY_STATE}: missing"),
+                                             (False, f"no {PENALTY_STATE}, so the controlled weight")])
+def test_resume_refuses_a_checkpoint_without_the_controller_state(tmp_path, sealed, message):
+    """The checkpoint's manifest lists penalties.json, so resume finds it missing; a checkpoint
+    without a manifest (written before manifests) is refused by the trainer itself."""
     out = tmp_path / "run"
     run.train(load_recipe(TINY, [*PLAIN, *RESUME, "train.max_steps=2", "train.save_steps=2"]), out)
     (out / "checkpoints" / "checkpoint-2" / PENALTY_STATE).unlink()
-    with pytest.raises(UsageError, match=f"no {PENALTY_STATE}"):
+    if not sealed:
+        (out / "checkpoints" / "checkpoint-2" / "manifest.json").unlink()
+    with pytest.raises(UsageError, match=message):
         run.train(load_recipe(TINY, [*PLAIN, *RESUME, "train.max_steps=2", "train.save_steps=2"]), out, resume=True)
 
 
