@@ -116,3 +116,28 @@ def assert_loss_is_the_sum_of_terms(run: dict, rtol: float = 1e-6) -> None:
     for h in logged_terms(run):
         total = h["task_loss"] + sum(v for k, v in h.items() if k.endswith("_weighted"))
         assert total == pytest.approx(h["loss"], rel=rtol), h
+
+
+def signal_at_step(step: int, signum: int, rank: str | None = None) -> None:
+    """For a child process that plays a fault: every trainer `workbench train` builds from now on
+    sends this process `signum` at the end of optimiser step `step` (only on data-parallel rank
+    `rank`, as $RANK names it, when given)."""
+    import os
+
+    from transformers import TrainerCallback
+
+    import workbench.training.run as run
+
+    class SignalAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step and (rank is None or os.environ.get("RANK") == rank):
+                os.kill(os.getpid(), signum)
+
+    build = run.build_trainer
+
+    def with_signal(*args, **kwargs):
+        trainer, record = build(*args, **kwargs)
+        trainer.add_callback(SignalAt())
+        return trainer, record
+
+    run.build_trainer = with_signal

@@ -5,28 +5,10 @@ import os
 import signal
 import sys
 
-from transformers import TrainerCallback
-
-import workbench.training.run as run
+from tests.helpers import signal_at_step
 from workbench.cli import main
 
-
-class KillAt(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == int(os.environ["KILL_STEP"]) and os.environ.get("RANK") == os.environ["KILL_RANK"]:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-_build = run.build_trainer
-
-
-def _with_kill(*args, **kwargs):
-    trainer, record = _build(*args, **kwargs)
-    trainer.add_callback(KillAt())
-    return trainer, record
-
-
-run.build_trainer = _with_kill
+signal_at_step(int(os.environ["KILL_STEP"]), signal.SIGKILL, rank=os.environ["KILL_RANK"])
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -21,7 +21,6 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -118,14 +117,13 @@ def fold_scale(source: Path, target: Path, scale: float) -> int:
 def _record(session: Session, policy: Policy, tolerance: float, steps: list[Step], chosen: float) -> dict:
     spec = session.specs[0]
     above = [s.scale for s in steps if not s.passed]
+    header = session.results([])  # the suite and base as results.json names them
     return {
-        "schema_version": SCHEMA_VERSION, "kind": KIND,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "schema_version": SCHEMA_VERSION, "kind": KIND, "created": header["created"],
         "adapter": str(spec.path), "run": str(spec.run_dir) if spec.run_dir else None, "name": spec.name,
         "family": spec.family,
-        "suite": {"name": session.suite.name, "path": str(session.suite_path),
-                  "fingerprint": session.suite.base_fingerprint()},
-        "base": {"model": session.section.name, "fingerprint": session.base_fp},
+        "suite": header["suite"],
+        "base": {key: header["base"][key] for key in ("model", "fingerprint")},
         "policy": {"name": policy.name, "path": policy.source,
                    "rules": [f"{r.label()} {r.threshold}" for r in policy.rules]},
         "tolerance": tolerance,

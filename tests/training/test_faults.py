@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import assert_adapters_match, repo
+from tests.helpers import REPO, assert_adapters_match, repo
 from workbench.errors import RunFailed, UsageError
 from workbench.config.recipe import load_recipe
 from workbench.training.regularizers import Penalty, PenaltyConfig
@@ -24,24 +24,11 @@ RECIPE = repo("recipes/tiny_all.yaml")
 
 # Runs training in a child process with a callback that sends itself a signal at a given step.
 CHILD = textwrap.dedent("""
-    import os, signal, sys
-    from transformers import TrainerCallback
-    import workbench.training.run as run
+    import signal, sys
+    from tests.helpers import signal_at_step
     from workbench.cli import main
 
-    step, signum = int(sys.argv[1]), getattr(signal, sys.argv[2])
-
-    class SignalAt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == step:
-                os.kill(os.getpid(), signum)
-
-    build = run.build_trainer
-    def with_signal(*args, **kwargs):
-        trainer, record = build(*args, **kwargs)
-        trainer.add_callback(SignalAt())
-        return trainer, record
-    run.build_trainer = with_signal
+    signal_at_step(int(sys.argv[1]), getattr(signal, sys.argv[2]))
     sys.exit(main(sys.argv[3:]))
 """)
 
@@ -58,7 +45,8 @@ def uninterrupted(tmp_path_factory):
 
 
 def child(tmp_path, step, signame, out):
-    env = {**os.environ, "WORKBENCH_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled"}
+    env = {**os.environ, "WORKBENCH_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled",
+           "PYTHONPATH": str(REPO)}  # for tests.helpers, from any working directory
     cmd = [sys.executable, "-c", CHILD, str(step), signame, "train", RECIPE, "--output-dir", str(out), *COMMON]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 

@@ -36,14 +36,15 @@ def check_checkpoint(folder: Path) -> str | None:
     return f"{problem[0]}: {problem[1]}" if problem else None
 
 
-def _step(path: Path) -> int:
+def checkpoint_step(path: Path) -> int:
+    """The step in a folder name checkpoint-N; -1 when it has none."""
     tail = path.name.rpartition("-")[2]
     return int(tail) if tail.isdigit() else -1
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
     """The run's checkpoint folders, newest first."""
-    return sorted((Path(output_dir) / "checkpoints").glob("checkpoint-*"), key=_step, reverse=True)
+    return sorted((Path(output_dir) / "checkpoints").glob("checkpoint-*"), key=checkpoint_step, reverse=True)
 
 
 def latest_checkpoint(output_dir: Path, skipped: list[tuple[Path, str]] | None = None) -> Path | None:

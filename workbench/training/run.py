@@ -17,14 +17,14 @@ from workbench.data.examples import (
 )
 from workbench.distributed import init_distributed, is_main_process, world_size
 from workbench.errors import Interrupted, RunFailed, UsageError
-from workbench.training.faults import latest_checkpoint, recorded
+from workbench.training.faults import check_checkpoint, checkpoint_step, checkpoints, latest_checkpoint, recorded
 from workbench.training.fisher import estimate_fisher, load_fisher, save_fisher
 from workbench.io import cache_dir, fingerprint, writing
 from workbench.modeling.load import (
     apply_lora, count_parameters, load_model, load_tokenizer, model_fingerprint
 )
 from workbench.config.recipe import Recipe, resolved
-from workbench.formats.integrity import check_folder, write_manifest
+from workbench.formats.integrity import write_manifest
 from workbench.formats.run_record import RunRecord, read_run, versions
 from workbench.training.reference import topk_reference_for
 from workbench.training.probe import RetentionProbeCallback, probe_chunks
@@ -289,9 +289,8 @@ def _write_selected(recipe: Recipe, trainer: RegularizedTrainer, output_dir: Pat
                     observer: RunObserver, watching) -> None:
     """Under train.select: the chosen checkpoint's adapter becomes adapter/; when none meets the
     bounds the run fails (exit 1) and keeps every checkpoint."""
-    saved = {int(p.name.rpartition("-")[2]): p for p in (output_dir / "checkpoints").glob("checkpoint-*")
-             if p.name.rpartition("-")[2].isdigit() and (p / "adapter_model.safetensors").is_file()
-             and check_folder(p) is None}  # a damaged checkpoint is no candidate
+    saved = {checkpoint_step(p): p for p in checkpoints(output_dir)  # a damaged checkpoint is no candidate
+             if checkpoint_step(p) >= 0 and (p / "adapter_model.safetensors").is_file() and check_checkpoint(p) is None}
     record.selection = choose(trainer.state.log_history, list(saved), recipe.train.select)
     step = record.selection["step"]
     if step is None:
