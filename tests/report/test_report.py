@@ -205,8 +205,8 @@ def test_fmt_is_compact_and_dashes_what_is_missing():
 
 def test_the_training_curves_draw_the_probe_the_kl_budget_and_the_selected_step():
     """A run with a retention probe gets a third panel: the training-batch KL on every step, the
-    probe's KL at its steps, the perplexity ratio on a right axis, the budget as a horizontal line
-    at the target and the selected checkpoint as a vertical line at its step."""
+    probe's KL at its steps, the perplexity ratio on a right axis, the budgets (KL target, select's
+    bound on the ratio) as horizontal lines and the selected checkpoint as a vertical line at its step."""
     from workbench.formats.run_record import RunRecord
     from workbench.report.plots import loss_figure
 
@@ -216,7 +216,7 @@ def test_the_training_curves_draw_the_probe_the_kl_budget_and_the_selected_step(
         if "loss" in h:
             h["retention_train_kl"] = 0.05 * h["step"]
     record["history"] += [{"retention_kl": 0.02 * s, "retention_ppl_ratio": 1 + 0.01 * s, "step": s} for s in (3, 6)]
-    record["selection"] = {"step": 3}
+    record["selection"] = {"step": 3, "subject_to": {"retention_ppl_ratio": 1.05}}
     fig = loss_figure("kl_ewc", RunRecord(**record))
     losses, penalties, retention, ratio = fig.axes
     lines = {line.get_label(): line for line in retention.get_lines()}
@@ -225,5 +225,6 @@ def test_the_training_curves_draw_the_probe_the_kl_budget_and_the_selected_step(
     assert list(lines["KL budget 0.3"].get_ydata()) == [0.3, 0.3]
     assert list(lines["selected: step 3"].get_xdata()) == [3, 3]
     assert list(ratio.get_lines()[0].get_ydata()) == pytest.approx([1.03, 1.06])
+    assert list(ratio.get_lines()[1].get_ydata()) == [1.05, 1.05]  # the select budget on the ratio
     plain = loss_figure("kl_ewc", RunRecord(**run_record()))
     assert len(plain.axes) == 2  # no probe: no retention panel

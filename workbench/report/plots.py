@@ -103,6 +103,9 @@ def _retention_panel(ax, run: RunRecord, history: list[dict]) -> None:
     if any("retention_ppl_ratio" in h for h in history):
         twin = ax.twinx()
         _series(twin, history, "retention_ppl_ratio", "general-text perplexity ratio (right)", "s--", color="C2")
+        bound = ((getattr(run, "selection", None) or {}).get("subject_to") or {}).get("retention_ppl_ratio")
+        if bound is not None:
+            twin.axhline(bound, color="C2", linestyle=":", label=f"perplexity ratio budget {bound:g}")
         twin.set_ylabel("perplexity ratio")
         twin.legend(fontsize=8, loc="upper right")
 
