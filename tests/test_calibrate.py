@@ -13,6 +13,7 @@ import yaml
 
 from workbench.calibrate import bisect, write_outputs
 from workbench.cli import main
+from workbench.errors import WriteFailed
 from workbench.evals.evaluate import run_eval
 from workbench.gate import check, load_policy, passed
 from tests.evals.test_evaluate import SUITE, make_run, values, write_task
@@ -86,9 +87,9 @@ def test_the_calibrated_adapter_loads_in_peft_and_scores_as_the_scale_sweep_entr
     code, out, record = calibrated
     s = record["chosen_scale"]
     assert code == 0 and 0.0 < s < 1.0
-    assert {p.name for p in out.iterdir()} == {  # the adapter, its tokenizer, the two records
+    assert {p.name for p in out.iterdir()} == {  # the adapter, its tokenizer, its manifest, the two records
         "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-        "chat_template.jinja", "results.json", "calibration.json"}
+        "chat_template.jinja", "manifest.json", "results.json", "calibration.json"}
     written = json.loads((out / "results.json").read_text())
     assert [e["name"] for e in written["entries"]] == [f"cal@{s:g}"] and written["kind"] == "workbench.eval"
     reference = values(swept[s])
@@ -193,6 +194,6 @@ def test_a_write_that_fails_leaves_no_outdir_and_no_staging(workspace, tmp_path,
 
     monkeypatch.setattr("workbench.calibrate.write_json", broken)
     out = tmp_path / "out"
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WriteFailed, match="disk full"):
         write_outputs(out, workspace / "cal" / "adapter", 0.5, {}, {})
     assert list(tmp_path.iterdir()) == []

@@ -3,7 +3,8 @@
 Reads: every file format the workbench reads, each damaged four ways (cut to half its length,
 zeroed, a byte flipped in the middle, removed). Each must give one line naming the file (exit 2),
 or fall back to a good alternative saying so in one line (an older checkpoint, a cache entry
-computed again). Writes: every write of training, eval, fisher and report run with ENOSPC
+computed again). Writes: every write of training, eval, fisher, report, compare, calibrate,
+average and the sweep run with ENOSPC
 injected at the write itself (Python's open, torch.save, safetensors' save_file). Each must give
 one line naming the file and the cause (exit 1), leave run.json saying `failed`, and damage
 nothing that was good before. The outcome tables are printed (pytest -s) and asserted whole.
@@ -332,6 +333,63 @@ def test_eval_report_and_fisher_writes_fail_cleanly_and_keep_the_previous_file(t
     assert code == 1 and error == (f"failed: could not write {report / 'index.html'} (no space left on device); "
                                    "the previous file, if any, is unchanged"), error
     assert (report / "index.html").read_bytes() == good
+
+
+def test_compare_calibrate_average_and_sweep_writes_fail_cleanly(tmp_path, trained, capsys):
+    """The other writers: compare.json, the calibrated adapter (staged, then renamed), the averaged
+    run (the same) and the sweep's W&B config. Each: exit 1 with one line naming the file and the
+    cause; the previous file unchanged, or no output and no staging left. The two new adapters are
+    sealed with a manifest, like training's."""
+    from tests.compare.build import results as compare_results, sweep, write
+    from workbench.calibrate import write_outputs
+    from workbench.formats.integrity import check_folder
+    from workbench.sweep.spec import load_spec
+    from workbench.sweep.wandb_sweep import write_wandb_sweep
+
+    def last_error() -> str:
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    outcomes = {}
+    data = write(tmp_path, compare_results(*sweep("baseline"), *sweep("kl", shift=-0.1)))
+    out = tmp_path / "compare.json"
+    assert main(["compare", str(data), "--out", str(out)]) == 0
+    good = out.read_bytes()
+    capsys.readouterr()
+    with enospc("compare.json"):
+        code = main(["compare", str(data), "--out", str(out)])
+    outcomes["compare.json"] = last_error()
+    assert code == 1 and outcomes["compare.json"].startswith(f"failed: could not write {out} (no space left on device)")
+    assert out.read_bytes() == good
+
+    calibrated = tmp_path / "calibrated"
+    with enospc("adapter_model.safetensors"), pytest.raises(WriteFailed) as exc:
+        write_outputs(calibrated, trained / "adapter", 0.5, {}, {})
+    outcomes["calibrated adapter"] = str(exc.value)
+    assert "no space left on device" in str(exc.value) and str(calibrated) in str(exc.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.json", "results.json"]  # nothing staged left
+    write_outputs(calibrated, trained / "adapter", 0.5, {}, {})
+    assert (calibrated / "manifest.json").is_file() and check_folder(calibrated) is None
+
+    averaged = tmp_path / "averaged"
+    args = ["average", str(trained), "--steps", "final", "2", "--out", str(averaged)]
+    with enospc("adapter_model.safetensors"):
+        code = main(args)
+    outcomes["averaged run"] = last_error()
+    assert code == 1 and outcomes["averaged run"].startswith(f"failed: could not write {averaged} (no space left")
+    assert not averaged.exists() and not any(p.name.startswith(".averaged") for p in tmp_path.iterdir())
+    assert main(args) == 0 and check_folder(averaged / "adapter") is None
+    assert (averaged / "adapter" / "manifest.json").is_file()
+
+    spec_path = Path(repo("recipes/sweeps/tiny_kl_x_ewc.yml"))
+    config = tmp_path / "sweep" / "wandb_sweep.yaml"
+    write_wandb_sweep(load_spec(spec_path), spec_path, config)
+    good = config.read_bytes()
+    with enospc("wandb_sweep.yaml"):
+        code = main(["sweep", str(spec_path), "--output-dir", str(tmp_path / "sweep"), "--dry-run"])
+    outcomes["sweep W&B config"] = last_error()
+    assert code == 1 and outcomes["sweep W&B config"].startswith(f"failed: could not write {config} (no space left")
+    assert config.read_bytes() == good
+    print("\n" + "\n".join(f"{write}: {line}" for write, line in outcomes.items()))
 
 
 def test_a_run_killed_outright_reads_stale_and_a_failed_one_gives_its_reason(tmp_path, trained):

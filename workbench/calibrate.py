@@ -31,7 +31,8 @@ from workbench.distributed import init_distributed, is_main_process
 from workbench.errors import RunFailed, UsageError
 from workbench.evals.evaluate import ADAPTER_FILES, Session, open_session
 from workbench.gate import OK_STATUSES, Check, Policy, check, load_policy
-from workbench.io import write_json
+from workbench.formats.integrity import write_manifest
+from workbench.io import write_json, writing
 
 SCHEMA_VERSION = 1
 KIND = "workbench.calibration"
@@ -192,10 +193,12 @@ def write_outputs(out: Path, source: Path, scale: float, results: dict, record: 
     """The scaled adapter, results.json and calibration.json, staged in a temporary sibling of
     `out` and renamed onto it: `out` appears complete or not at all."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+    with writing(out, "nothing was written"), \
+            tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         staged = Path(tmp) / "out"
         staged.mkdir()
         fold_scale(source, staged, scale)
+        write_manifest(staged)  # the adapter's files, sealed as training seals its adapter
         write_json(staged / "results.json", results)
         write_json(staged / "calibration.json", record)
         staged.rename(out)

@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 
 from workbench.distributed import is_main_process, shutdown_distributed
-from workbench.errors import Interrupted, RunFailed, UsageError
+from workbench.errors import Interrupted, RunFailed, UsageError, first_line
 
 RECIPES_DIR = Path("recipes")
 
@@ -300,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a fault the workbench does not know: one line, the traceback on request
+        if args.debug:
+            traceback.print_exc()
+        print(f"failed: unexpected {type(exc).__name__}: {first_line(exc)} (run again with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -257,6 +257,25 @@ def test_bigbench_generative_records(bigbench):
     assert bigbench_generative("beta", limit=5) == [{"prompt": "Q: Spell cat backwards\nA:", "completion": " tac"}]
 
 
+@pytest.mark.parametrize("cached", ["alpha/task.json", "index.json"])
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_cache_file_is_said_removed_and_extracted_again(bigbench, capsys, cached, damage):
+    """A cached task.json or the archive's index cut short or with a byte flipped: one line naming
+    it, then the task is read from the archive again and its items are the same."""
+    root, opened = bigbench
+    first = bigbench_mc("alpha")
+    path = root / cached
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else data.replace(b"[", b"\xff", 1))
+    capsys.readouterr()
+    if cached == "index.json":  # read when a name is checked: a new name reads the archive again
+        assert fetch_bigbench(["alpha", "beta"])["beta"].is_file()
+    assert bigbench_mc("alpha") == first
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("bigbench: ")]
+    assert len(lines) == 1 and str(path) in lines[0] and "extracted again" in lines[0], lines
+    assert len(opened) == 2
+
+
 def test_a_bad_archive_member_leaves_the_cache_as_it_was(tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
     sdist = make_sdist(tmp_path / "bad.tar.gz", {"good": b'{"examples": []}', "broken": b'{"examples": ['})

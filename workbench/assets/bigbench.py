@@ -18,7 +18,7 @@ from pathlib import Path
 from workbench.assets.fetch import file_lock, pip_download
 from workbench.config.suggest import did_you_mean
 from workbench.errors import UsageError
-from workbench.io import atomic_path, cache_dir
+from workbench.io import atomic_path, cache_dir, read_json
 
 BIGBENCH_SDIST = "bigbench==1.0.0"
 _SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
@@ -55,13 +55,26 @@ def fetch_bigbench(names: list[str], sdist: str | os.PathLike | None = None) -> 
 
 def _check_index(root: Path, names: list[str]) -> None:
     """Refuse unknown names before downloading anything, once an earlier fetch listed the archive."""
-    index = root / _INDEX
-    if not index.is_file():
+    known = _cached_json(root / _INDEX)
+    if known is None:
         return
-    known = set(json.loads(index.read_text()))
+    known = set(known)
     for name in names:
         if name not in known:
             raise UsageError(f"bigbench task {name!r} is not in {BIGBENCH_SDIST}{did_you_mean(name, known, n=3)}")
+
+
+def _cached_json(path: Path):
+    """A cached JSON file's content; None when it is missing, and when it is damaged: then it is
+    removed, saying so in one line, and rebuilt from the archive when that is next read."""
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path, "cached BIG-bench file")
+    except UsageError as exc:
+        print(f"bigbench: {exc}; removed, to be extracted again from the archive")
+        path.unlink(missing_ok=True)
+        return None
 
 
 def _extract(root: Path, names: list[str], sdist: str | os.PathLike | None) -> None:
@@ -134,12 +147,14 @@ def _download_sdist(workdir: Path) -> Path:
 def task_examples(name: str) -> list[dict]:
     """The task's examples, fetched if needed; a parent task split into subtasks says which exist."""
     path = fetch_bigbench([name])[name]
-    task = json.loads(path.read_text())
-    examples = task.get("examples")
+    task = _cached_json(path)
+    if not isinstance(task, dict):  # damaged in the cache: extracted again from the archive
+        path.unlink(missing_ok=True)
+        task = read_json(fetch_bigbench([name])[name], "BIG-bench task file")
+    examples = task.get("examples") if isinstance(task, dict) else None
     if isinstance(examples, list) and examples:
         return examples
-    index = _bigbench_root() / _INDEX
-    known = json.loads(index.read_text()) if index.is_file() else []
+    known = _cached_json(_bigbench_root() / _INDEX) or []
     subtasks = sorted(n for n in known if n.startswith(name + "/"))
     shown = ", ".join(subtasks[:5]) + (", ..." if len(subtasks) > 5 else "")
     hint = f"; name a subtask: {shown}" if subtasks else ""

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from workbench.formats.metrics import wandb_key
+from workbench.io import atomic_path
 from workbench.sweep.spec import Distribution, SweepSpec, is_eval_metric, recipe_path
 from workbench.tracking.names import trainer_key
 
@@ -52,5 +53,5 @@ def write_wandb_sweep(spec: SweepSpec, spec_path: Path, path: Path) -> None:
               "# W&B ranks by `metric` only; the spec's constraints are applied by the local leaderboard.\n")
     if spec.eval_suite:
         header += "# The agent runs `workbench train` only: eval metrics need `workbench eval` afterwards.\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + yaml.safe_dump(wandb_sweep_config(spec, spec_path), sort_keys=False))
+    with atomic_path(path) as tmp:
+        tmp.write_text(header + yaml.safe_dump(wandb_sweep_config(spec, spec_path), sort_keys=False))

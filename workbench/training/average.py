@@ -21,7 +21,9 @@ import torch
 
 from workbench.config.recipe import Recipe
 from workbench.errors import UsageError
+from workbench.formats.integrity import write_manifest
 from workbench.formats.run_record import read_run
+from workbench.io import writing
 
 FINAL = "final"
 
@@ -86,11 +88,13 @@ def average_run(run_dir: str | Path, steps: list[str], out: str | Path, weights:
     for name in names:
         peft_model.delete_adapter(name)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+    with writing(out, "nothing was written"), \
+            tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         staged = Path(tmp) / "run"
         peft_model.save_pretrained(str(staged / "adapter"), selected_adapters=["average"])
         _flatten(staged / "adapter", "average")
         tokenizer.save_pretrained(str(staged / "adapter"))
+        write_manifest(staged / "adapter")
         record.recipe = {**record.recipe, "name": f"{recipe.name}_avg", "family": None}  # a family of its own
         record.adapter, record.status, record.history = "adapter", "completed", None
         extra = {"averaged_from": [{"adapter": str(p), "step": s, "weight": w}
