@@ -166,3 +166,12 @@ def test_kl_from_a_full_top_k_cache_trains_the_same_adapter_as_the_exact_kl(tmp_
     again = train(load_recipe(repo("recipes/tiny.yaml"), cached_args + ["train.max_steps=2"]), tmp_path / "again")
     assert json.loads((again / "run.json").read_text())["reference_cache"]["cached"] is True
 
+
+
+@pytest.mark.parametrize("micro", [(4, 1), (2, 2)])
+def test_fused_head_trains_the_full_logits_adapter(split, micro):
+    """The fused loss head (the default) against train.loss_head: full, under SGD with KL-to-base,
+    EWC, delta L2 and label smoothing on, in one batch of 4 and in 2x2 accumulated micro-batches."""
+    (fused, run), (full, _) = split(*micro, *SGD), split(*micro, *SGD, "train.loss_head=full")
+    assert run["recipe"]["train"]["loss_head"] == "fused"
+    assert_adapters_equal(fused, full, EXACT)

@@ -10,11 +10,11 @@ from workbench.training.regularizers.kl import KLConfig, KLToBase
 from workbench.training.trainer import RegularizedTrainer
 
 
-def trainer_for(model, tmp_path, penalties=(), **args):
+def trainer_for(model, tmp_path, penalties=(), loss_head="fused", **args):
     defaults = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=2,
                     remove_unused_columns=False, disable_tqdm=True, max_steps=1)
     return RegularizedTrainer(model=model, args=TrainingArguments(**{**defaults, **args}),
-                              penalties=list(penalties))
+                              penalties=list(penalties), loss_head=loss_head)
 
 
 def smoothed_ce(logits, labels, eps):
@@ -22,23 +22,26 @@ def smoothed_ce(logits, labels, eps):
                            ignore_index=-100, label_smoothing=eps)
 
 
-def test_label_smoothing_matches_cross_entropy_over_unmasked_tokens(tmp_path):
+@pytest.mark.parametrize("loss_head", ["fused", "full"])
+def test_label_smoothing_matches_cross_entropy_over_unmasked_tokens(tmp_path, loss_head):
     model, batch = make_peft(), make_batch()
-    trainer = trainer_for(model, tmp_path, label_smoothing_factor=0.2)
+    trainer = trainer_for(model, tmp_path, label_smoothing_factor=0.2, loss_head=loss_head)
     model.train()
-    loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
-    torch.testing.assert_close(loss, smoothed_ce(outputs.logits, batch["labels"], 0.2), rtol=1e-5, atol=1e-6)
+    loss = trainer.compute_loss(model, dict(batch))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(loss, smoothed_ce(logits, batch["labels"], 0.2), rtol=1e-5, atol=1e-6)
     model.eval()  # validation loss is plain NLL so recipes stay comparable
     loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
     torch.testing.assert_close(loss, smoothed_ce(outputs.logits, batch["labels"], 0.0), rtol=1e-5, atol=1e-6)
 
 
-def test_penalties_are_added_with_their_weights_and_logged(tmp_path):
+@pytest.mark.parametrize("loss_head", ["fused", "full"])
+def test_penalties_are_added_with_their_weights_and_logged(tmp_path, loss_head):
     model, batch = make_peft(), make_batch()
     kl = KLToBase(KLConfig(weight=0.3))
     l2 = DeltaL2(PenaltyConfig(weight=0.05))
-    plain = trainer_for(model, tmp_path)
-    trainer = trainer_for(model, tmp_path, penalties=[kl, l2])
+    plain = trainer_for(model, tmp_path, loss_head="full")
+    trainer = trainer_for(model, tmp_path, penalties=[kl, l2], loss_head=loss_head)
     model.train()
     task, outputs = plain.compute_loss(model, dict(batch), return_outputs=True)
     total = trainer.compute_loss(model, dict(batch))

@@ -18,6 +18,10 @@ from workbench.config.yamlfile import read_yaml
 from workbench.errors import UsageError
 from workbench.config.penalties import PENALTY_CONFIGS, PenaltyConfig
 
+# Positions per chunk of the fused loss head. At 512 x 49k (the embedded default) one fp32 chunk is
+# 96 MB, at 512 x 128k 250 MB; the step time is flat from 256 to 2,048 (docs/benchmarks.md).
+HEAD_CHUNK = 512
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -137,6 +141,14 @@ class TrainSection(Section):
     eval_steps: int | None = Field(default=None, ge=1, description="Default: once per epoch.")
     save_steps: int | None = Field(default=None, ge=1)
     early_stopping: EarlyStopping | None = None
+    loss_head: Literal["fused", "full"] = Field(
+        default="fused", description="fused: the model's forward stops at its final hidden states and the LM "
+        "head, the task loss and every per-token penalty run a chunk of completion positions at a time, so no "
+        "[batch, seq, vocab] logits or gradient exist (kl_to_base.chunk_size is then unused). full: the "
+        "model's whole logits, as plain HF training; used anyway, with a line saying why, under FSDP or "
+        "DeepSpeed and for models that rescale their logits or have no separate head.")
+    head_chunk_size: int = Field(default=HEAD_CHUNK, ge=1, description="Positions per chunk of the fused "
+                                 "head: about five [chunk, vocab] fp32 tensors at a time (docs/benchmarks.md).")
     retention_probe: RetentionProbe | None = None
     select: Select | None = Field(default=None, description="keep every checkpoint and write the best one "
                                   "within the budget to adapter/, not the last (needs retention_probe)")

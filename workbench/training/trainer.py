@@ -21,7 +21,9 @@ from workbench.formats.integrity import write_manifest
 from workbench.io import read_json, write_json, writing
 from workbench.scoring.masks import IGNORE, next_token_mask, shifted_labels
 from workbench.training.regularizers import Penalty
-from workbench.training.regularizers.kl import chunked_kl, reference_hidden
+from workbench.scoring.head import hidden_states_out, lm_head, unsupported
+from workbench.training.head import HEAD_CHUNK, fused_loss, nll_term
+from workbench.training.regularizers.kl import chunked_kl, exact_term, reference_hidden
 
 
 class TermsProgress(ProgressCallback):
@@ -84,9 +86,12 @@ class RegularizedTrainer(Trainer):
     parallelism change nothing, neither in the update nor in the logged terms (see `log`).
     """
 
-    def __init__(self, *args, penalties: list[Penalty] = (), train_kl: bool = False, **kwargs):
+    def __init__(self, *args, penalties: list[Penalty] = (), train_kl: bool = False, loss_head: str = "fused",
+                 head_chunk_size: int = HEAD_CHUNK, **kwargs):
         """train_kl: log `retention_train_kl`, KL(base || tuned) per completion token of the training
-        batch, at every logged step (`_train_kl`)."""
+        batch, at every logged step (`_train_kl`). loss_head: "fused" applies the LM head and every
+        per-token term chunk by chunk (`training.head`; head_chunk_size positions a chunk), "full"
+        takes the model's whole logits; fused falls back to full, saying why, where it cannot run."""
         super().__init__(*args, **kwargs)
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(TermsProgress)
@@ -104,31 +109,57 @@ class RegularizedTrainer(Trainer):
             self.add_callback(AfterOptimiserStep(self))
         self.train_kl = train_kl
         self._monitor_steps: list[float] = []  # step_scale of the micro-batches the monitor measured
+        self.head_chunk_size = head_chunk_size
+        self.loss_head = loss_head
+        why = self._full_head_reason() if loss_head == "fused" else None
+        if why is not None:
+            self.loss_head = "full"
+            if self.is_world_process_zero():
+                print(f"loss head: full logits, not fused: {why}")
+
+    def _full_head_reason(self) -> str | None:
+        """Why the fused head cannot run here, or None."""
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return "FSDP/DeepSpeed hold the LM head sharded, whole only inside the wrapped forward"
+        no_chunks = [p.name for p in self.penalties if p.per_token and type(p).token_term is Penalty.token_term]
+        if no_chunks:
+            return f"{', '.join(no_chunks)} has no per-chunk form (Penalty.token_term)"
+        return unsupported(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The task loss plus the weighted penalties; with the fused head, `outputs.logits` holds the
+        final hidden states [B, T, H] instead of logits."""
         batch = dict(inputs)  # a compute_loss_func pops "labels"; penalties need the mask
         inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
         if not model.training:  # validation loss stays plain NLL, comparable across recipes
             with self._without_label_smoothing():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         token_scale, step_scale = self._scales(batch, num_items_in_batch)
-        terms = {"task_loss": loss.detach() / token_scale}
+        monitor = self.train_kl and (self.state.global_step + 1) % self.args.logging_steps == 0
+        if self.loss_head == "fused":
+            loss, outputs, measured = self._fused_forward(model, batch, inputs, token_scale, monitor)
+        else:
+            (loss, outputs), measured = super().compute_loss(model, inputs, True, num_items_in_batch), {}
+        terms = {"task_loss": measured.get("task_loss", loss.detach() / token_scale)}
         scales = {"task_loss": token_scale}
         for penalty in self.penalties:
-            value = penalty.penalty(model, batch, outputs)
             weight = penalty.weight(self.state.global_step)
-            weighted = weight * value
             scale = token_scale if penalty.per_token else step_scale
-            loss = loss + weighted * scale
+            if penalty.name in measured:  # in the fused loss already
+                value = measured[penalty.name]
+            else:
+                value = penalty.penalty(model, batch, outputs)
+                loss = loss + weight * value * scale
+            weighted = weight * value
             for name, term in ((penalty.name, value), (f"{penalty.name}_weighted", weighted)):
                 terms[name], scales[name] = term.detach(), scale
             if penalty.controlled:  # the same on every rank and micro-batch of the step
                 terms[f"{penalty.name}_weight"] = value.new_tensor(weight)
                 scales[f"{penalty.name}_weight"] = step_scale
                 self._step_terms[penalty.name].append(value.detach() * scale)
-        if self.train_kl and (self.state.global_step + 1) % self.args.logging_steps == 0:
-            terms[TRAIN_KL], scales[TRAIN_KL] = self._train_kl(model, batch, outputs, terms), token_scale
+        if monitor:
+            terms[TRAIN_KL] = measured[TRAIN_KL] if TRAIN_KL in measured else self._train_kl(model, batch, outputs, terms)
+            scales[TRAIN_KL] = token_scale
             self._monitor_steps.append(step_scale)
         self._check_finite(terms)
         for name, value in terms.items():
@@ -138,13 +169,37 @@ class RegularizedTrainer(Trainer):
             self._step_steps.append(step_scale)
         return (loss, outputs) if return_outputs else loss
 
+    def _fused_forward(self, model, batch: dict, inputs: dict, token_scale, monitor: bool):
+        """(loss, outputs, measured): the model's forward to its final hidden states, then the task
+        loss and every per-token penalty (and the KL monitor on logged steps) chunk by chunk
+        through the LM head (`training.head.fused_loss`), each normalised like the task loss;
+        measured: each such term's mean per completion token, detached."""
+        with hidden_states_out(model):
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        mask = next_token_mask(batch["labels"])
+        per_token = token_scale / mask.sum().clamp(min=1)
+        step = self.state.global_step
+        named = {"task_loss": (nll_term(batch["labels"], self.args.label_smoothing_factor), per_token)}
+        for penalty in self.penalties:
+            if penalty.per_token:
+                named[penalty.name] = (penalty.token_term(model, batch), penalty.weight(step) * per_token)
+        if monitor and not self._monitor_is_penalty():
+            named[TRAIN_KL] = (exact_term(*reference_hidden(model, batch)), 0.0)  # measured, no gradient
+        loss, totals = fused_loss(outputs["logits"], lm_head(model), mask, [t for t, _ in named.values()],
+                                  [c for _, c in named.values()], self.head_chunk_size)
+        return loss, outputs, dict(zip(named, totals / mask.sum().clamp(min=1)))
+
+    def _monitor_is_penalty(self) -> bool:
+        """Whether the KL-to-base penalty measures what the monitor does (forward, exact, temperature 1)."""
+        kl = next((p for p in self.penalties if p.name == "kl_to_base"), None)
+        return kl is not None and (kl.config.reference, kl.config.direction, kl.config.temperature) == ("model", "forward", 1.0)
+
     @torch.no_grad()
     def _train_kl(self, model, batch: dict, outputs, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         """KL(base || tuned) per completion token of this micro-batch, with no gradient: the
         KL-to-base penalty's value when it measures exactly that (forward, exact, temperature 1),
         else a base forward of the decoder and the KL chunk by chunk. Only on logged steps."""
-        kl = next((p for p in self.penalties if p.name == "kl_to_base"), None)
-        if kl is not None and (kl.config.reference, kl.config.direction, kl.config.temperature) == ("exact", "forward", 1.0):
+        if self._monitor_is_penalty():
             return terms["kl_to_base"]
         hidden, head = reference_hidden(model, batch)
         mask = next_token_mask(batch["labels"])

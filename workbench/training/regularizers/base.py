@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -48,6 +48,14 @@ class Penalty:
 
     def penalty(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> torch.Tensor:
         raise NotImplementedError
+
+    def token_term(self, model: torch.nn.Module, inputs: dict) -> Callable | None:
+        """A `per_token` penalty as a function over chunks of the tuned logits, for the fused loss
+        head (`training.head.TokenTerm`: term(z [n, V], start, index) -> (the term summed over the
+        chunk, its gradient in z)); the trainer divides the sum by the batch's completion tokens.
+        Called once per micro-batch, so per-batch work (a reference forward) happens here. None:
+        the penalty needs the whole logits, and training with it uses the full head."""
+        return None
 
 
 def register(cls: type[Penalty]) -> type[Penalty]:

@@ -68,10 +68,22 @@ def chunked_kl(logits: torch.Tensor, ref_hidden: torch.Tensor, ref_head: Callabl
     of it: the gradient is then handed to it without a copy.
     """
     positions = mask.reshape(-1).nonzero().squeeze(1)
-    hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])
-    total = summed_by_chunk(logits, positions, chunk_size, lambda z, start, index: _exact_chunk(
-        z, hidden.index_select(0, index), ref_head, direction, temperature))
+    total = summed_by_chunk(logits, positions, chunk_size, exact_term(ref_hidden, ref_head, direction, temperature))
     return total, positions.new_tensor(positions.numel())
+
+
+def exact_term(ref_hidden: torch.Tensor, ref_head: Callable, direction: str = "forward",
+               temperature: float = 1.0) -> Callable:
+    """`_exact_chunk` as a per-chunk term (`training.head.TokenTerm`): the chunk's base logits are
+    ref_head applied to its rows of ref_hidden [B, T, H] (or [B, T, V] with an identity head)."""
+    hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])
+    return lambda z, start, index: _exact_chunk(z, hidden.index_select(0, index), ref_head, direction, temperature)
+
+
+def topk_term(values: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> Callable:
+    """`_topk_chunk` as a per-chunk term: the cached rows start:start + n of values, ids [N, k]."""
+    return lambda z, start, index: _topk_chunk(z, values[start:start + len(index)], ids[start:start + len(index)],
+                                               temperature)
 
 
 def cached_topk_kl(logits: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
@@ -82,9 +94,7 @@ def cached_topk_kl(logits: torch.Tensor, values: torch.Tensor, ids: torch.Tensor
     if values.shape[0] != positions.numel():
         raise ValueError(f"the reference cache has {values.shape[0]} positions for this batch, "
                          f"the batch {positions.numel()}")
-
-    total = summed_by_chunk(logits, positions, chunk_size, lambda z, start, index: _topk_chunk(
-        z, values[start:start + len(index)], ids[start:start + len(index)], temperature))
+    total = summed_by_chunk(logits, positions, chunk_size, topk_term(values, ids, temperature))
     return total, positions.new_tensor(positions.numel())
 
 
@@ -180,12 +190,20 @@ class KLToBase(Penalty):
     def penalty(self, model, inputs, outputs) -> torch.Tensor:
         """Mean KL per completion token: positions t whose next-token label (t + 1) is not -100."""
         mask = next_token_mask(inputs["labels"])
+        positions = mask.reshape(-1).nonzero().squeeze(1)
+        total = summed_by_chunk(outputs.logits, positions, self.config.chunk_size, self.token_term(model, inputs))
+        return total / max(positions.numel(), 1)
+
+    def token_term(self, model, inputs):
+        """The KL per chunk of tuned logits, against the base's forward on this batch (its decoder
+        body; the base head runs per chunk) or the cached top-k rows of this batch's examples."""
         cfg = self.config
         if self.reference_cache is not None:
-            values, ids = self.reference_cache.lookup(inputs["index"], outputs.logits.device)
-            total, count = cached_topk_kl(outputs.logits, values, ids, mask, cfg.temperature, cfg.chunk_size)
-        else:
-            hidden, head = reference_hidden(model, inputs)
-            total, count = chunked_kl(outputs.logits, hidden, head, mask, cfg.direction, cfg.temperature,
-                                      cfg.chunk_size)
-        return total / count.clamp(min=1)
+            positions = int(next_token_mask(inputs["labels"]).sum())
+            values, ids = self.reference_cache.lookup(inputs["index"], inputs["labels"].device)
+            if values.shape[0] != positions:
+                raise ValueError(f"the reference cache has {values.shape[0]} positions for this batch, "
+                                 f"the batch {positions}")
+            return topk_term(values, ids, cfg.temperature)
+        hidden, head = reference_hidden(model, inputs)
+        return exact_term(hidden, head, cfg.direction, cfg.temperature)

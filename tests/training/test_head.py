@@ -1,0 +1,215 @@
+"""The fused loss head against the full logits: every per-token term's value and its gradients in
+the hidden states and the head's LoRA parameters, at several chunk sizes, with ragged masks and
+an all-masked row; and the trainer's loss and LoRA gradients, fused vs full, for each term."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers import make_batch, make_peft
+from tests.training.regularizers.test_kl import lumped_tail_kl, reference_kl
+from workbench.scoring.head import hidden_states_out, lm_head
+from workbench.scoring.masks import next_token_mask, shifted_labels
+from workbench.scoring.topk_kl import base_topk
+from workbench.training.head import fused_loss, nll_term
+from workbench.training.reference import TopKReference
+from workbench.training.regularizers import KLConfig, KLToBase
+from workbench.training.regularizers.kl import exact_term, topk_term
+from workbench.training.trainer import RegularizedTrainer
+from transformers import TrainingArguments
+
+TOL = 1e-5  # fp32: max |fused - full| over max |full|, per tensor
+CHUNKS = (1, 4, 64)  # one position a chunk, a ragged last chunk, the whole batch in one chunk
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+def ragged_labels(vocab: int, seed: int = 0) -> torch.Tensor:
+    """[4, 9] labels: a prompt prefix, a right-padded row, an all-masked row, a full row."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, (4, 9), generator=gen)
+    labels[0, :3] = -100
+    labels[1, 6:] = -100
+    labels[2] = -100  # nothing to learn in this row: never projected, no gradient
+    return labels
+
+
+def setup(seed=0):
+    """(hidden [4, 9, H] leaf, the LoRA-targeted head, labels, mask, base logits [4, 9, V], base head input)."""
+    model = make_peft(targets=("q_proj", "lm_head"), seed=seed)
+    head = lm_head(model)
+    gen = torch.Generator().manual_seed(seed + 5)
+    hidden = torch.randn(4, 9, 32, generator=gen).requires_grad_()
+    ref_hidden = torch.randn(4, 9, 32, generator=gen)
+    base_head = head.module.base_layer
+    labels = ragged_labels(head.module.out_features, seed)
+    return hidden, head, labels, next_token_mask(labels), base_head, ref_hidden
+
+
+def cases(labels, mask, base_head, ref_hidden, temperature=1.5):
+    """name -> (the term for the fused head, the full-logits reference sum as a function of logits)."""
+    targets = shifted_labels(labels).reshape(-1)
+    with torch.no_grad():
+        base_logits = base_head(ref_hidden)
+    values, ids = base_topk(F.log_softmax(base_logits[mask] / temperature, -1), 7)
+
+    def ce(smoothing):
+        return lambda logits: F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100,
+                                              reduction="sum", label_smoothing=smoothing)
+
+    return {
+        "nll": (nll_term(labels), ce(0.0)),
+        "label_smoothing": (nll_term(labels, 0.2), ce(0.2)),
+        "kl_forward": (exact_term(ref_hidden, base_head, "forward", temperature),
+                       lambda z: reference_kl(z, base_logits, mask, "forward", temperature)),
+        "kl_reverse": (exact_term(ref_hidden, base_head, "reverse", temperature),
+                       lambda z: reference_kl(z, base_logits, mask, "reverse", temperature)),
+        "kl_topk": (topk_term(values, ids, temperature), lambda z: lumped_tail_kl(z, values, ids, mask, temperature)),
+    }
+
+
+def both(name, chunk_size, mutate=None):
+    """{'fused'|'full': (loss, grads of hidden and each trainable head parameter)} for one term."""
+    hidden, head, labels, mask, base_head, ref_hidden = setup()
+    term, reference = cases(labels, mask, base_head, ref_hidden)[name]
+    count = int(mask.sum())
+    params = [p for p in head.parameters() if p.requires_grad]
+    assert len(params) == 2  # the head's lora_A and lora_B
+    fused_mask, fused_count = (mask, count) if mutate is None else mutate(mask.clone(), count)
+    loss, totals = fused_loss(hidden, head, fused_mask, [term], [1.0 / fused_count], chunk_size)
+    out = {"fused": (loss, torch.autograd.grad(loss, [hidden, *params]))}
+    full = reference(head(hidden)) / count
+    out["full"] = (full, torch.autograd.grad(full, [hidden, *params]))
+    torch.testing.assert_close(totals[0], loss.detach() * fused_count)
+    return out
+
+
+def assert_same(out):
+    (loss, grads), (full, full_grads) = out["fused"], out["full"]
+    assert relative_difference(loss.detach(), full.detach()) <= TOL, (loss.item(), full.item())
+    for what, a, b in zip(("hidden", "lora_A", "lora_B"), grads, full_grads):
+        assert b.abs().max() > 0, what
+        assert relative_difference(a, b) <= TOL, f"{what}: {relative_difference(a, b):.3g}"
+
+
+@pytest.mark.parametrize("chunk_size", CHUNKS)
+@pytest.mark.parametrize("name", ["nll", "label_smoothing", "kl_forward", "kl_reverse", "kl_topk"])
+def test_fused_term_equals_the_full_logits_value_and_gradients(name, chunk_size):
+    out = both(name, chunk_size)
+    assert_same(out)
+    hidden_grad = out["fused"][1][0]
+    _, _, labels, mask, _, _ = setup()
+    assert hidden_grad[~mask].abs().max() == 0 and hidden_grad[2].abs().max() == 0  # the all-masked row
+
+
+def drop_last_chunk(mask, count):
+    """Forget the batch's last completion position (a chunk of one at chunk_size 1)."""
+    last = mask.reshape(-1).nonzero()[-1]
+    mask.reshape(-1)[last] = False
+    return mask, count
+
+
+def off_by_one_token(mask, count):
+    return mask, count + 1
+
+
+@pytest.mark.parametrize("mutate", [drop_last_chunk, off_by_one_token])
+@pytest.mark.parametrize("name", ["nll", "kl_forward"])
+def test_the_comparison_catches_a_dropped_chunk_or_a_normalisation_off_by_one(name, mutate):
+    """Negative control: the 1e-5 tolerance fails a fused head that drops the last chunk or divides
+    by one token too many (about 1/24 of the value: 24 completion positions)."""
+    with pytest.raises(AssertionError):
+        assert_same(both(name, 1, mutate))
+
+
+def test_only_completion_positions_are_projected():
+    hidden, head, labels, mask, *_ = setup()
+    rows = []
+    head.module.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    fused_loss(hidden, head, mask, [nll_term(labels)], [1.0], 5)
+    assert sum(rows) == int(mask.sum()) and max(rows) <= 5
+
+
+def test_softcapped_head_matches_the_capped_logits():
+    """Logit soft-capping (Gemma 2's final_logit_softcapping) is part of the head."""
+    hidden, head, labels, mask, *_ = setup()
+    head.softcap = 3.0
+    params = [p for p in head.parameters() if p.requires_grad]
+    loss, _ = fused_loss(hidden, head, mask, [nll_term(labels)], [1.0], 4)
+    capped = torch.tanh(head.module(hidden) / 3.0) * 3.0
+    full = F.cross_entropy(capped.reshape(-1, capped.shape[-1]), shifted_labels(labels).reshape(-1), reduction="sum")
+    assert relative_difference(loss.detach(), full.detach()) <= TOL
+    for a, b in zip(torch.autograd.grad(loss, [hidden, *params]), torch.autograd.grad(full, [hidden, *params])):
+        assert relative_difference(a, b) <= TOL
+
+
+def test_hidden_states_out_returns_the_final_hidden_states_and_restores_the_head():
+    model, batch = make_peft(targets=("q_proj", "lm_head")), make_batch()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logits = model(**inputs).logits
+    with hidden_states_out(model):
+        hidden = model(**inputs).logits
+    assert hidden.shape[-1] == 32
+    torch.testing.assert_close(lm_head(model)(hidden), logits)
+    torch.testing.assert_close(model(**inputs).logits, logits)
+
+
+# ------------------------------------------------------------------ the trainer, fused vs full
+
+
+def topk_cache(model, batch, k):
+    """A TopKReference of this batch's examples (example i = row i), from the base's logits."""
+    mask = next_token_mask(batch["labels"])
+    with torch.no_grad(), model.disable_adapter():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    values, ids = base_topk(F.log_softmax(logits[mask], -1), k)
+    counts = mask.sum(1)
+    return TopKReference(values, ids, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
+
+
+TRAINER_CASES = {
+    "nll": ({}, {}),
+    "label_smoothing": ({"label_smoothing_factor": 0.1}, {}),
+    "kl_forward": ({}, {"weight": 0.3, "temperature": 1.5}),
+    "kl_reverse": ({}, {"weight": 0.3, "direction": "reverse", "temperature": 0.7}),
+    "kl_topk": ({}, {"weight": 0.3, "reference": "topk_cache", "top_k": 11}),
+}
+
+
+def trainer_loss_and_grads(loss_head, case, tmp_path, chunk_size=3):
+    args, kl = TRAINER_CASES[case]
+    model, batch = make_peft(targets=("q_proj", "v_proj", "lm_head")), make_batch(batch=4)
+    batch["labels"][2] = -100  # an all-masked row
+    batch["index"] = torch.arange(4)
+    penalties = []
+    if kl:
+        cache = topk_cache(model, batch, kl["top_k"]) if kl.get("reference") == "topk_cache" else None
+        penalties = [KLToBase(KLConfig(**kl), reference_cache=cache)]
+    trainer = RegularizedTrainer(
+        model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                                            remove_unused_columns=False, disable_tqdm=True, **args),
+        penalties=penalties, loss_head=loss_head, head_chunk_size=chunk_size)
+    trainer.current_gradient_accumulation_steps = 1  # set by the train loop
+    model.train()
+    n_items = next_token_mask(batch["labels"]).sum()
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=n_items)
+    params = [p for p in model.parameters() if p.requires_grad]
+    logs = {"loss": 0.0}
+    trainer.log(logs)
+    return loss, torch.autograd.grad(loss, params), logs
+
+
+@pytest.mark.parametrize("case", list(TRAINER_CASES))
+def test_trainer_fused_head_equals_the_full_logits(case, tmp_path):
+    """The trainer's loss, every LoRA gradient (the head's included) and the logged terms."""
+    loss, grads, logs = trainer_loss_and_grads("fused", case, tmp_path)
+    full, full_grads, full_logs = trainer_loss_and_grads("full", case, tmp_path)
+    assert relative_difference(loss.detach(), full.detach()) <= TOL
+    assert len(grads) == 10  # A and B of q and v in 2 layers, and of the head
+    for a, b in zip(grads, full_grads):
+        assert b.abs().max() > 0 and relative_difference(a, b) <= TOL
+    assert logs.keys() == full_logs.keys()
+    for name in logs:
+        assert logs[name] == pytest.approx(full_logs[name], rel=TOL, abs=1e-9), name
