@@ -52,6 +52,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the workbench package, run from anywhere
 from bench_cases import bench_kl_memory, bench_multiple_choice, bench_perplexity, bench_training  # noqa: E402
+from bench_head import HEAD_PRESETS, bench_head  # noqa: E402
 from bench_measure import DEVICE, DTYPE, PRESETS, machine  # noqa: E402
 from workbench.config.recipe import LoraSection, ModelSection  # noqa: E402
 from workbench.modeling.load import apply_lora, load_model  # noqa: E402
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the figures as a JSON list to this file")
     parser.add_argument("--repeats", type=int, help="timed rounds per figure (at least 5)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--head", choices=sorted(HEAD_PRESETS), help="only the fused loss head's figures "
+                        "(bench_head.py), at this preset's models and sequence lengths")
     args = parser.parse_args(argv)
     s = PRESETS["smoke" if args.smoke else "quick" if args.quick else "full"]
     if args.repeats is not None:
@@ -104,6 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     started = time.perf_counter()
     print(f"bench: {machine()}; model {s.model}; load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    if args.head:
+        rows = bench_head(s, args.head)
+        info = {"device": machine(), "preset": args.head, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        rows = [{**r, **info} for r in rows]
+        print(f"\n{datetime.now(timezone.utc):%Y-%m-%d}, {machine()}, head preset {args.head}, "
+              f"{(time.perf_counter() - started) / 60:.1f} min\n")
+        print_table(rows)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2, default=str) + "\n")
+        return 0
     with contextlib.redirect_stderr(io.StringIO()):
         model, tokenizer = load_model(ModelSection(name=s.model, dtype=DTYPE))
         model = apply_lora(model, LoraSection(r=s.lora_r, alpha=2.0 * s.lora_r), dropout=0.0).to(DEVICE)

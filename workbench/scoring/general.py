@@ -59,14 +59,15 @@ def base_side(model, chunks: list[dict], top_k: int, batch_size: int, pad_id: in
     `as_base()` (default: `modeling.lora.as_base(model)`, the adapters disabled). key_parts: the
     settings and data the entry depends on."""
     def compute() -> dict[str, torch.Tensor]:
-        def keep(i, logprobs):
+        def keep(i, start, logprobs):
             return tuple(t.cpu() for t in base_topk(logprobs, top_k))
 
         with (as_base or functools.partial(base_mode, model))():
             scored = scored_tokens(model, chunks, batch_size, pad_id, keep, desc="base: general text")
         rows = [row for row, _ in scored]
-        return {"nll": torch.from_numpy(nll_rows(rows)), "topk_values": torch.cat([v for _, (v, _) in scored]),
-                "topk_ids": torch.cat([ids for _, (_, ids) in scored]).to(torch.int32),
+        parts = [part for _, kept in scored for part in kept]
+        return {"nll": torch.from_numpy(nll_rows(rows)), "topk_values": torch.cat([v for v, _ in parts]),
+                "topk_ids": torch.cat([ids for _, ids in parts]).to(torch.int32),
                 "offsets": ragged(rows)["offsets"]}
 
     return cache.get(COMPONENT, key_parts, compute)
@@ -78,15 +79,16 @@ def tuned_side(model, chunks: list[dict], base: dict[str, torch.Tensor], batch_s
     """Score the model as it stands (adapter and scale already set) against the base side."""
     offsets = base["offsets"]
 
-    def compare(i, logprobs):
-        """(KL lower bound, KL upper bound, top-1 agreement), each a mean over chunk i's tokens."""
-        lo, hi = offsets[i], offsets[i + 1]
-        b_values, b_ids = base["topk_values"][lo:hi], base["topk_ids"][lo:hi].long()
+    def compare(i, start, logprobs):
+        """(KL lower bound, KL upper bound, top-1 agreement), each summed over the tokens
+        start:start + n of chunk i."""
+        lo = offsets[i] + start
+        b_values, b_ids = base["topk_values"][lo:lo + len(logprobs)], base["topk_ids"][lo:lo + len(logprobs)].long()
         low, high = kl_bounds(b_values, b_ids, logprobs.cpu())
-        agree = (logprobs.argmax(-1).cpu() == b_ids[:, 0]).double().mean()
-        return float(low.mean()), float(high.mean()), float(agree)
+        agree = (logprobs.argmax(-1).cpu() == b_ids[:, 0]).double().sum()
+        return float(low.sum()), float(high.sum()), float(agree)
 
     scored = scored_tokens(model, chunks, batch_size, pad_id, compare, desc=desc)
-    per_chunk = np.array([summary for _, summary in scored])  # [chunks, 3]
+    per_chunk = np.array([np.sum(kept, axis=0) / len(row) for row, kept in scored])  # [chunks, 3]: means
     return GeneralScores(base["nll"].numpy(), nll_rows([row for row, _ in scored]),
                          per_chunk[:, 0], per_chunk[:, 1], per_chunk[:, 2])

@@ -13,7 +13,7 @@ the model's logit soft-capping (`config.final_logit_softcapping`, Gemma 2) where
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from peft import PeftModel
@@ -121,3 +121,15 @@ def final_hidden(model: torch.nn.Module, **inputs) -> tuple[torch.Tensor, object
     with hidden_states_out(model):
         outputs = model(**inputs)
     return outputs.logits, outputs
+
+
+def logits_at(model: torch.nn.Module, **inputs) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], Any]:
+    """(at, outputs) of one forward: at(rows, cols) -> the fp32 logits [n, V] at those positions,
+    made from the final hidden states through the head (only those positions are projected), or
+    taken from the model's whole logits where its forward cannot stop early (`unsupported`)."""
+    if unsupported(model) is not None:
+        outputs = model(**inputs)
+        return (lambda rows, cols: outputs.logits[rows, cols].float()), outputs
+    hidden, outputs = final_hidden(model, **inputs)
+    head = lm_head(model)
+    return (lambda rows, cols: head(hidden[rows, cols]).float()), outputs

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from workbench.scoring.head import logits_at
 from workbench.scoring.masks import pad_rows
 from workbench.distributed import is_main_process, shard_map
 from workbench.modeling.lora import adapter_scale, as_base
@@ -184,10 +185,11 @@ class Scorer:
         [G, V] at each last token, which predicts every continuation's first token)."""
         input_ids, mask = pad_rows(contexts, pad_id, side="left")
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                         position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+        at, out = logits_at(self.model, input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                            position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
         self.forward_calls += 1
-        return mask, out.past_key_values, torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        last = torch.arange(len(contexts), device=device)
+        return mask, out.past_key_values, torch.log_softmax(at(last, torch.zeros_like(last)), dim=-1)
 
     def _run_continuations(self, rows: list[list[int]], owner: torch.Tensor, mask: torch.Tensor, cache,
                            pad_id: int, device) -> tuple[list[list[float]], list[list[bool]]]:
@@ -197,14 +199,14 @@ class Scorer:
         inputs, rest_mask = pad_rows([row[:-1] for row in rows], pad_id)
         width = inputs.shape[1]
         positions = mask.sum(-1)[owner][:, None] + torch.arange(width)
-        logits = self.model(input_ids=inputs.to(device), attention_mask=torch.cat([mask[owner], rest_mask], 1).to(device),
-                            position_ids=positions.to(device),
-                            past_key_values=_cache_rows(cache, owner.to(device))).logits
+        at, _ = logits_at(self.model, input_ids=inputs.to(device),
+                          attention_mask=torch.cat([mask[owner], rest_mask], 1).to(device),
+                          position_ids=positions.to(device), past_key_values=_cache_rows(cache, owner.to(device)))
         self.forward_calls += 1
-        at = (torch.tensor([j for j, row in enumerate(rows) for _ in row[1:]], device=logits.device),
-              torch.tensor([t for row in rows for t in range(len(row) - 1)], device=logits.device))
-        targets = torch.tensor([token for row in rows for token in row[1:]], device=logits.device)
-        logprobs = torch.log_softmax(logits[at].float(), dim=-1)
+        where = (torch.tensor([j for j, row in enumerate(rows) for _ in row[1:]], device=device),
+                 torch.tensor([t for row in rows for t in range(len(row) - 1)], device=device))
+        targets = torch.tensor([token for row in rows for token in row[1:]], device=device)
+        logprobs = torch.log_softmax(at(*where), dim=-1)
         lps = logprobs.gather(-1, targets[:, None]).squeeze(-1).cpu().tolist()
         hits = (logprobs.argmax(-1) == targets).cpu().tolist()
         bounds = np.cumsum([0] + [len(row) - 1 for row in rows])
@@ -221,10 +223,10 @@ class Scorer:
             cols.extend(positions)
             targets.extend(target[p] for p in positions)
             owner.append(n_scored)
-        logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        at, _ = logits_at(self.model, input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
         self.forward_calls += 1
-        picked = logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)]
-        logprobs = torch.log_softmax(picked.float(), dim=-1)  # [n_scored_total, vocab]
+        # [n_scored_total, vocab]: only the continuation positions go through the head
+        logprobs = torch.log_softmax(at(torch.tensor(rows, device=device), torch.tensor(cols, device=device)), dim=-1)
         target_t = torch.tensor(targets, device=logprobs.device)
         token_lp = logprobs.gather(-1, target_t[:, None]).squeeze(-1).cpu().tolist()
         greedy = (logprobs.argmax(-1) == target_t).cpu().tolist()

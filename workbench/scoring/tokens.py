@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from workbench.scoring.head import logits_at as head_logits_at
 from workbench.scoring.masks import IGNORE, pad_rows, scored_positions
 from workbench.distributed import is_main_process, shard_map
 
@@ -28,15 +29,20 @@ def token_logprobs(model, examples: list[dict], batch_size: int, pad_id: int, de
     return [row for row, _ in scored_tokens(model, examples, batch_size, pad_id, None, desc)]
 
 
-def scored_tokens(model, examples: list[dict], batch_size: int, pad_id: int,
-                  summarize: Callable[[int, torch.Tensor], Any] | None = None, desc: str | None = None
-                  ) -> list[tuple[torch.Tensor, Any]]:
-    """Per example (its label log-probs [n_i] float64, summarize(i, logprobs) or None).
+SCORE_CHUNK = 512  # positions projected through the head at a time: 512 x 128k fp32 logits is 250 MB
 
-    summarize(i, logprobs) gets example i's full log-softmax [n_i, V] (fp32) at the same
-    positions, for KL and agreement, and returns what to keep of it, so no [batch, seq, V] tensor
-    outlives its batch. Under a multi-process launch each rank scores a contiguous share of the
-    examples and every rank gets all results.
+
+def scored_tokens(model, examples: list[dict], batch_size: int, pad_id: int,
+                  summarize: Callable[[int, int, torch.Tensor], Any] | None = None, desc: str | None = None
+                  ) -> list[tuple[torch.Tensor, list]]:
+    """Per example (its label log-probs [n_i] float64, [summarize(i, start, logprobs) per chunk]).
+
+    The forward stops at the final hidden states (`scoring.head.logits_at`); only the positions
+    whose next token carries a label go through the LM head, SCORE_CHUNK of them at a time.
+    summarize(i, start, logprobs) gets example i's log-softmax [n, V] (fp32) at its scored
+    positions start:start + n, for KL and agreement, and returns what to keep of it, so no
+    [batch, seq, V] tensor exists. Under a multi-process launch each rank scores a contiguous
+    share of the examples and every rank gets all results.
     """
     desc = desc if is_main_process() else None
     return shard_map(lambda share: _scored_tokens(model, share, batch_size, pad_id, summarize, desc),
@@ -45,21 +51,26 @@ def scored_tokens(model, examples: list[dict], batch_size: int, pad_id: int,
 
 @torch.no_grad()
 def _scored_tokens(model, indexed: list[tuple[int, dict]], batch_size: int, pad_id: int, summarize,
-                   desc: str | None) -> list[tuple[torch.Tensor, Any]]:
+                   desc: str | None) -> list[tuple[torch.Tensor, list]]:
     device = next(model.parameters()).device
     examples = [example for _, example in indexed]
-    out: list[tuple[torch.Tensor, Any] | None] = [None] * len(examples)
+    out: list[tuple[torch.Tensor, list] | None] = [None] * len(examples)
     batches = list(_batches(examples, batch_size))
     for batch in tqdm(batches, desc=desc, leave=False, disable=desc is None):
         ids, mask = pad_rows([examples[i]["input_ids"] for i in batch], pad_id)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logits_at, _ = head_logits_at(model, input_ids=ids.to(device), attention_mask=mask.to(device))
         for row, i in enumerate(batch):
             labels = examples[i]["labels"]
-            positions = torch.tensor(scored_positions(labels), dtype=torch.long, device=logits.device)
-            logprobs = torch.log_softmax(logits[row, positions].float(), dim=-1)  # [n_i, V]
-            targets = torch.tensor([labels[p + 1] for p in positions.tolist()], device=logits.device)
-            scores = logprobs.gather(-1, targets[:, None]).squeeze(-1).double().cpu()
-            out[i] = (scores, None if summarize is None else summarize(indexed[i][0], logprobs))
+            positions = scored_positions(labels)
+            scores, kept = [], []
+            for start in range(0, len(positions), SCORE_CHUNK):
+                cols = torch.tensor(positions[start:start + SCORE_CHUNK], dtype=torch.long, device=device)
+                logprobs = torch.log_softmax(logits_at(torch.full_like(cols, row), cols), dim=-1)  # [n, V]
+                targets = torch.tensor([labels[p + 1] for p in cols.tolist()], device=device)
+                scores.append(logprobs.gather(-1, targets[:, None]).squeeze(-1).double().cpu())
+                if summarize is not None:
+                    kept.append(summarize(indexed[i][0], start, logprobs))
+            out[i] = (torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64), kept)
     return out  # type: ignore[return-value]
 
 

@@ -1,0 +1,161 @@
+"""The fused loss head's benchmark case for scripts/bench.py (`--head PRESET`): peak memory and
+time of a training step, ours (the fused head) against a plain HF `Trainer` + PEFT on the same
+model and batch, at several sequence lengths; plain vs KL-to-base vs EWC; and the general-text
+eval's peak memory, ours against the whole logits. Each row's two sides run in the same process,
+on the same batch, under the same gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer
+
+from bench_cases import make_trainer, random_fisher, train_step, training_batch
+from bench_measure import DEVICE, DTYPE, MB, Settings, interleaved, median, paired_ratio, peak_memory, row, walls
+from workbench.config.recipe import LoraSection, ModelSection
+from workbench.modeling.load import apply_lora, load_model
+from workbench.scoring import general
+from workbench.scoring.base_cache import BaseCache
+from workbench.training.regularizers import EWC, EWCConfig, KLConfig, KLToBase
+from workbench.training.trainer import RegularizedTrainer
+
+# a randomly initialised Llama of about 1.2B parameters with Llama 3's 128k vocabulary (no download)
+LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False)
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    models: tuple[str, ...]  # "smollm2-135m-instruct" or "llama-1b" (LLAMA_1B)
+    seqs: tuple[int, ...]  # step memory, ours vs HF, at each
+    penalty_seqs: tuple[int, ...]  # plain vs KL-to-base vs EWC, on the last model
+    eval_seq: int
+    layers: int | None = None  # LLAMA_1B with fewer layers (a machine too slow for 16)
+    repeats: int = 3  # timed rounds per pair (medians)
+    warmup: int = 1
+    checkpointing: bool = True  # gradient checkpointing, both sides alike
+
+
+HEAD_PRESETS = {
+    "full": HeadSettings(models=("smollm2-135m-instruct", "llama-1b"), seqs=(512, 2048, 4096),
+                         penalty_seqs=(2048, 4096), eval_seq=4096),
+    # 2 loaded CPU cores: ~15 GFLOPS, so a 128k-vocabulary step at 4,096 tokens takes many minutes
+    "cpu": HeadSettings(models=("smollm2-135m-instruct",), seqs=(512, 1024), penalty_seqs=(1024,),
+                        eval_seq=2048, repeats=2, warmup=0),
+    "cpu-1b": HeadSettings(models=("llama-1b",), seqs=(512,), penalty_seqs=(512,), eval_seq=512, layers=2,
+                           repeats=0, warmup=0),
+    "smoke": HeadSettings(models=("tiny-random-llama",), seqs=(32, 64), penalty_seqs=(64,), eval_seq=64,
+                          repeats=1, warmup=0),
+}
+
+
+def build(name: str, h: HeadSettings, s: Settings):
+    """(PEFT model, tokenizer): a named model, or the random 1B Llama with the embedded default's tokenizer."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        if name == "llama-1b":
+            _, tokenizer = load_model(ModelSection(name="smollm2-135m-instruct", dtype=DTYPE))
+            torch.manual_seed(0)
+            config = LlamaConfig(**{**LLAMA_1B, **({"num_hidden_layers": h.layers} if h.layers else {})})
+            model = LlamaForCausalLM(config).to(getattr(torch, "bfloat16"))
+        else:
+            model, tokenizer = load_model(ModelSection(name=name, dtype=DTYPE))
+        model = apply_lora(model, LoraSection(r=s.lora_r, alpha=2.0 * s.lora_r), dropout=0.0).to(DEVICE)
+    if h.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def trainers(model, tokenizer, s: Settings, tmp: str, which: tuple[str, ...]) -> dict:
+    """name -> trainer: hf (plain Trainer + PEFT), fused / full (ours, no penalty), kl / kl_full
+    (exact KL-to-base, fused / today's full-logits path), ewc (K-FAC diagonal, fused)."""
+    out = {}
+    for name in which:
+        penalties = {"kl": [KLToBase(KLConfig(weight=0.1))], "kl_full": [KLToBase(KLConfig(weight=0.1))],
+                     "ewc": [EWC(EWCConfig(weight=100.0), fisher=random_fisher(model, "kfac_diag"))]}.get(name, [])
+        cls = Trainer if name == "hf" else RegularizedTrainer
+        trainer = make_trainer(cls, model, tokenizer, s, tmp, penalties)
+        if name in ("full", "kl_full"):
+            trainer.loss_head = "full"
+        out[name] = trainer
+    return out
+
+
+def step_rows(label: str, model, tokenizer, s: Settings, h: HeadSettings, seq: int, which: tuple[str, ...],
+              pairs: list[tuple[str, str, str | None, str | None]]) -> list[dict]:
+    """One batch of 1 x seq tokens; the peak memory of one step of each trainer, then timed rounds;
+    pairs: (ours, baseline, memory target, time target)."""
+    s = Settings(**{**s.__dict__, "batch_size": 1, "seq_len": seq})
+    batch = training_batch(tokenizer, s)
+    n_items = (batch["labels"][:, 1:] != -100).sum()
+    with tempfile.TemporaryDirectory() as tmp:
+        ts = trainers(model, tokenizer, s, tmp, which)
+        steps = {name: (lambda t=t: train_step(t, batch, n_items)) for name, t in ts.items()}
+        print(f"  {label} T={seq}: peak memory of one step each ({', '.join(steps)}) ...", file=sys.stderr, flush=True)
+        with contextlib.redirect_stdout(io.StringIO()):
+            peaks = {name: peak_memory(step) for name, step in steps.items()}
+            times = interleaved(steps, h.repeats, h.warmup) if h.repeats else None
+    out = []
+    for ours, base, mem_target, time_target in pairs:
+        common = {"unit": "MB", "model": label, "seq_len": seq, "checkpointing": h.checkpointing,
+                  "a": round(peaks[base] / MB, 1), "b": round(peaks[ours] / MB, 1)}
+        out.append(row(f"head_peak_{ours}_vs_{base}_{label}_T{seq}", f"step peak memory, {ours} vs {base}",
+                       peaks[ours] / peaks[base], mem_target, **common))
+        if times is not None:
+            a, b = walls(times[base]), walls(times[ours])
+            out.append(row(f"head_time_{ours}_vs_{base}_{label}_T{seq}", f"step time, {ours} vs {base}",
+                           paired_ratio(times[base], times[ours]), time_target,
+                           cpu_ratio=paired_ratio(times[base], times[ours], cpu=True), unit="s/step",
+                           a=round(median(a), 3), b=round(median(b), 3), model=label, seq_len=seq))
+    return out
+
+
+def eval_rows(label: str, model, tokenizer, seq: int) -> list[dict]:
+    """The general-text eval's tuned side on one seq-token chunk: ours (the scored positions through
+    the head, a chunk at a time) vs the model's whole logits and their log-softmax."""
+    chunk = [{"input_ids": ids, "labels": ids} for ids in
+             [training_batch(tokenizer, Settings(batch_size=1, seq_len=seq))["input_ids"][0].tolist()]]
+    base = general.base_side(model, chunk, 256, 1, tokenizer.pad_token_id, BaseCache("bench", enabled=False), ())
+
+    def ours():
+        general.tuned_side(model, chunk, base, 1, tokenizer.pad_token_id)
+
+    @torch.no_grad()
+    def whole_logits():
+        ids = torch.tensor([chunk[0]["input_ids"]], device=DEVICE)
+        torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+
+    model.eval()
+    a, b = peak_memory(whole_logits), peak_memory(ours)
+    model.train()
+    return [row(f"head_eval_peak_{label}_T{seq}", "general-text eval peak memory, ours vs whole logits",
+                b / a, None, unit="MB", a=round(a / MB, 1), b=round(b / MB, 1), model=label, seq_len=seq)]
+
+
+def bench_head(s: Settings, preset: str) -> list[dict]:
+    h = HEAD_PRESETS[preset]
+    rows = []
+    for i, name in enumerate(h.models):
+        label = "llama-1b" if name == "llama-1b" else name.split("-")[0]
+        model, tokenizer = build(name, h, s)
+        last = i == len(h.models) - 1
+        for seq in h.seqs:
+            which = ("hf", "fused") + (("full", "kl", "kl_full", "ewc") if last and seq in h.penalty_seqs else ())
+            pairs = [("fused", "hf", "<= 0.5" if seq == max(h.seqs) else None, "<= 1.0")]
+            if "kl" in which:
+                pairs += [("kl", "hf", "<= 0.6" if seq == max(h.seqs) else None, None), ("ewc", "hf", None, None),
+                          ("kl", "fused", None, "<= 1.45"), ("kl_full", "full", None, "<= 1.45"),
+                          ("kl_full", "hf", None, None)]
+            rows += step_rows(label, model, tokenizer, s, h, seq, which, pairs)
+        rows += eval_rows(label, model, tokenizer, h.eval_seq)
+        for r in rows:
+            if r.get("model") == label and r["unit"] == "MB" and "seq_len" in r:
+                # one [T, V] fp32 tensor: the full head holds several (logits, log-softmax, gradient)
+                r["full_tensor_mb"] = round(r["seq_len"] * model.get_base_model().config.vocab_size * 4 / MB, 1)
+        del model
+    return rows
