@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 from workbench.data.examples import Collator, data_fingerprint
 from workbench.distributed import is_main_process, shard_map
 from workbench.scoring.base_cache import BaseCache
+from workbench.scoring.head import logits_at as head_logits_at
+from workbench.scoring.tokens import SCORE_CHUNK
 from workbench.scoring.topk_kl import base_topk
 from workbench.io import cache_dir
 from workbench.modeling.lora import as_base
@@ -63,10 +65,13 @@ def _topk_rows(model, examples: list[dict], collator: Collator, top_k: int, temp
     with as_base(model) as peft_model:
         for start in tqdm(starts, desc=f"reference top-{top_k}", disable=not is_main_process()):
             batch = collator(examples[start:start + batch_size])
-            logits = peft_model(input_ids=batch["input_ids"].to(device),
-                                attention_mask=batch["attention_mask"].to(device)).logits
+            logits_at, _ = head_logits_at(peft_model, input_ids=batch["input_ids"].to(device),
+                                          attention_mask=batch["attention_mask"].to(device))
             mask = next_token_mask(batch["labels"]).to(device)
-            values, ids = base_topk(F.log_softmax(logits[mask].float() / temperature, dim=-1), top_k)
+            rows, cols = mask.nonzero(as_tuple=True)  # only these go through the head, SCORE_CHUNK at a time
+            parts = [base_topk(F.log_softmax(logits_at(rows[s:s + SCORE_CHUNK], cols[s:s + SCORE_CHUNK]) / temperature,
+                                             dim=-1), top_k) for s in range(0, max(len(rows), 1), SCORE_CHUNK)]
+            values, ids = torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
             counts = mask.sum(1).tolist()  # per example; clones, so a gather pickles no whole batch
             out.extend((v.clone(), i.clone()) for v, i in zip(values.cpu().split(counts),
                                                                ids.to(torch.int32).cpu().split(counts)))
