@@ -69,6 +69,8 @@ def test_dotted_overrides_are_typed_and_validated():
     (["train.max_steps=0"], "train.max_steps: Input should be greater than or equal to 1"),
     (["lora.enabled=false", "regularizers.kl_to_base.weight=1"], "kl_to_base act on the LoRA adapter"),
     (["regularizers.ewc.weight=5"], "regularizers.ewc needs a Fisher"),
+    (["train.loss=dft", "regularizers.label_smoothing=0.1"], "train.loss dft with regularizers.label_smoothing"),
+    (["train.loss=focal"], "train.loss: Input should be 'nll' or 'dft'"),
     (["regularizers.kl_to_base.target=0"], "regularizers.kl_to_base.target: Input should be greater than 0"),
     (["regularizers.kl_to_base.target=0.1", "regularizers.kl_to_base.weight_min=2",
       "regularizers.kl_to_base.weight_max=1"], "regularizers.kl_to_base: weight_min 2 is above weight_max 1"),

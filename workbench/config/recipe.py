@@ -129,6 +129,10 @@ class TrainSection(Section):
         "the gradient, so runs that sum the same gradient in another order (accumulation, data "
         "parallelism) agree to float rounding, where Adam's normalised step amplifies that rounding. "
         "The equivalence tests use it.")
+    loss: Literal["nll", "dft"] = Field(
+        default="nll", description="The task loss. nll: cross-entropy on completion tokens. dft: dynamic "
+        "fine-tuning, each token's NLL weighted by its detached probability; with regularizers.kl_to_base "
+        "it is anchored SFT (docs/regularizers.md). Validation loss is NLL either way.")
     lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "linear"
     warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     max_grad_norm: float = Field(default=1.0, ge=0.0, description="Gradient clipping; 0 disables.")
@@ -203,6 +207,10 @@ class Recipe(Section):
         if needs_lora and not self.lora.enabled:
             raise ValueError(f"regularizers {', '.join(needs_lora)} act on the LoRA adapter, "
                              "but lora.enabled is false")
+        if self.train.loss == "dft" and self.regularizers.label_smoothing:
+            raise ValueError("train.loss dft with regularizers.label_smoothing: DFT weights the one observed "
+                             "token by its probability, and smoothing's uniform target has no observed token "
+                             "to weight; use one of them")
         ewc = self.regularizers.ewc
         if ewc is not None and ewc.weight > 0 and not (ewc.fisher or ewc.reference):
             raise ValueError("regularizers.ewc needs a Fisher: set ewc.fisher (a file from "

@@ -150,7 +150,8 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
     trainer = RegularizedTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=data.val or None,
         data_collator=collator, processing_class=tokenizer,
-        penalties=penalties, callbacks=callbacks, train_kl=bool(probe and probe.train_kl))
+        penalties=penalties, callbacks=callbacks, train_kl=bool(probe and probe.train_kl),
+        loss=recipe.train.loss)
     if probe:
         trainer.add_callback(RetentionProbeCallback(trainer, probe, chunks, base_fingerprint,
                                                     every_checkpoint=recipe.train.select is not None))
