@@ -74,7 +74,7 @@ def test_dotted_overrides_are_typed_and_validated():
     (["lora.init=loftq"], "lora.init: Input should be 'default', 'gaussian', 'pissa'"),
     (["lora.init=pissa", "regularizers.weight_decay=0.01"], "lora.init pissa with regularizers.weight_decay 0.01"),
     (["lora.init=corda_kpm", "regularizers.lora_dropout=0.1"], "lora.init corda_kpm with regularizers.lora_dropout"),
-    (["lora.layers=3"], "lora.layers: String should match pattern"),
+    (["lora.layers=top"], "lora.layers: String should match pattern"),
     (["lora.layers=5-2"], "lora.layers 5-2: the first layer is after the last"),
     (["regularizers.kl_to_base.target=0"], "regularizers.kl_to_base.target: Input should be greater than 0"),
     (["regularizers.kl_to_base.target=0.1", "regularizers.kl_to_base.weight_min=2",
