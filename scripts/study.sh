@@ -64,7 +64,7 @@ esac
 if [[ -n "${ONLY:-}" ]]; then
   KEPT=()
   for row in "${GRID[@]}"; do
-    name=$(echo "${row%%|*}")
+    name=$(echo ${row%%|*})
     [[ " $ONLY " == *" $name "* ]] && KEPT+=("$row")
   done
   GRID=("${KEPT[@]}")
