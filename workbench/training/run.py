@@ -23,7 +23,7 @@ from workbench.io import cache_dir, fingerprint, writing
 from workbench.modeling.load import (
     apply_lora, count_parameters, load_model, load_tokenizer, model_fingerprint
 )
-from workbench.config.recipe import INITS_NEEDING_DATA, TRAIN_DATA, Recipe, resolved
+from workbench.config.recipe import INITS_NEEDING_DATA, INITS_REWRITING_BASE, TRAIN_DATA, Recipe, resolved
 from workbench.formats.integrity import write_manifest
 from workbench.formats.run_record import RunRecord, read_run, versions
 from workbench.training.reference import topk_reference_for
@@ -174,6 +174,9 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
         data_collator=collator, processing_class=tokenizer,
         penalties=penalties, callbacks=callbacks, train_kl=bool(probe and probe.train_kl),
         loss=recipe.train.loss)
+    if recipe.lora.init in INITS_REWRITING_BASE and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        raise UsageError(f"lora.init {recipe.lora.init}: not available under FSDP or DeepSpeed (a gradient hook "
+                         "freezes half of each LoRA factor by its rows, which sharding splits across ranks)")
     if probe:
         trainer.add_callback(RetentionProbeCallback(trainer, probe, chunks, base_fingerprint,
                                                     every_checkpoint=recipe.train.select is not None))
