@@ -11,7 +11,8 @@ from tests.training.regularizers.test_kl import lumped_tail_kl, reference_kl
 from workbench.scoring.head import hidden_states_out, lm_head
 from workbench.scoring.masks import next_token_mask, shifted_labels
 from workbench.scoring.topk_kl import base_topk
-from workbench.training.head import fused_loss, nll_term
+from workbench.training.head import fused_loss, task_term
+from workbench.training.losses import token_losses
 from workbench.training.reference import TopKReference
 from workbench.training.regularizers import KLConfig, KLToBase
 from workbench.training.regularizers.kl import exact_term, topk_term
@@ -60,8 +61,10 @@ def cases(labels, mask, base_head, ref_hidden, temperature=1.5):
                                               reduction="sum", label_smoothing=smoothing)
 
     return {
-        "nll": (nll_term(labels), ce(0.0)),
-        "label_smoothing": (nll_term(labels, 0.2), ce(0.2)),
+        "nll": (task_term(labels), ce(0.0)),
+        "label_smoothing": (task_term(labels, "nll", 0.2), ce(0.2)),
+        "dft": (task_term(labels, "dft"),
+                lambda logits: token_losses(logits.reshape(-1, logits.shape[-1]), targets, "dft").sum()),
         "kl_forward": (exact_term(ref_hidden, base_head, "forward", temperature),
                        lambda z: reference_kl(z, base_logits, mask, "forward", temperature)),
         "kl_reverse": (exact_term(ref_hidden, base_head, "reverse", temperature),
@@ -95,7 +98,7 @@ def assert_same(out):
 
 
 @pytest.mark.parametrize("chunk_size", CHUNKS)
-@pytest.mark.parametrize("name", ["nll", "label_smoothing", "kl_forward", "kl_reverse", "kl_topk"])
+@pytest.mark.parametrize("name", ["nll", "label_smoothing", "dft", "kl_forward", "kl_reverse", "kl_topk"])
 def test_fused_term_equals_the_full_logits_value_and_gradients(name, chunk_size):
     out = both(name, chunk_size)
     assert_same(out)
@@ -128,7 +131,7 @@ def test_only_completion_positions_are_projected():
     hidden, head, labels, mask, *_ = setup()
     rows = []
     head.module.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
-    fused_loss(hidden, head, mask, [nll_term(labels)], [1.0], 5)
+    fused_loss(hidden, head, mask, [task_term(labels)], [1.0], 5)
     assert sum(rows) == int(mask.sum()) and max(rows) <= 5
 
 
@@ -137,7 +140,7 @@ def test_softcapped_head_matches_the_capped_logits():
     hidden, head, labels, mask, *_ = setup()
     head.softcap = 3.0
     params = [p for p in head.parameters() if p.requires_grad]
-    loss, _ = fused_loss(hidden, head, mask, [nll_term(labels)], [1.0], 4)
+    loss, _ = fused_loss(hidden, head, mask, [task_term(labels)], [1.0], 4)
     capped = torch.tanh(head.module(hidden) / 3.0) * 3.0
     full = F.cross_entropy(capped.reshape(-1, capped.shape[-1]), shifted_labels(labels).reshape(-1), reduction="sum")
     assert relative_difference(loss.detach(), full.detach()) <= TOL
@@ -169,17 +172,19 @@ def topk_cache(model, batch, k):
     return TopKReference(values, ids, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
 
 
-TRAINER_CASES = {
-    "nll": ({}, {}),
-    "label_smoothing": ({"label_smoothing_factor": 0.1}, {}),
-    "kl_forward": ({}, {"weight": 0.3, "temperature": 1.5}),
-    "kl_reverse": ({}, {"weight": 0.3, "direction": "reverse", "temperature": 0.7}),
-    "kl_topk": ({}, {"weight": 0.3, "reference": "topk_cache", "top_k": 11}),
+TRAINER_CASES = {  # name: (TrainingArguments, KL-to-base config or none, task loss)
+    "nll": ({}, {}, "nll"),
+    "label_smoothing": ({"label_smoothing_factor": 0.1}, {}, "nll"),
+    "dft": ({}, {}, "dft"),
+    "kl_forward": ({}, {"weight": 0.3, "temperature": 1.5}, "nll"),
+    "kl_reverse": ({}, {"weight": 0.3, "direction": "reverse", "temperature": 0.7}, "nll"),
+    "kl_topk": ({}, {"weight": 0.3, "reference": "topk_cache", "top_k": 11}, "nll"),
+    "anchored_sft": ({}, {"weight": 0.3}, "dft"),
 }
 
 
 def trainer_loss_and_grads(loss_head, case, tmp_path, chunk_size=3):
-    args, kl = TRAINER_CASES[case]
+    args, kl, task = TRAINER_CASES[case]
     model, batch = make_peft(targets=("q_proj", "v_proj", "lm_head")), make_batch(batch=4)
     batch["labels"][2] = -100  # an all-masked row
     batch["index"] = torch.arange(4)
@@ -190,7 +195,7 @@ def trainer_loss_and_grads(loss_head, case, tmp_path, chunk_size=3):
     trainer = RegularizedTrainer(
         model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
                                             remove_unused_columns=False, disable_tqdm=True, **args),
-        penalties=penalties, loss_head=loss_head, head_chunk_size=chunk_size)
+        penalties=penalties, loss=task, loss_head=loss_head, head_chunk_size=chunk_size)
     trainer.current_gradient_accumulation_steps = 1  # set by the train loop
     model.train()
     n_items = next_token_mask(batch["labels"]).sum()

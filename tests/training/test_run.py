@@ -175,3 +175,29 @@ def test_fused_head_trains_the_full_logits_adapter(split, micro):
     (fused, run), (full, _) = split(*micro, *SGD), split(*micro, *SGD, "train.loss_head=full")
     assert run["recipe"]["train"]["loss_head"] == "fused"
     assert_adapters_equal(fused, full, EXACT)
+
+
+@pytest.mark.parametrize("init", ["corda_kpm", "pissa"])
+def test_an_init_that_rewrites_the_base_trains_anchored_to_the_real_base(tmp_path, init):
+    """KL-to-base and EWC are 0 before the first update (the model is the base, the adapter off is
+    the base), grow after it, and the adapter written is a plain rank-2r LoRA on the real base."""
+    from peft import PeftModel
+    from workbench.modeling.load import load_model, load_tokenizer
+
+    recipe = load_recipe(repo("recipes/tiny_all.yaml"), FAST + [
+        f"lora.init={init}", "regularizers.weight_decay=0", "regularizers.lora_dropout=0",
+        "regularizers.kl_to_base.warmup_steps=0"])
+    run_dir = train(recipe, tmp_path / "run")
+    steps = [h for h in json.loads((run_dir / "run.json").read_text())["history"] if "task_loss" in h]
+    for term in ("kl_to_base", "ewc", "delta_l2"):
+        assert abs(steps[0][term]) < 1e-7 < steps[-1][term], term  # step 1 KL: 7.4e-9 measured (rounding)
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (16, 32.0, True)
+    model, _ = load_model(recipe.model, load_tokenizer(recipe.model))
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(model, str(run_dir / "adapter"))
+        assert (tuned(input_ids=ids).logits - base).abs().max() > 1e-3
+        with tuned.disable_adapter():
+            assert torch.equal(tuned(input_ids=ids).logits, base)

@@ -36,20 +36,29 @@ from workbench.scoring.masks import shifted_labels
 TokenTerm = Callable[[torch.Tensor, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def nll_term(labels: torch.Tensor, smoothing: float = 0.0) -> TokenTerm:
-    """Next-token cross-entropy with torch's label smoothing e, labels [B, T] (unshifted).
-    Per token, with q = softmax(z) and y the label:
-      value  -(1 - e) log q_y - (e / V) sum_v log q_v
-      grad   q - (1 - e) onehot(y) - e / V"""
+def task_term(labels: torch.Tensor, loss: str = "nll", smoothing: float = 0.0) -> TokenTerm:
+    """The task loss (`training.losses.token_losses`) per chunk, labels [B, T] (unshifted). Per
+    token, with q = softmax(z) and y the label:
+      nll, smoothing e:  value  -(1 - e) log q_y - (e / V) sum_v log q_v
+                         grad   q - (1 - e) onehot(y) - e / V
+      dft:               value  -sg(q_y) log q_y
+                         grad   q_y (q - onehot(y))"""
+    if loss == "dft" and smoothing:
+        raise ValueError("label smoothing has no DFT form")
     targets = shifted_labels(labels).reshape(-1)
 
     def term(z, start, index):
         y = targets.index_select(0, index)[:, None]
         log_q = F.log_softmax(z, dim=-1)
-        value = -(1.0 - smoothing) * log_q.gather(-1, y).sum()
+        log_qy = log_q.gather(-1, y)
+        if loss == "dft":
+            qy = log_qy.exp()
+            grad = log_q.exp_().scatter_add_(-1, y, torch.full_like(qy, -1.0)).mul_(qy)
+            return -(qy * log_qy).sum(), grad
+        value = -(1.0 - smoothing) * log_qy.sum()
         if smoothing:
             value = value - smoothing / z.shape[-1] * log_q.sum()
-        grad = log_q.exp_().scatter_add_(-1, y, torch.full_like(y, smoothing - 1.0, dtype=log_q.dtype))
+        grad = log_q.exp_().scatter_add_(-1, y, torch.full_like(log_qy, smoothing - 1.0))
         return value, grad.sub_(smoothing / z.shape[-1]) if smoothing else grad
 
     return term

@@ -10,7 +10,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
@@ -19,10 +18,11 @@ from workbench.data.examples import NOT_MODEL_INPUTS
 from workbench.errors import RunFailed, UsageError, WriteFailed
 from workbench.formats.integrity import write_manifest
 from workbench.io import read_json, write_json, writing
-from workbench.scoring.masks import IGNORE, next_token_mask, shifted_labels
+from workbench.scoring.masks import next_token_mask
+from workbench.training.losses import TaskLoss, causal_lm_loss
 from workbench.training.regularizers import Penalty
 from workbench.scoring.head import hidden_states_out, lm_head, unsupported
-from workbench.training.head import HEAD_CHUNK, fused_loss, nll_term
+from workbench.training.head import HEAD_CHUNK, fused_loss, task_term
 from workbench.training.regularizers.kl import chunked_kl, exact_term, reference_hidden
 
 
@@ -56,24 +56,6 @@ class AfterOptimiserStep(TrainerCallback):
         self.trainer.update_penalty_weights()
 
 
-def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None,
-                   label_smoothing: float = 0.0) -> torch.Tensor:
-    """Next-token cross-entropy as transformers' causal-LM loss computes it (the labels shifted by
-    padding, so the logits are not copied; summed over label tokens and divided by the tokens in
-    the accumulated batch when that is given), with label smoothing done inside torch's
-    `cross_entropy` rather than by HF's `LabelSmoother`, which builds several more
-    vocabulary-sized tensors and averages per micro-batch, so accumulation would change the loss.
-    """
-    logits = outputs["logits"]
-    labels = shifted_labels(labels).to(logits.device)
-    summed = num_items_in_batch is not None
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum" if summed else "mean", label_smoothing=label_smoothing)
-    if summed:
-        loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
-    return loss
-
-
 class RegularizedTrainer(Trainer):
     """Adds `weight(step) * penalty` for each penalty to the task loss and logs every term.
 
@@ -86,20 +68,22 @@ class RegularizedTrainer(Trainer):
     parallelism change nothing, neither in the update nor in the logged terms (see `log`).
     """
 
-    def __init__(self, *args, penalties: list[Penalty] = (), train_kl: bool = False, loss_head: str = "fused",
-                 head_chunk_size: int = HEAD_CHUNK, **kwargs):
+    def __init__(self, *args, penalties: list[Penalty] = (), train_kl: bool = False, loss: TaskLoss = "nll",
+                 loss_head: str = "fused", head_chunk_size: int = HEAD_CHUNK, **kwargs):
         """train_kl: log `retention_train_kl`, KL(base || tuned) per completion token of the training
-        batch, at every logged step (`_train_kl`). loss_head: "fused" applies the LM head and every
-        per-token term chunk by chunk (`training.head`; head_chunk_size positions a chunk), "full"
-        takes the model's whole logits; fused falls back to full, saying why, where it cannot run."""
+        batch, at every logged step (`_train_kl`). loss: the task loss (`losses.token_losses`).
+        loss_head: "fused" applies the LM head and every per-token term chunk by chunk
+        (`training.head`; head_chunk_size positions a chunk), "full" takes the model's whole
+        logits; fused falls back to full, saying why, where it cannot run."""
         super().__init__(*args, **kwargs)
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(TermsProgress)
-        if self.label_smoother is not None:
+        if self.label_smoother is not None or loss != "nll":
             self.label_smoother = None
-            self.compute_loss_func = functools.partial(causal_lm_loss,
-                                                       label_smoothing=self.args.label_smoothing_factor)
+            self.compute_loss_func = functools.partial(
+                causal_lm_loss, label_smoothing=self.args.label_smoothing_factor, loss=loss)
         self.penalties = list(penalties)
+        self.task_loss = loss
         self._terms: dict[str, list[torch.Tensor]] = defaultdict(list)  # each as it entered the loss
         self._steps: list[float] = []  # step_scale per micro-batch: they sum to the steps since the last log
         self._controlled = [p for p in self.penalties if p.controlled]
@@ -131,8 +115,8 @@ class RegularizedTrainer(Trainer):
         final hidden states [B, T, H] instead of logits."""
         batch = dict(inputs)  # a compute_loss_func pops "labels"; penalties need the mask
         inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
-        if not model.training:  # validation loss stays plain NLL, comparable across recipes
-            with self._without_label_smoothing():
+        if not model.training:  # validation loss stays plain NLL (no smoothing, no DFT): comparable
+            with self._plain_nll():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         token_scale, step_scale = self._scales(batch, num_items_in_batch)
         monitor = self.train_kl and (self.state.global_step + 1) % self.args.logging_steps == 0
@@ -179,7 +163,8 @@ class RegularizedTrainer(Trainer):
         mask = next_token_mask(batch["labels"])
         per_token = token_scale / mask.sum().clamp(min=1)
         step = self.state.global_step
-        named = {"task_loss": (nll_term(batch["labels"], self.args.label_smoothing_factor), per_token)}
+        named = {"task_loss": (task_term(batch["labels"], self.task_loss, self.args.label_smoothing_factor),
+                               per_token)}
         for penalty in self.penalties:
             if penalty.per_token:
                 named[penalty.name] = (penalty.token_term(model, batch), penalty.weight(step) * per_token)
@@ -241,7 +226,7 @@ class RegularizedTrainer(Trainer):
         return token_scale, 1.0 / self.current_gradient_accumulation_steps
 
     @contextlib.contextmanager
-    def _without_label_smoothing(self):
+    def _plain_nll(self):
         """The model's own loss: plain next-token NLL, normalised the same way."""
         loss_func, self.compute_loss_func = self.compute_loss_func, None
         try:
