@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -33,25 +34,25 @@ LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, 
 @dataclass(frozen=True)
 class HeadSettings:
     models: tuple[str, ...]  # "smollm2-135m-instruct" or "llama-1b" (LLAMA_1B)
-    seqs: tuple[int, ...]  # step memory, ours vs HF, at each
-    penalty_seqs: tuple[int, ...]  # plain vs KL-to-base vs EWC, on the last model
+    seqs: tuple[int, ...]  # step peak memory, ours (fused) vs HF, at each
+    penalty_seqs: tuple[int, ...]  # also KL-to-base and EWC (fused), on the last model
+    timed_seqs: tuple[int, ...]  # also step times, and today's full-logits path with and without the KL
     eval_seq: int
     layers: int | None = None  # LLAMA_1B with fewer layers (a machine too slow for 16)
-    repeats: int = 3  # timed rounds per pair (medians)
+    repeats: int = 5  # timed rounds per pair (medians)
     warmup: int = 1
     checkpointing: bool = True  # gradient checkpointing, both sides alike
 
 
 HEAD_PRESETS = {
     "full": HeadSettings(models=("smollm2-135m-instruct", "llama-1b"), seqs=(512, 2048, 4096),
-                         penalty_seqs=(2048, 4096), eval_seq=4096),
-    # 2 loaded CPU cores: ~15 GFLOPS, so a 128k-vocabulary step at 4,096 tokens takes many minutes
-    "cpu": HeadSettings(models=("smollm2-135m-instruct",), seqs=(512, 1024), penalty_seqs=(1024,),
-                        eval_seq=2048, repeats=2, warmup=0),
-    "cpu-1b": HeadSettings(models=("llama-1b",), seqs=(512,), penalty_seqs=(512,), eval_seq=512, layers=2,
-                           repeats=0, warmup=0),
-    "smoke": HeadSettings(models=("tiny-random-llama",), seqs=(32, 64), penalty_seqs=(64,), eval_seq=64,
-                          repeats=1, warmup=0),
+                         penalty_seqs=(2048, 4096), timed_seqs=(512, 2048, 4096), eval_seq=4096),
+    # 2 shared CPU cores at ~15 GFLOPS: one 128k-vocabulary step at 4,096 tokens alone takes many
+    # minutes, so on a CPU the embedded default, one timed round at 512 tokens, memory at 2,048
+    "cpu": HeadSettings(models=("smollm2-135m-instruct",), seqs=(512, 2048), penalty_seqs=(512, 2048),
+                        timed_seqs=(512,), eval_seq=2048, repeats=1, warmup=0),
+    "smoke": HeadSettings(models=("tiny-random-llama",), seqs=(32, 64), penalty_seqs=(64,), timed_seqs=(64,),
+                          eval_seq=64, repeats=1, warmup=0),
 }
 
 
@@ -88,20 +89,28 @@ def trainers(model, tokenizer, s: Settings, tmp: str, which: tuple[str, ...]) ->
 
 def step_rows(label: str, model, tokenizer, s: Settings, h: HeadSettings, seq: int, which: tuple[str, ...],
               pairs: list[tuple[str, str, str | None, str | None]]) -> list[dict]:
-    """One batch of 1 x seq tokens; the peak memory of one step of each trainer, then timed rounds;
-    pairs: (ours, baseline, memory target, time target)."""
+    """One batch of 1 x seq tokens; the peak memory of one step of each trainer, then timed rounds
+    when seq is in timed_seqs; pairs: (ours, baseline, memory target, time target), those whose
+    trainers ran. Each row is also printed to stderr as it is measured."""
     s = Settings(**{**s.__dict__, "batch_size": 1, "seq_len": seq})
     batch = training_batch(tokenizer, s)
     n_items = (batch["labels"][:, 1:] != -100).sum()
+    timed = seq in h.timed_seqs and h.repeats > 0
     with tempfile.TemporaryDirectory() as tmp:
         ts = trainers(model, tokenizer, s, tmp, which)
         steps = {name: (lambda t=t: train_step(t, batch, n_items)) for name, t in ts.items()}
-        print(f"  {label} T={seq}: peak memory of one step each ({', '.join(steps)}) ...", file=sys.stderr, flush=True)
+        peaks = {}
+        for name, step in steps.items():
+            print(f"  {label} T={seq}: peak memory of one {name} step ...", file=sys.stderr, flush=True)
+            with contextlib.redirect_stdout(io.StringIO()):
+                peaks[name] = peak_memory(step)
+            print(f"    {peaks[name] / MB:.1f} MB", file=sys.stderr, flush=True)
         with contextlib.redirect_stdout(io.StringIO()):
-            peaks = {name: peak_memory(step) for name, step in steps.items()}
-            times = interleaved(steps, h.repeats, h.warmup) if h.repeats else None
+            times = interleaved(steps, h.repeats, h.warmup) if timed else None
     out = []
     for ours, base, mem_target, time_target in pairs:
+        if ours not in steps or base not in steps:
+            continue
         common = {"unit": "MB", "model": label, "seq_len": seq, "checkpointing": h.checkpointing,
                   "a": round(peaks[base] / MB, 1), "b": round(peaks[ours] / MB, 1)}
         out.append(row(f"head_peak_{ours}_vs_{base}_{label}_T{seq}", f"step peak memory, {ours} vs {base}",
@@ -112,6 +121,8 @@ def step_rows(label: str, model, tokenizer, s: Settings, h: HeadSettings, seq: i
                            paired_ratio(times[base], times[ours]), time_target,
                            cpu_ratio=paired_ratio(times[base], times[ours], cpu=True), unit="s/step",
                            a=round(median(a), 3), b=round(median(b), 3), model=label, seq_len=seq))
+    for r in out:
+        print("  " + json.dumps(r), file=sys.stderr, flush=True)
     return out
 
 
@@ -145,12 +156,13 @@ def bench_head(s: Settings, preset: str) -> list[dict]:
         model, tokenizer = build(name, h, s)
         last = i == len(h.models) - 1
         for seq in h.seqs:
-            which = ("hf", "fused") + (("full", "kl", "kl_full", "ewc") if last and seq in h.penalty_seqs else ())
-            pairs = [("fused", "hf", "<= 0.5" if seq == max(h.seqs) else None, "<= 1.0")]
-            if "kl" in which:
-                pairs += [("kl", "hf", "<= 0.6" if seq == max(h.seqs) else None, None), ("ewc", "hf", None, None),
-                          ("kl", "fused", None, "<= 1.45"), ("kl_full", "full", None, "<= 1.45"),
-                          ("kl_full", "hf", None, None)]
+            which = ("hf", "fused") + (("kl",) if last and seq in h.penalty_seqs else ())
+            which += ("ewc", "full", "kl_full") if "kl" in which and seq in h.timed_seqs else ()
+            longest = seq == max(h.seqs)
+            pairs = [("fused", "hf", "<= 0.5" if longest else None, "<= 1.0"),
+                     ("kl", "hf", "<= 0.6" if longest else None, None), ("ewc", "hf", None, None),
+                     ("kl", "fused", None, "<= 1.45"), ("kl_full", "full", None, "<= 1.45"),
+                     ("full", "hf", None, None), ("kl_full", "hf", None, None)]
             rows += step_rows(label, model, tokenizer, s, h, seq, which, pairs)
         rows += eval_rows(label, model, tokenizer, h.eval_seq)
         for r in rows:

@@ -102,7 +102,10 @@ def fused_loss(hidden: torch.Tensor, head: Head, mask: torch.Tensor, terms: Sequ
             h = flat.index_select(0, index).requires_grad_(want_grad)
             with torch.enable_grad():
                 logits = functional_call(head, copies, (h,), strict=False)
-            z = logits.detach().to(torch.float32, copy=True)
+            # fp32 logits are handed to the terms as they are (a linear head's backward never reads
+            # its output, and autograd's version check would refuse one that did); a soft-cap's
+            # tanh saves its output, so it gets a copy
+            z = logits.detach().to(torch.float32, copy=head.softcap is not None)
             grad = None
             for k, (term, coef) in enumerate(zip(terms, coefs)):
                 last = k == len(terms) - 1

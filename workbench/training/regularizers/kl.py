@@ -30,9 +30,9 @@ def _exact_chunk(z, ref_hidden, ref_head, direction, temperature):
       reverse, KL(q || p):  q * (log q - log p - KL(q || p)) / t"""
     log_q = F.log_softmax(z.div_(temperature), dim=-1)
     log_p = F.log_softmax(ref_head(ref_hidden).float().div_(temperature), dim=-1)
-    if direction == "forward":
+    if direction == "forward":  # log_p becomes the log ratio in place: 3 [n, V] tensors live, not 5
         p = log_p.exp()
-        return (p * (log_p - log_q)).sum(), log_q.exp_().sub_(p).div_(temperature)
+        return torch.dot(p.reshape(-1), log_p.sub_(log_q).reshape(-1)), log_q.exp_().sub_(p).div_(temperature)
     q = log_q.exp()
     log_ratio = log_q.sub_(log_p)
     kl = (q * log_ratio).sum(-1, keepdim=True)
