@@ -37,7 +37,7 @@ class HeadSettings:
     seqs: tuple[int, ...]  # step peak memory, ours (fused) vs HF, at each
     penalty_seqs: tuple[int, ...]  # also KL-to-base and EWC (fused), on the last model
     timed_seqs: tuple[int, ...]  # also step times, and today's full-logits path with and without the KL
-    eval_seq: int
+    eval_seq: int | None  # None: no eval row
     layers: int | None = None  # LLAMA_1B with fewer layers (a machine too slow for 16)
     repeats: int = 5  # timed rounds per pair (medians)
     warmup: int = 1
@@ -51,6 +51,10 @@ HEAD_PRESETS = {
     # minutes, so on a CPU the embedded default, one timed round at 512 tokens, memory at 2,048
     "cpu": HeadSettings(models=("smollm2-135m-instruct",), seqs=(512, 2048), penalty_seqs=(512, 2048),
                         timed_seqs=(512,), eval_seq=2048, repeats=1, warmup=0),
+    # the 1B shape's head and embeddings (128k vocabulary, hidden 2,048) with 2 of its 16 layers: the
+    # head's share of a step at full size, the decoder's activations 1/8 of it
+    "cpu-1b": HeadSettings(models=("llama-1b",), seqs=(2048,), penalty_seqs=(2048,), timed_seqs=(), eval_seq=None,
+                           layers=2),
     "smoke": HeadSettings(models=("tiny-random-llama",), seqs=(32, 64), penalty_seqs=(64,), timed_seqs=(64,),
                           eval_seq=64, repeats=1, warmup=0),
 }
@@ -63,7 +67,7 @@ def build(name: str, h: HeadSettings, s: Settings):
             _, tokenizer = load_model(ModelSection(name="smollm2-135m-instruct", dtype=DTYPE))
             torch.manual_seed(0)
             config = LlamaConfig(**{**LLAMA_1B, **({"num_hidden_layers": h.layers} if h.layers else {})})
-            model = LlamaForCausalLM(config).to(getattr(torch, "bfloat16"))
+            model = LlamaForCausalLM(config).to(getattr(torch, DTYPE))  # bf16 on a GPU
         else:
             model, tokenizer = load_model(ModelSection(name=name, dtype=DTYPE))
         model = apply_lora(model, LoraSection(r=s.lora_r, alpha=2.0 * s.lora_r), dropout=0.0).to(DEVICE)
@@ -152,7 +156,7 @@ def bench_head(s: Settings, preset: str) -> list[dict]:
     h = HEAD_PRESETS[preset]
     rows = []
     for i, name in enumerate(h.models):
-        label = "llama-1b" if name == "llama-1b" else name.split("-")[0]
+        label = name.split("-")[0] if name != "llama-1b" else f"llama-1b-{h.layers}l" if h.layers else name
         model, tokenizer = build(name, h, s)
         last = i == len(h.models) - 1
         for seq in h.seqs:
@@ -164,7 +168,8 @@ def bench_head(s: Settings, preset: str) -> list[dict]:
                      ("kl", "fused", None, "<= 1.45"), ("kl_full", "full", None, "<= 1.45"),
                      ("full", "hf", None, None), ("kl_full", "hf", None, None)]
             rows += step_rows(label, model, tokenizer, s, h, seq, which, pairs)
-        rows += eval_rows(label, model, tokenizer, h.eval_seq)
+        if h.eval_seq:
+            rows += eval_rows(label, model, tokenizer, h.eval_seq)
         for r in rows:
             if r.get("model") == label and r["unit"] == "MB" and "seq_len" in r:
                 # one [T, V] fp32 tensor: the full head holds several (logits, log-softmax, gradient)
