@@ -53,8 +53,8 @@ HEAD_PRESETS = {
                         timed_seqs=(512,), eval_seq=2048, repeats=1, warmup=0),
     # the 1B shape's head and embeddings (128k vocabulary, hidden 2,048) with 2 of its 16 layers: the
     # head's share of a step at full size, the decoder's activations 1/8 of it
-    "cpu-1b": HeadSettings(models=("llama-1b",), seqs=(2048,), penalty_seqs=(2048,), timed_seqs=(), eval_seq=None,
-                           layers=2),
+    "cpu-1b": HeadSettings(models=("llama-1b",), seqs=(2048, 4096), penalty_seqs=(2048, 4096), timed_seqs=(),
+                           eval_seq=None, layers=2),
     "smoke": HeadSettings(models=("tiny-random-llama",), seqs=(32, 64), penalty_seqs=(64,), timed_seqs=(64,),
                           eval_seq=64, repeats=1, warmup=0),
 }

@@ -194,8 +194,8 @@ def trainer_loss_and_grads(loss_head, case, tmp_path, chunk_size=3):
         penalties = [KLToBase(KLConfig(**kl), reference_cache=cache)]
     trainer = RegularizedTrainer(
         model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
-                                            remove_unused_columns=False, disable_tqdm=True, **args),
-        penalties=penalties, loss=task, loss_head=loss_head, head_chunk_size=chunk_size)
+                                            remove_unused_columns=False, disable_tqdm=True, logging_steps=1, **args),
+        penalties=penalties, loss=task, loss_head=loss_head, head_chunk_size=chunk_size, train_kl=True)
     trainer.current_gradient_accumulation_steps = 1  # set by the train loop
     model.train()
     n_items = next_token_mask(batch["labels"]).sum()
@@ -208,13 +208,14 @@ def trainer_loss_and_grads(loss_head, case, tmp_path, chunk_size=3):
 
 @pytest.mark.parametrize("case", list(TRAINER_CASES))
 def test_trainer_fused_head_equals_the_full_logits(case, tmp_path):
-    """The trainer's loss, every LoRA gradient (the head's included) and the logged terms."""
+    """The trainer's loss, every LoRA gradient (the head's included) and the logged terms, the
+    training-batch KL monitor (`retention_train_kl`) among them."""
     loss, grads, logs = trainer_loss_and_grads("fused", case, tmp_path)
     full, full_grads, full_logs = trainer_loss_and_grads("full", case, tmp_path)
     assert relative_difference(loss.detach(), full.detach()) <= TOL
     assert len(grads) == 10  # A and B of q and v in 2 layers, and of the head
     for a, b in zip(grads, full_grads):
         assert b.abs().max() > 0 and relative_difference(a, b) <= TOL
-    assert logs.keys() == full_logs.keys()
+    assert logs.keys() == full_logs.keys() and "retention_train_kl" in logs
     for name in logs:
         assert logs[name] == pytest.approx(full_logs[name], rel=TOL, abs=1e-9), name

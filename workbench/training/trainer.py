@@ -142,8 +142,9 @@ class RegularizedTrainer(Trainer):
                 scales[f"{penalty.name}_weight"] = step_scale
                 self._step_terms[penalty.name].append(value.detach() * scale)
         if monitor:
-            terms[TRAIN_KL] = measured[TRAIN_KL] if TRAIN_KL in measured else self._train_kl(model, batch, outputs, terms)
-            scales[TRAIN_KL] = token_scale
+            if TRAIN_KL not in measured:  # the fused head measured it on the way
+                measured[TRAIN_KL] = self._train_kl(model, batch, outputs, terms)
+            terms[TRAIN_KL], scales[TRAIN_KL] = measured[TRAIN_KL], token_scale
             self._monitor_steps.append(step_scale)
         self._check_finite(terms)
         for name, value in terms.items():
@@ -177,7 +178,8 @@ class RegularizedTrainer(Trainer):
     def _monitor_is_penalty(self) -> bool:
         """Whether the KL-to-base penalty measures what the monitor does (forward, exact, temperature 1)."""
         kl = next((p for p in self.penalties if p.name == "kl_to_base"), None)
-        return kl is not None and (kl.config.reference, kl.config.direction, kl.config.temperature) == ("model", "forward", 1.0)
+        cfg = kl.config if kl is not None else None
+        return cfg is not None and (cfg.reference, cfg.direction, cfg.temperature) == ("model", "forward", 1.0)
 
     @torch.no_grad()
     def _train_kl(self, model, batch: dict, outputs, terms: dict[str, torch.Tensor]) -> torch.Tensor:
