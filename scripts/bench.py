@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the figures as a JSON list to this file")
     parser.add_argument("--repeats", type=int, help="timed rounds per figure (at least 5)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--head", choices=sorted(HEAD_PRESETS), help="only the fused loss head's figures "
-                        "(bench_head.py), at this preset's models and sequence lengths")
+    parser.add_argument("--head", choices=sorted(HEAD_PRESETS) + ["chunks"], help="only the fused loss head's "
+                        "figures (bench_head.py), at this preset's models and sequence lengths; chunks: its "
+                        "chunk size alone")
     args = parser.parse_args(argv)
     s = PRESETS["smoke" if args.smoke else "quick" if args.quick else "full"]
     if args.repeats is not None:

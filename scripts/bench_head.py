@@ -18,11 +18,16 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer
 
 from bench_cases import make_trainer, random_fisher, train_step, training_batch
-from bench_measure import DEVICE, DTYPE, MB, Settings, interleaved, median, paired_ratio, peak_memory, row, walls
+from bench_measure import (
+    DEVICE, DTYPE, MB, Settings, clock, interleaved, median, paired_ratio, peak_memory, row, since, walls
+)
 from workbench.config.recipe import LoraSection, ModelSection
 from workbench.modeling.load import apply_lora, load_model
 from workbench.scoring import general
 from workbench.scoring.base_cache import BaseCache
+from workbench.scoring.head import Head
+from workbench.scoring.masks import next_token_mask
+from workbench.training.head import fused_loss, task_term
 from workbench.training.regularizers import EWC, EWCConfig, KLConfig, KLToBase
 from workbench.training.trainer import RegularizedTrainer
 
@@ -51,6 +56,9 @@ HEAD_PRESETS = {
     # minutes, so on a CPU the embedded default, one timed round at 512 tokens, memory at 2,048
     "cpu": HeadSettings(models=("smollm2-135m-instruct",), seqs=(512, 2048), penalty_seqs=(512, 2048),
                         timed_seqs=(512,), eval_seq=2048, repeats=1, warmup=0),
+    # step times alone at 512 tokens, 3 paired rounds after a warm-up
+    "cpu-time": HeadSettings(models=("smollm2-135m-instruct",), seqs=(512,), penalty_seqs=(512,), timed_seqs=(512,),
+                             eval_seq=None, repeats=3, warmup=1),
     # the 1B shape's head and embeddings (128k vocabulary, hidden 2,048) with 2 of its 16 layers: the
     # head's share of a step at full size, the decoder's activations 1/8 of it
     "cpu-1b": HeadSettings(models=("llama-1b",), seqs=(2048, 4096), penalty_seqs=(2048, 4096), timed_seqs=(),
@@ -152,7 +160,37 @@ def eval_rows(label: str, model, tokenizer, seq: int) -> list[dict]:
                 b / a, None, unit="MB", a=round(a / MB, 1), b=round(b / MB, 1), model=label, seq_len=seq)]
 
 
+CHUNKS = (128, 256, 512, 1024)
+
+
+def chunk_rows(s: Settings, seq: int = 4096) -> list[dict]:
+    """The chunk-size knob: the fused head alone (task loss, forward and backward) on [1, seq, 2048]
+    hidden states through LLAMA_1B's 128k head: peak memory and CPU time per chunk size, against
+    the largest."""
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(2048, LLAMA_1B["vocab_size"], bias=False).requires_grad_(False)  # frozen, as under LoRA
+    head = Head(linear.to(DEVICE, getattr(torch, DTYPE)), None)
+    hidden = torch.randn(1, seq, 2048, generator=gen).to(DEVICE, getattr(torch, DTYPE)).requires_grad_()
+    labels = torch.randint(0, LLAMA_1B["vocab_size"], (1, seq), generator=gen).to(DEVICE)
+    mask = next_token_mask(labels)
+    measured = {}
+    for chunk in CHUNKS:
+        def call(chunk=chunk):
+            loss, _ = fused_loss(hidden, head, mask, [task_term(labels)], [1.0 / seq], chunk)
+            loss.backward()
+        start = clock()
+        peak = peak_memory(call)
+        measured[chunk] = (peak, since(start)[1])
+        print(f"  chunk {chunk}: {peak / MB:.0f} MB, {measured[chunk][1]:.1f} s CPU", file=sys.stderr, flush=True)
+    top = measured[max(CHUNKS)]
+    return [row(f"head_chunk_{c}", f"fused head alone, T={seq}, chunk {c} vs {max(CHUNKS)}", m[1] / top[1], None,
+                unit="MB", a=round(top[0] / MB, 1), b=round(m[0] / MB, 1), cpu_seconds=round(m[1], 1))
+            for c, m in measured.items()]
+
+
 def bench_head(s: Settings, preset: str) -> list[dict]:
+    if preset == "chunks":
+        return chunk_rows(s)
     h = HEAD_PRESETS[preset]
     rows = []
     for i, name in enumerate(h.models):
