@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 over 2 CPU processes (DeepSpeed's CPU accelerator over gloo),
 launched with the shipped configs in recipes/accelerate/ in fp32, train the 1-process adapter with
-KL-to-base, EWC and the delta L2 on. 5 to 8 minutes on 2 shared cores (each launch starts DeepSpeed;
+KL-to-base, EWC and the delta L2 on. 8 to 14 minutes on 2 busy cores (each launch starts DeepSpeed;
 the first on a machine also compiles its shared-memory all-reduce op, about 2 minutes)."""
 
 import json
