@@ -15,6 +15,7 @@ from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from workbench.data.examples import NOT_MODEL_INPUTS
+from workbench.distributed import gathered
 from workbench.errors import RunFailed, UsageError, WriteFailed
 from workbench.formats.integrity import write_manifest
 from workbench.io import read_json, write_json, writing
@@ -87,6 +88,7 @@ class RegularizedTrainer(Trainer):
             self.add_callback(AfterOptimiserStep(self))
         self.train_kl = train_kl
         self._monitor_steps: list[float] = []  # step_scale of the micro-batches the monitor measured
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]  # parameter penalties read them
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = dict(inputs)  # a compute_loss_func pops "labels"; penalties need the mask
@@ -99,7 +101,8 @@ class RegularizedTrainer(Trainer):
         terms = {"task_loss": loss.detach() / token_scale}
         scales = {"task_loss": token_scale}
         for penalty in self.penalties:
-            value = penalty.penalty(model, batch, outputs)
+            with contextlib.nullcontext() if penalty.per_token else gathered(self._trainable):
+                value = penalty.penalty(model, batch, outputs)
             weight = penalty.weight(self.state.global_step)
             weighted = weight * value
             scale = token_scale if penalty.per_token else step_scale
