@@ -36,6 +36,7 @@ FULL=(
   "kl_budget        | kl_budget       |"
   "budget_select    | budget_select   | train.save_steps=5"
   "baseline_s2      | baseline        | family=baseline train.seed=2"
+  "baseline_lr2e-4  | baseline        | family=baseline train.learning_rate=2e-4"
   "dft              | dft             |"
   "dft_lr2e-4       | dft             | train.learning_rate=2e-4"
   "anchored_sft     | anchored_sft    |"
