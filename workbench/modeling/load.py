@@ -154,7 +154,7 @@ def load_model(section: ModelSection, tokenizer: PreTrainedTokenizerBase | None 
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The base causal LM of `section` and its tokenizer (loaded unless given).
 
-    Raises UsageError for an unusable name, 4-bit without a CUDA GPU and bitsandbytes (checked
+    Raises UsageError for an unusable name, 4-bit where bitsandbytes cannot quantise (checked
     before anything loads), or a tokenizer with more tokens than the model has embedding rows.
     """
     if section.load_in_4bit:
