@@ -14,8 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 PREFIX = "tiny-random-"
 # `tiny-random-<name>` -> the transformers model_type built. Each trains with every regularizer
 # and passes the eval suite (docs/architectures.md); they differ in what the workbench reaches
-# into: the head (tied in gemma*, gpt2, opt, cohere, falcon, bloom; soft-capped in gemma2; scaled
-# in cohere), fused QKV (phi3, gpt-neox, falcon, bloom, gpt2) and GPT-2's transposed Conv1D.
+# into: the head (tied in gemma*, gpt2, opt, cohere, falcon, bloom, starcoder2; soft-capped in
+# gemma2; scaled in cohere), fused QKV (phi3, gpt-neox, falcon, bloom, gpt2), GPT-2's transposed
+# Conv1D and OPT's MLP on flattened tokens.
 ARCHITECTURES = {
     "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
     "gemma2": "gemma2", "gemma3": "gemma3_text", "phi3": "phi3", "phi": "phi", "gpt-neox": "gpt_neox",

@@ -116,7 +116,8 @@ class RegularizedTrainer(Trainer):
         terms = {"task_loss": loss.detach() / token_scale}
         scales = {"task_loss": token_scale}
         for penalty in self.penalties:
-            value = penalty.penalty(model, batch, outputs)
+            with self.accelerator.autocast():  # the base passes in the tuned pass's precision (train.bf16)
+                value = penalty.penalty(model, batch, outputs)
             weight = penalty.weight(self.state.global_step)
             weighted = weight * value
             scale = token_scale if penalty.per_token else step_scale
@@ -146,9 +147,10 @@ class RegularizedTrainer(Trainer):
         kl = next((p for p in self.penalties if p.name == "kl_to_base"), None)
         if kl is not None and (kl.config.reference, kl.config.direction, kl.config.temperature) == ("exact", "forward", 1.0):
             return terms["kl_to_base"]
-        hidden, head = reference_hidden(model, batch)
         mask = next_token_mask(batch["labels"])
-        total, count = chunked_kl(outputs["logits"].detach(), hidden, head, mask)
+        with self.accelerator.autocast():
+            hidden, head = reference_hidden(model, batch)
+            total, count = chunked_kl(outputs["logits"].detach(), hidden, head, mask)
         return total / count.clamp(min=1)
 
     def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
