@@ -3,7 +3,7 @@
 # recipe (recipes/smollm2/combined.yaml: KL-to-base, EWC and the rest), STEPS steps each, then each
 # run scored against its own base on general text (evals/smollm2_general.yaml). Prints one
 # Markdown row per precision: seconds per step, final losses, retention. docs/precision.md.
-#   STEPS=10 (default)   OUT=dir (default runs/precision)
+#   STEPS=10 (default)   OUT=dir (default runs/precision)   ONLY=name: train that row again, print all
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-10}
@@ -18,6 +18,7 @@ ROWS=(
 for row in "${ROWS[@]}"; do
   IFS='|' read -r name overrides <<< "$row"
   name=$(echo $name)
+  [[ -n "${ONLY:-}" && "$name" != "$ONLY" ]] && continue
   echo "== $name: $overrides"
   # shellcheck disable=SC2086 # overrides are words
   workbench train recipes/smollm2/combined.yaml "name=$name" "train.max_steps=$STEPS" ${overrides} \
