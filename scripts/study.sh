@@ -7,6 +7,7 @@
 #   PROFILE=demo   the baseline at two learning rates, KL-to-base and EWC at one strength (make demo)
 #   PROFILE=quick  baseline and KL-to-base, 20 steps, a smaller suite (make demo QUICK=1)
 #   OUT=dir        where runs, results and the report go (default runs/study-PROFILE)
+#   ONLY="a b"     only these rows of the profile (the reference rows must be among them)
 # A killed study resumes: runs whose run.json says "completed" are not trained again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +35,14 @@ FULL=(
   "replay_0.5       | replay          | data.replay.ratio=0.5"
   "kl_budget        | kl_budget       |"
   "budget_select    | budget_select   | train.save_steps=5"
+  "baseline_s2      | baseline        | family=baseline train.seed=2"
+  "dft              | dft             |"
+  "dft_lr2e-4       | dft             | train.learning_rate=2e-4"
+  "anchored_sft     | anchored_sft    |"
+  "lora_corda_kpm   | lora_corda_kpm  |"
+  "lora_corda_kpm_lr2e-4    | lora_corda_kpm | train.learning_rate=2e-4"
+  "lora_corda_kpm_lr2e-4_s1 | lora_corda_kpm | family=lora_corda_kpm_lr2e-4 train.learning_rate=2e-4 train.seed=1"
+  "lora_mlp_only    | lora_mlp_only   |"
 )
 DEMO=(
   "baseline         | baseline        |"
@@ -56,6 +65,14 @@ case "$PROFILE" in
          TRAIN_ARGS=(train.max_steps=20 data.max_examples=320 train.eval_steps=10 train.save_steps=10) ;;
   *) echo "error: PROFILE=$PROFILE: expected full, demo or quick" >&2; exit 2 ;;
 esac
+if [[ -n "${ONLY:-}" ]]; then
+  KEPT=()
+  for row in "${GRID[@]}"; do
+    name=$(echo ${row%%|*})
+    [[ " $ONLY " == *" $name "* ]] && KEPT+=("$row")
+  done
+  GRID=("${KEPT[@]}")
+fi
 OUT=${OUT:-runs/study-$PROFILE}
 start=$SECONDS
 

@@ -67,8 +67,19 @@ def override_without_equals(tmp_path):
     return [repo("recipes/tiny.yaml"), "train.max_steps"], ["'train.max_steps'", "key.path=value"]
 
 
+def lora_layers_outside_the_model(tmp_path):
+    return [repo("recipes/tiny.yaml"), "lora.layers=1-4"], ["lora.layers 1-4", "numbered 0-1"]
+
+
+def init_data_with_no_text(tmp_path):
+    path = tmp_path / "short.jsonl"
+    path.write_text(json.dumps({"text": "too short"}) + "\n")
+    return ([repo("recipes/tiny.yaml"), "lora.init=corda_kpm", f"lora.init_data={path}"],
+            [str(path), "fewer than max_length=256"])
+
+
 BAD_INPUTS = [misspelt_recipe, wrong_type, missing_data_file, malformed_jsonl, missing_recipe,
-              override_without_equals]
+              override_without_equals, lora_layers_outside_the_model, init_data_with_no_text]
 
 
 @pytest.mark.parametrize("command", ["train", "fisher"])

@@ -159,6 +159,11 @@ def cmd_recipes(args) -> int:
         on = [name for name in ("weight_decay", "lora_dropout", "label_smoothing", "neftune_alpha")
               if getattr(recipe.regularizers, name)] + list(recipe.penalties())
         on += ["replay"] if recipe.data.replay else []
+        on += [f"loss {recipe.train.loss}"] if recipe.train.loss != "nll" else []
+        lora = recipe.lora
+        on += [f"init {lora.init}"] if lora.init != "default" else []
+        on += [f"targets {lora.target_modules}"] if lora.target_modules != "all-linear" else []
+        on += [f"layers {lora.layers}"] if lora.layers else []
         print(f"{str(path):40s} {recipe.model.name:24s} {', '.join(on) or '-'}")
     return 0
 

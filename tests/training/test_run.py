@@ -12,7 +12,6 @@ from tests.mutants import MUTANTS
 
 from workbench.config.recipe import load_recipe
 from workbench.training.run import build_trainer, train
-from workbench.training.trainer import RegularizedTrainer
 
 FAST = ["train.max_steps=4", "train.eval_steps=2", "data.max_examples=32"]
 # tiny_all (KL-to-base, EWC, delta L2, weight decay) with label smoothing on, and nothing random
@@ -77,7 +76,7 @@ def split(tmp_path_factory):
             with pytest.MonkeyPatch.context() as patch:
                 patch.setenv("WORKBENCH_CACHE", str(root / "cache"))  # the Fisher is estimated once
                 if mutant:
-                    patch.setattr(RegularizedTrainer, *MUTANTS[mutant])
+                    patch.setattr(*MUTANTS[mutant])
                 run_dir = train(recipe, root / f"run{len(done)}")
             done[key] = (load_file(run_dir / "adapter" / "adapter_model.safetensors"),
                          json.loads((run_dir / "run.json").read_text()))
@@ -166,3 +165,29 @@ def test_kl_from_a_full_top_k_cache_trains_the_same_adapter_as_the_exact_kl(tmp_
     again = train(load_recipe(repo("recipes/tiny.yaml"), cached_args + ["train.max_steps=2"]), tmp_path / "again")
     assert json.loads((again / "run.json").read_text())["reference_cache"]["cached"] is True
 
+
+
+@pytest.mark.parametrize("init", ["corda_kpm", "pissa"])
+def test_an_init_that_rewrites_the_base_trains_anchored_to_the_real_base(tmp_path, init):
+    """KL-to-base and EWC are 0 before the first update (the model is the base, the adapter off is
+    the base), grow after it, and the adapter written is a plain rank-2r LoRA on the real base."""
+    from peft import PeftModel
+    from workbench.modeling.load import load_model, load_tokenizer
+
+    recipe = load_recipe(repo("recipes/tiny_all.yaml"), FAST + [
+        f"lora.init={init}", "regularizers.weight_decay=0", "regularizers.lora_dropout=0",
+        "regularizers.kl_to_base.warmup_steps=0"])
+    run_dir = train(recipe, tmp_path / "run")
+    steps = [h for h in json.loads((run_dir / "run.json").read_text())["history"] if "task_loss" in h]
+    for term in ("kl_to_base", "ewc", "delta_l2"):
+        assert abs(steps[0][term]) < 1e-7 < steps[-1][term], term  # step 1 KL: 7.4e-9 measured (rounding)
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (16, 32.0, True)
+    model, _ = load_model(recipe.model, load_tokenizer(recipe.model))
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(model, str(run_dir / "adapter"))
+        assert (tuned(input_ids=ids).logits - base).abs().max() > 1e-3
+        with tuned.disable_adapter():
+            assert torch.equal(tuned(input_ids=ids).logits, base)

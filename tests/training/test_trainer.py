@@ -10,11 +10,11 @@ from workbench.training.regularizers.kl import KLConfig, KLToBase
 from workbench.training.trainer import RegularizedTrainer
 
 
-def trainer_for(model, tmp_path, penalties=(), **args):
+def trainer_for(model, tmp_path, penalties=(), loss="nll", **args):
     defaults = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=2,
                     remove_unused_columns=False, disable_tqdm=True, max_steps=1)
     return RegularizedTrainer(model=model, args=TrainingArguments(**{**defaults, **args}),
-                              penalties=list(penalties))
+                              penalties=list(penalties), loss=loss)
 
 
 def smoothed_ce(logits, labels, eps):

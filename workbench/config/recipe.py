@@ -48,11 +48,43 @@ class ModelSection(Section):
     tiny: TinyModel = TinyModel()
 
 
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "corda_kpm", "corda_ipm", "eva", "mica", "orthogonal")
+INITS_REWRITING_BASE = ("pissa", "olora", "corda_kpm", "corda_ipm")  # trained as rank 2r (modeling/lora_init.py)
+INITS_NEEDING_DATA = ("corda_kpm", "corda_ipm", "eva")
+TRAIN_DATA = "train"  # lora.init_data: the recipe's own training examples
+
+
 class LoraSection(Section):
     enabled: bool = True
     r: int = Field(default=16, ge=1)
     alpha: float = Field(default=32.0, gt=0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    target_modules: list[str] | Literal["all-linear", "attention", "mlp"] = Field(
+        default="all-linear", description="Module names, or a preset: all-linear (every linear layer but the "
+        "LM head), attention (those inside the attention blocks), mlp (those inside the MLP blocks).")
+    layers: str | None = Field(default=None, pattern=r"^\d+-\d+$", description="Decoder layers to adapt, "
+                               "'FIRST-LAST' counted from 0, both included (e.g. '12-29'); default every layer.")
+    init: Literal[LORA_INITS] = Field(  # type: ignore[valid-type]
+        default="default", description="How A and B start, through PEFT's own code (docs/regularizers.md): "
+        "default (B = 0), gaussian, pissa, olora, corda_kpm, corda_ipm, eva, mica, orthogonal.")
+    init_data: str | None = Field(default=None, description="Data the corda_* and eva inits compute from: "
+                                  f"a text source, or '{TRAIN_DATA}' for the training examples. Default: the "
+                                  "EWC reference (else builtin:pydoc) for corda_kpm, the training examples else.")
+    init_examples: int = Field(default=64, ge=1, description="Examples the data-driven inits run on.")
+    init_max_length: int = Field(default=256, ge=8, description="Tokens per example of a text init_data.")
+
+    @model_validator(mode="after")
+    def _layer_range(self) -> "LoraSection":
+        if self.layers is not None:
+            first, last = map(int, self.layers.split("-"))
+            if first > last:
+                raise ValueError(f"lora.layers {self.layers}: the first layer is after the last")
+        return self
+
+    def layer_indices(self) -> list[int] | None:
+        if self.layers is None:
+            return None
+        first, last = map(int, self.layers.split("-"))
+        return list(range(first, last + 1))
 
 
 class ReplaySection(Section):
@@ -131,6 +163,10 @@ class TrainSection(Section):
         "the gradient, so runs that sum the same gradient in another order (accumulation, data "
         "parallelism) agree to float rounding, where Adam's normalised step amplifies that rounding. "
         "The equivalence tests use it.")
+    loss: Literal["nll", "dft"] = Field(
+        default="nll", description="The task loss. nll: cross-entropy on completion tokens. dft: dynamic "
+        "fine-tuning, each token's NLL weighted by its detached probability; with regularizers.kl_to_base "
+        "it is anchored SFT (docs/regularizers.md). Validation loss is NLL either way.")
     lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "linear"
     warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     max_grad_norm: float = Field(default=1.0, ge=0.0, description="Gradient clipping; 0 disables.")
@@ -208,6 +244,19 @@ class Recipe(Section):
         if needs_lora and not self.lora.enabled:
             raise ValueError(f"regularizers {', '.join(needs_lora)} act on the LoRA adapter, "
                              "but lora.enabled is false")
+        if self.train.loss == "dft" and self.regularizers.label_smoothing:
+            raise ValueError("train.loss dft with regularizers.label_smoothing: DFT weights the one observed "
+                             "token by its probability, and smoothing's uniform target has no observed token "
+                             "to weight; use one of them")
+        if self.lora.init in INITS_REWRITING_BASE:
+            clash = [f"{name} {value}" for name, value in (
+                ("regularizers.weight_decay", self.regularizers.weight_decay),
+                ("regularizers.lora_dropout", self.regularizers.lora_dropout),
+                ("model.load_in_4bit", self.model.load_in_4bit)) if value]
+            if clash:
+                raise ValueError(f"lora.init {self.lora.init} with {', '.join(clash)}: the adapter holds a "
+                                 "frozen copy of the base's components that weight decay would shrink, "
+                                 "dropout would drop and a 4-bit base cannot be restored under")
         ewc = self.regularizers.ewc
         if ewc is not None and ewc.weight > 0 and not (ewc.fisher or ewc.reference):
             raise ValueError("regularizers.ewc needs a Fisher: set ewc.fisher (a file from "

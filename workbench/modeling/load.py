@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from huggingface_hub.errors import HFValidationError
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -37,6 +37,8 @@ from workbench.assets.fetch import file_lock
 from workbench.errors import UsageError
 from workbench.io import cache_dir, fingerprint
 from workbench.config.recipe import LoraSection, ModelSection
+from workbench.modeling.lora_init import Batches, initialised_lora
+from workbench.modeling.targets import check_layers, resolve_targets
 from workbench.modeling.tiny import ARCHITECTURES, architecture, tiny_model, tiny_tokenizer
 
 EMBEDDED_DEFAULT = embedded.NAME
@@ -247,27 +249,19 @@ def _dtype(name: str) -> torch.dtype:
 # ---------------------------------------------------------------- LoRA
 
 
-def apply_lora(model: PreTrainedModel, lora: LoraSection, dropout: float) -> PeftModel:
-    """Wrap `model` (in place) in a LoRA adapter named 'default'; only lora_ weights train."""
-    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
-    if not isinstance(targets, str):
-        _check_targets(model, targets)
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=dropout, target_modules=targets,
-                        bias="none", task_type="CAUSAL_LM")
+def apply_lora(model: PreTrainedModel, lora: LoraSection, dropout: float, init_batches: Batches | None = None,
+               init_cache: Path | None = None) -> PeftModel:
+    """Wrap `model` (in place) in a LoRA adapter named 'default', initialised as `lora.init` says
+    (`lora_init`; the data-driven inits run on `init_batches()` and keep their result in
+    `init_cache`); only lora_ weights train."""
+    layers = lora.layer_indices()
+    check_layers(model, layers)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=dropout,
+                        target_modules=resolve_targets(model, lora.target_modules),
+                        layers_to_transform=layers, bias="none", task_type="CAUSAL_LM")
     with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        return get_peft_model(model, config)
-
-
-def _check_targets(model: torch.nn.Module, targets: list[str]) -> None:
-    """Every listed name must match a module (peft only complains when none does)."""
-    names = [name for name, _ in model.named_modules()]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                         if isinstance(m, torch.nn.Linear)})
-        raise UsageError(f"lora.target_modules: no module named {', '.join(map(repr, missing))} in the "
-                         f"model (its linear layers: {', '.join(linear)}; or use 'all-linear')")
+        return initialised_lora(model, config, lora.init, init_batches, init_cache)
 
 
 # ---------------------------------------------------------------- identity and size

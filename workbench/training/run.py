@@ -23,7 +23,7 @@ from workbench.io import cache_dir, fingerprint, writing
 from workbench.modeling.load import (
     apply_lora, count_parameters, load_model, load_tokenizer, model_fingerprint
 )
-from workbench.config.recipe import Recipe, resolved
+from workbench.config.recipe import INITS_NEEDING_DATA, INITS_REWRITING_BASE, TRAIN_DATA, Recipe, resolved
 from workbench.formats.integrity import write_manifest
 from workbench.formats.run_record import RunRecord, read_run, versions
 from workbench.training.reference import topk_reference_for
@@ -45,8 +45,30 @@ def prepare(recipe: Recipe):
     model, tokenizer = load_model(recipe.model, tokenizer)
     base_fingerprint = model_fingerprint(model)
     if recipe.lora.enabled:
-        model = apply_lora(model, recipe.lora, recipe.regularizers.lora_dropout)
+        batches, cache = lora_init_data(recipe, tokenizer, data.train, base_fingerprint)
+        model = apply_lora(model, recipe.lora, recipe.regularizers.lora_dropout, batches, cache)
     return tokenizer, data, model, base_fingerprint
+
+
+def lora_init_data(recipe: Recipe, tokenizer, train: list[dict], base_fingerprint: str):
+    """(batches, cache file) for an init computed from data (`lora.init_data`), else (None, None).
+    The cache is keyed by the base, the adapter's shape and the examples' tokens, as the Fisher is."""
+    lora, ewc = recipe.lora, recipe.regularizers.ewc
+    if lora.init not in INITS_NEEDING_DATA:
+        return None, None
+    source = lora.init_data or (TRAIN_DATA if lora.init != "corda_kpm" else
+                                (ewc.reference if ewc and ewc.reference else "builtin:pydoc"))
+    if source == TRAIN_DATA:
+        examples = [{k: v for k, v in ex.items() if k != EXAMPLE_INDEX} for ex in train[:lora.init_examples]]
+    else:
+        examples = general_text_examples(source, tokenizer, lora.init_max_length, lora.init_examples,
+                                         seed=recipe.train.seed)
+    collate = Collator(tokenizer.pad_token_id)
+    key = fingerprint(base_fingerprint, lora.model_dump(include={"init", "r", "target_modules", "layers"}),
+                      data_fingerprint(examples))
+    suffix = ".safetensors" if lora.init == "eva" else ".pt"  # CorDA's covariance is PEFT's torch.save file
+    return (lambda: (collate(examples[i:i + 8]) for i in range(0, len(examples), 8)),
+            cache_dir() / "lora_init" / f"{key}{suffix}")
 
 
 def reference_examples(recipe: Recipe, tokenizer) -> list[dict]:
@@ -154,7 +176,11 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
     trainer = RegularizedTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=data.val or None,
         data_collator=collator, processing_class=tokenizer,
-        penalties=penalties, callbacks=callbacks, train_kl=bool(probe and probe.train_kl))
+        penalties=penalties, callbacks=callbacks, train_kl=bool(probe and probe.train_kl),
+        loss=recipe.train.loss)
+    if recipe.lora.init in INITS_REWRITING_BASE and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        raise UsageError(f"lora.init {recipe.lora.init}: not available under FSDP or DeepSpeed (a gradient hook "
+                         "freezes half of each LoRA factor by its rows, which sharding splits across ranks)")
     if probe:
         trainer.add_callback(RetentionProbeCallback(trainer, probe, chunks, base_fingerprint,
                                                     every_checkpoint=recipe.train.select is not None))

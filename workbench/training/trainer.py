@@ -10,16 +10,17 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from workbench.data.examples import NOT_MODEL_INPUTS
+from workbench.distributed import gathered
 from workbench.errors import RunFailed, UsageError, WriteFailed
 from workbench.formats.integrity import write_manifest
 from workbench.io import read_json, write_json, writing
-from workbench.scoring.masks import IGNORE, next_token_mask, shifted_labels
+from workbench.scoring.masks import next_token_mask
+from workbench.training.losses import TaskLoss, causal_lm_loss
 from workbench.training.regularizers import Penalty
 from workbench.training.regularizers.kl import chunked_kl, reference_hidden
 
@@ -54,24 +55,6 @@ class AfterOptimiserStep(TrainerCallback):
         self.trainer.update_penalty_weights()
 
 
-def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None,
-                   label_smoothing: float = 0.0) -> torch.Tensor:
-    """Next-token cross-entropy as transformers' causal-LM loss computes it (the labels shifted by
-    padding, so the logits are not copied; summed over label tokens and divided by the tokens in
-    the accumulated batch when that is given), with label smoothing done inside torch's
-    `cross_entropy` rather than by HF's `LabelSmoother`, which builds several more
-    vocabulary-sized tensors and averages per micro-batch, so accumulation would change the loss.
-    """
-    logits = outputs["logits"]
-    labels = shifted_labels(labels).to(logits.device)
-    summed = num_items_in_batch is not None
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum" if summed else "mean", label_smoothing=label_smoothing)
-    if summed:
-        loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
-    return loss
-
-
 class RegularizedTrainer(Trainer):
     """Adds `weight(step) * penalty` for each penalty to the task loss and logs every term.
 
@@ -84,16 +67,17 @@ class RegularizedTrainer(Trainer):
     parallelism change nothing, neither in the update nor in the logged terms (see `log`).
     """
 
-    def __init__(self, *args, penalties: list[Penalty] = (), train_kl: bool = False, **kwargs):
+    def __init__(self, *args, penalties: list[Penalty] = (), train_kl: bool = False,
+                 loss: TaskLoss = "nll", **kwargs):
         """train_kl: log `retention_train_kl`, KL(base || tuned) per completion token of the training
-        batch, at every logged step (`_train_kl`)."""
+        batch, at every logged step (`_train_kl`). loss: the task loss (`losses.token_losses`)."""
         super().__init__(*args, **kwargs)
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(TermsProgress)
-        if self.label_smoother is not None:
+        if self.label_smoother is not None or loss != "nll":
             self.label_smoother = None
-            self.compute_loss_func = functools.partial(causal_lm_loss,
-                                                       label_smoothing=self.args.label_smoothing_factor)
+            self.compute_loss_func = functools.partial(
+                causal_lm_loss, label_smoothing=self.args.label_smoothing_factor, loss=loss)
         self.penalties = list(penalties)
         self._terms: dict[str, list[torch.Tensor]] = defaultdict(list)  # each as it entered the loss
         self._steps: list[float] = []  # step_scale per micro-batch: they sum to the steps since the last log
@@ -104,19 +88,22 @@ class RegularizedTrainer(Trainer):
             self.add_callback(AfterOptimiserStep(self))
         self.train_kl = train_kl
         self._monitor_steps: list[float] = []  # step_scale of the micro-batches the monitor measured
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]  # parameter penalties read them
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = dict(inputs)  # a compute_loss_func pops "labels"; penalties need the mask
         inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
-        if not model.training:  # validation loss stays plain NLL, comparable across recipes
-            with self._without_label_smoothing():
+        if not model.training:  # validation loss stays plain NLL (no smoothing, no DFT): comparable
+            with self._plain_nll():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         token_scale, step_scale = self._scales(batch, num_items_in_batch)
         terms = {"task_loss": loss.detach() / token_scale}
         scales = {"task_loss": token_scale}
         for penalty in self.penalties:
-            with self.accelerator.autocast():  # the base passes in the tuned pass's precision (train.bf16)
+            # in the tuned pass's precision (train.bf16); under ZeRO-3 with the LoRA factors gathered
+            gather = contextlib.nullcontext() if penalty.per_token else gathered(self._trainable)
+            with self.accelerator.autocast(), gather:
                 value = penalty.penalty(model, batch, outputs)
             weight = penalty.weight(self.state.global_step)
             weighted = weight * value
@@ -188,7 +175,7 @@ class RegularizedTrainer(Trainer):
         return token_scale, 1.0 / self.current_gradient_accumulation_steps
 
     @contextlib.contextmanager
-    def _without_label_smoothing(self):
+    def _plain_nll(self):
         """The model's own loss: plain next-token NLL, normalised the same way."""
         loss_func, self.compute_loss_func = self.compute_loss_func, None
         try:
