@@ -56,7 +56,8 @@ def test_4bit_lora_gradients_are_the_dequantised_model_s_after_an_eval_pass(monk
     plain = tiny_model(259, **SHAPE)
     for name, module in four.get_base_model().named_modules():
         if type(module).__name__ == "Linear4bit":
-            plain.get_submodule(name.removesuffix(".base_layer")).weight.data = dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            weight = dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            plain.get_submodule(name.removesuffix(".base_layer")).weight.data = weight
     plain = with_lora(plain)
     batch = make_batch()
     expected_logits, expected = gradients(plain, batch)
