@@ -101,7 +101,9 @@ class RegularizedTrainer(Trainer):
         terms = {"task_loss": loss.detach() / token_scale}
         scales = {"task_loss": token_scale}
         for penalty in self.penalties:
-            with contextlib.nullcontext() if penalty.per_token else gathered(self._trainable):
+            # in the tuned pass's precision (train.bf16); under ZeRO-3 with the LoRA factors gathered
+            gather = contextlib.nullcontext() if penalty.per_token else gathered(self._trainable)
+            with self.accelerator.autocast(), gather:
                 value = penalty.penalty(model, batch, outputs)
             weight = penalty.weight(self.state.global_step)
             weighted = weight * value
@@ -132,9 +134,10 @@ class RegularizedTrainer(Trainer):
         kl = next((p for p in self.penalties if p.name == "kl_to_base"), None)
         if kl is not None and (kl.config.reference, kl.config.direction, kl.config.temperature) == ("exact", "forward", 1.0):
             return terms["kl_to_base"]
-        hidden, head = reference_hidden(model, batch)
         mask = next_token_mask(batch["labels"])
-        total, count = chunked_kl(outputs["logits"].detach(), hidden, head, mask)
+        with self.accelerator.autocast():
+            hidden, head = reference_hidden(model, batch)
+            total, count = chunked_kl(outputs["logits"].detach(), hidden, head, mask)
         return total / count.clamp(min=1)
 
     def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
