@@ -10,7 +10,7 @@ $(BIN)/workbench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch pinned to the CPU build first, so no dependency pulls a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,lmeval]"
+	$(BIN)/pip install --quiet -e ".[dev,lmeval,deepspeed]"
 	touch $@
 
 demo: $(BIN)/workbench

@@ -78,6 +78,14 @@ def train_step(trainer: Trainer, batch: dict, n_items: torch.Tensor) -> None:
     trainer.log({"loss": loss.item(), "grad_norm": float(grad_norm)})
 
 
+def bf16_step(trainer: Trainer, batch: dict, n_items: torch.Tensor) -> None:
+    """`train_step` under bf16 autocast over the fp32 weights: train.bf16 (accelerate wraps the
+    model's forward in this autocast once `train()` prepares it; here nothing prepares it). On a
+    GPU every row already runs in bf16, so there this row compares bf16 with bf16."""
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        train_step(trainer, batch, n_items)
+
+
 def make_trainer(cls, model, tokenizer, s: Settings, output_dir: str, penalties=(), **args) -> Trainer:
     arguments = TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=s.batch_size, learning_rate=s.learning_rate,
@@ -112,6 +120,7 @@ def bench_training(model, tokenizer, s: Settings) -> list[dict]:
         "ewc_diag": (RegularizedTrainer, [ewc["diag"]], {}),
         "delta_l2": (RegularizedTrainer, [DeltaL2(PenaltyConfig(weight=1.0))], {}),
         "label_smoothing": (RegularizedTrainer, [], {"label_smoothing_factor": 0.1}),
+        "bf16_mixed": (RegularizedTrainer, [], {}),  # its step runs under autocast, below
         "kl_topk_cache": (RegularizedTrainer, [KLToBase(KLConfig(weight=0.1, reference="topk_cache",
                                                                  top_k=s.top_k), reference_cache=reference)], {}),
     }
@@ -120,6 +129,7 @@ def bench_training(model, tokenizer, s: Settings) -> list[dict]:
                     for name, (cls, penalties, args) in configs.items()}
         steps = {name: (lambda t=t, b=indexed if name == "kl_topk_cache" else batch: train_step(t, b, n_items))
                  for name, t in trainers.items()}
+        steps["bf16_mixed"] = lambda: bf16_step(trainers["bf16_mixed"], batch, n_items)
         print(f"  timing {len(steps)} step kinds x {s.repeats} rounds ...", file=sys.stderr, flush=True)
         times = interleaved(steps, s.repeats, s.warmup)
         print("  peak memory of one step each ...", file=sys.stderr, flush=True)
@@ -142,6 +152,7 @@ def bench_training(model, tokenizer, s: Settings) -> list[dict]:
         pair("ewc_diag", "no_regularizer", None),
         pair("delta_l2", "no_regularizer", "<= 1.02"),
         pair("label_smoothing", "no_regularizer", "<= 1.03"),
+        pair("bf16_mixed", "no_regularizer", None),
         pair("kl_topk_cache", "no_regularizer", "<= 1.15", **kl_error),
     ]
 

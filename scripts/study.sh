@@ -35,9 +35,14 @@ FULL=(
   "replay_0.5       | replay          | data.replay.ratio=0.5"
   "kl_budget        | kl_budget       |"
   "budget_select    | budget_select   | train.save_steps=5"
+  "baseline_s2      | baseline        | family=baseline train.seed=2"
+  "baseline_lr2e-4  | baseline        | family=baseline train.learning_rate=2e-4"
   "dft              | dft             |"
+  "dft_lr2e-4       | dft             | train.learning_rate=2e-4"
   "anchored_sft     | anchored_sft    |"
   "lora_corda_kpm   | lora_corda_kpm  |"
+  "lora_corda_kpm_lr2e-4    | lora_corda_kpm | train.learning_rate=2e-4"
+  "lora_corda_kpm_lr2e-4_s1 | lora_corda_kpm | family=lora_corda_kpm_lr2e-4 train.learning_rate=2e-4 train.seed=1"
   "lora_mlp_only    | lora_mlp_only   |"
 )
 DEMO=(

@@ -6,11 +6,15 @@ runs that happen in other processes (`accelerate launch`). Exists only in tests.
                    a mean per micro-batch and per rank, not renormalised by the label tokens of
                    the whole all-rank batch (the normalisation before token_scale).
   rank_local_log   log() without the mean over ranks: rank 0 logs its own terms only.
+  ungathered       parameter penalties read the LoRA factors as ZeRO-3 leaves them between
+                   forwards (partitioned), not gathered.
 """
 
+import contextlib
 import os
 import sys
 
+from workbench.training import trainer as trainer_module
 from workbench.training.trainer import RegularizedTrainer
 
 SCALES = RegularizedTrainer._scales  # the correct one
@@ -27,13 +31,21 @@ def rank_local_log(trainer, values):
     return values
 
 
-MUTANTS = {"per_micro_batch": ("_scales", per_micro_batch), "rank_local_log": ("_mean_over_ranks", rank_local_log)}
+def ungathered(params):
+    """distributed.gathered that gathers nothing."""
+    return contextlib.nullcontext()
+
+
+MUTANTS = {"per_micro_batch": (RegularizedTrainer, "_scales", per_micro_batch),
+           "rank_local_log": (RegularizedTrainer, "_mean_over_ranks", rank_local_log),
+           "ungathered": (trainer_module, "gathered", ungathered)}
 
 
 def mutate(name: str) -> None:
-    """Swap the named mutant's method of RegularizedTrainer for it, in this process."""
-    method, mutant = MUTANTS[name]
-    setattr(RegularizedTrainer, method, mutant)
+    """Swap the named mutant's function (a RegularizedTrainer method, or one the trainer module
+    calls) for it, in this process."""
+    owner, attribute, mutant = MUTANTS[name]
+    setattr(owner, attribute, mutant)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 from tests.helpers import REPO as ROOT
 
 NAMES = ["no_regularizer", "kl_to_base", "ewc_kfac_diag", "ewc_diag", "delta_l2", "label_smoothing",
-         "kl_topk_cache", "kl_memory_vs_naive", "kl_memory_growth", "mc_eval", "mc_eval_scoring_only",
+         "bf16_mixed", "kl_topk_cache", "kl_memory_vs_naive", "kl_memory_growth", "mc_eval", "mc_eval_scoring_only",
          "ppl_eval", "ppl_eval_scoring_only"]
 
 
@@ -39,7 +39,7 @@ def test_every_figure_is_written_with_a_ratio_and_a_target(figures):
 
 def test_training_rows_carry_times_and_peak_memory(figures):
     rows = {r["name"]: r for r in figures[0]}
-    for name in NAMES[:7]:
+    for name in NAMES[:8]:
         assert rows[name]["unit"] == "s/step" and rows[name]["a"] > 0 and rows[name]["b"] > 0
         assert rows[name]["peak_mb_a"] >= 0 and rows[name]["peak_mb_b"] >= 0
     assert rows["kl_topk_cache"]["kl_cache_lower"] <= rows["kl_topk_cache"]["kl_exact"] + 1e-6

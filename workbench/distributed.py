@@ -8,6 +8,7 @@ collective or a device is needed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import TYPE_CHECKING, Callable, TypeVar
@@ -59,6 +60,19 @@ def local_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def gathered(params) -> contextlib.AbstractContextManager:
+    """Under DeepSpeed ZeRO-3, the partitioned ones of `params` whole on every rank inside the block,
+    to read and differentiate through (every rank must enter it: an all-gather). ZeRO-3 gathers a
+    module's weights only around its own forward, so code that reads weights outside one (EWC and
+    the delta L2 on the LoRA factors) needs it. Unpartitioned parameters: nothing happens."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]  # the mark ZeRO-3 puts on what it partitions
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned)
 
 
 def _group_size() -> int:

@@ -342,6 +342,20 @@ def test_the_base_is_every_family_s_free_origin(tmp_path):
     assert at_base["difference"] == {"value": 0.0, "se": 0.0, "ci": [0.0, 0.0]}
 
 
+def test_a_family_that_learns_nothing_past_the_base_is_not_compared(tmp_path):
+    """Every point above the base's val loss (a recipe that only unlearned): the fronts meet at
+    the base alone, where any two families differ by exactly 0, so no verdict is given there."""
+    reference = with_base(sweep("baseline", kl=lambda s: 0.4 * s, learning=lambda s: 3.0 - s,
+                                scales=(0.5, 1.0)))
+    unlearned = with_base(sweep("kl", kl=lambda s: 5.0 * s, learning=lambda s: 3.0 + s, scales=(0.5, 1.0)))
+    kl = metric_of(run(tmp_path, reference, unlearned), "kl")
+    assert kl["verdict"] == "no comparison" and kl["rows"] == []
+    assert kl["summary"].startswith("no comparison: no point learns past the base")
+    # negative control: one point that learns a little is enough to be compared, and found worse
+    barely = with_base(sweep("kl", kl=lambda s: 5.0 * s, learning=lambda s: 3.0 - 0.2 * s, scales=(0.5, 1.0)))
+    assert metric_of(run(tmp_path, reference, barely), "kl")["verdict"] == "worse"
+
+
 def test_without_the_base_value_no_origin_is_invented(tmp_path):
     """Entries that do not say the base's val loss get no base point: the fronts stay apart."""
     reference = sweep("baseline", kl=lambda s: 0.4 * s, learning=lambda s: 1.5 - 0.5 * s, scales=(0.5, 0.75, 1.0))

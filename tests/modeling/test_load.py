@@ -154,18 +154,6 @@ def test_unreachable_hub_id_is_usage_error():
         load_model(ModelSection(name="no-such-org/no-such-model"))
 
 
-def test_4bit_without_gpu_fails_before_loading(monkeypatch, tmp_path):
-    def no_loading(*args, **kwargs):
-        raise AssertionError("loaded something before the 4-bit check")
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for name in ("load_tokenizer", "resolve_model_dir", "tiny_model", "_from_pretrained"):
-        monkeypatch.setattr(models, name, no_loading)
-    for name in (TINY, str(tmp_path / "nowhere")):
-        with pytest.raises(UsageError, match="load_in_4bit needs a CUDA GPU and bitsandbytes"):
-            load_model(ModelSection(name=name, load_in_4bit=True))
-
-
 def test_tokenizer_larger_than_embeddings_is_usage_error(saved_dir):
     path, _ = saved_dir
     tokenizer = tiny_tokenizer()

@@ -159,3 +159,20 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, monk
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("sharded", ["is_fsdp_enabled", "is_deepspeed_enabled"])
+def test_the_probe_is_refused_in_one_line_under_sharded_weights(sharded):
+    """FSDP and DeepSpeed (ZeRO-2 and 3 alike: the trainer does not tell them apart) refuse the probe
+    before it scores anything, in one line naming the key and the way to measure instead; DDP does not."""
+    from types import SimpleNamespace
+
+    from workbench.errors import UsageError
+    from workbench.training.probe import RetentionProbeCallback
+
+    with pytest.raises(UsageError) as refused:
+        RetentionProbeCallback(SimpleNamespace(**{sharded: True}), None, [], "")
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("train.retention_probe: ") and "workbench eval" in message
+    with pytest.raises(AttributeError):  # no refusal: it goes on to read the trainer's tokenizer
+        RetentionProbeCallback(SimpleNamespace(is_fsdp_enabled=False, is_deepspeed_enabled=False), None, [], "")

@@ -12,7 +12,6 @@ from tests.mutants import MUTANTS
 
 from workbench.config.recipe import load_recipe
 from workbench.training.run import build_trainer, train
-from workbench.training.trainer import RegularizedTrainer
 
 FAST = ["train.max_steps=4", "train.eval_steps=2", "data.max_examples=32"]
 # tiny_all (KL-to-base, EWC, delta L2, weight decay) with label smoothing on, and nothing random
@@ -77,7 +76,7 @@ def split(tmp_path_factory):
             with pytest.MonkeyPatch.context() as patch:
                 patch.setenv("WORKBENCH_CACHE", str(root / "cache"))  # the Fisher is estimated once
                 if mutant:
-                    patch.setattr(RegularizedTrainer, *MUTANTS[mutant])
+                    patch.setattr(*MUTANTS[mutant])
                 run_dir = train(recipe, root / f"run{len(done)}")
             done[key] = (load_file(run_dir / "adapter" / "adapter_model.safetensors"),
                          json.loads((run_dir / "run.json").read_text()))

@@ -102,15 +102,33 @@ def compare_metric(reference_fronts: Sequence[Sequence], family_fronts: Sequence
     return rows
 
 
-def _no_levels(c: Comparison, span: tuple[float, float] | None) -> str:
+def _learns(seeds: dict[int, list[pts.Entry]], learning: str, higher: bool) -> bool:
+    """Whether some point of every seed learns more than the base. A family that never does
+    touches the reference only at the base, where both are the base and differ by exactly 0:
+    a verdict there would say 'no different' about a recipe that learned nothing."""
+    def cost(e: pts.Entry) -> float:
+        value = pts.reading(e, learning)[0]
+        return -value if higher else value
+
+    for members in seeds.values():
+        base = [cost(e) for e in members if e.name == "base"]
+        if base and not any(cost(e) < base[0] for e in members if e.name != "base"):
+            return False
+    return True
+
+
+def _no_levels(c: Comparison, span: tuple[float, float] | None, learns: bool = True) -> str:
     """Why a family has no matched level: its seeds, or the reference's, share no learning
-    range, or the two ranges (shown in the learning metric's units) do not overlap."""
+    range, it learns nothing past the base, or the two ranges (shown in the learning metric's
+    units) do not overlap."""
     if span is None or c.reference_span is None:
         who = "its seeds" if span is None else "the reference's seeds"
         return f"no comparison: {who} share no learning range"
     def show(r: tuple[float, float]) -> str:
         return "..".join(f"{x:.4g}" for x in sorted(map(c.units, r)))
 
+    if not learns:
+        return f"no comparison: no point learns past the base (learning {show(span)})"
     return f"no comparison: learning {show(span)} does not meet the reference's {show(c.reference_span)}"
 
 
@@ -153,7 +171,8 @@ def family_comparison(c: Comparison, ref_seeds: dict[int, list[pts.Entry]], name
                       seeds: dict[int, list[pts.Entry]]) -> FamilyComparison:
     """One family against the reference on every forgetting metric of `c`, at matched levels."""
     span = _span(seeds, c.learning, c.learning_higher)
-    both = span is not None and c.reference_span is not None
+    learns = _learns(seeds, c.learning, c.learning_higher)
+    both = span is not None and c.reference_span is not None and learns
     levels = matched_levels(c.reference_span, span, c.n_levels) if both else []
     metrics = []
     for metric, higher in c.forgetting:
@@ -161,5 +180,5 @@ def family_comparison(c: Comparison, ref_seeds: dict[int, list[pts.Entry]], name
                               _fronts(seeds, c.learning, c.learning_higher, metric, higher),
                               levels, c.learning_higher)
         label, text = summarise([r.diff.verdict if r.diff else None for r in rows])
-        metrics.append(MetricComparison(metric, higher, rows, label, text if levels else _no_levels(c, span)))
+        metrics.append(MetricComparison(metric, higher, rows, label, text if levels else _no_levels(c, span, learns)))
     return FamilyComparison(name, sorted(seeds), sum(map(len, seeds.values())), span, levels, metrics)

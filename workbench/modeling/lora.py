@@ -74,10 +74,19 @@ def grouped_factors(model: torch.nn.Module) -> list[FactorGroup]:
 
 def grouped_gram(A: torch.Tensor, B: torch.Tensor, g: torch.Tensor | None = None,
                  a: torch.Tensor | None = None) -> torch.Tensor:
-    """`gram` for a stack of modules: A [G, r, in], B [G, out, r], g [G, out], a [G, in] -> [G]."""
-    B_side = B.transpose(1, 2) @ (B if g is None else g[:, :, None] * B)
-    A_side = (A if a is None else A * a[:, None, :]) @ A.transpose(1, 2)
-    return (B_side * A_side).sum((1, 2))
+    """`gram` for a stack of modules: A [G, r, in], B [G, out, r], g [G, out], a [G, in] -> [G].
+    In fp32 also under bf16 autocast (`without_autocast`)."""
+    with without_autocast(A.device):
+        B_side = B.transpose(1, 2) @ (B if g is None else g[:, :, None] * B)
+        A_side = (A if a is None else A * a[:, None, :]) @ A.transpose(1, 2)
+        return (B_side * A_side).sum((1, 2))
+
+
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision (train.bf16) runs the step under autocast, which would run a penalty's
+    matmuls in bf16 (8 mantissa bits: EWC off by ~0.4% of its value, docs/precision.md); the
+    parameter penalties are fp32 sums of squares, so they run with it off."""
+    return torch.autocast(device.type, enabled=False)
 
 
 @contextlib.contextmanager

@@ -38,9 +38,11 @@ ESTIMATORS = ("kfac_diag", "diag")
 class _Accumulator:
     """Hooks on one base linear layer; sums of the Fisher's factors over examples and tokens."""
 
-    def __init__(self, layer: torch.nn.Linear, estimator: str):
+    def __init__(self, layer: torch.nn.Module, out_f: int, in_f: int, estimator: str):
+        """layer: the base layer (nn.Linear, a bitsandbytes Linear4bit whose packed weight has
+        another shape, or GPT-2's Conv1D, which stores its weight [in, out]); hooks see inputs
+        [B, T, in_f] and outputs [B, T, out_f] for all three."""
         self.estimator, self.inputs, self.token_mask = estimator, None, None
-        out_f, in_f = layer.weight.shape
         if estimator == "diag":
             self.sums = {"diag": torch.zeros(out_f, in_f, dtype=torch.float64)}
         else:
@@ -49,14 +51,15 @@ class _Accumulator:
         self.handle = layer.register_forward_hook(self._forward)
 
     def _forward(self, layer, args, output):
-        self.inputs = args[0].detach().float()  # [B, T, in]
+        # [B, T, in]; OPT's MLP runs on the tokens flattened to [B * T, in], in the same order
+        self.inputs = args[0].detach().float().reshape(*self.token_mask.shape, -1)
         if self.estimator == "kfac_diag":
             a2 = self.inputs.pow(2) * self.token_mask[..., None]
             self.sums["a"] += a2.sum((0, 1)).double().cpu()
         output.register_hook(self._backward)
 
     def _backward(self, grad):  # grad: [B, T, out], per example since the loss sums examples
-        grad = grad.float()
+        grad = grad.float().reshape(*self.token_mask.shape, -1)
         if self.estimator == "diag":
             per_example = torch.einsum("bto,bti->boi", grad, self.inputs)
             self.sums["diag"] += per_example.pow(2).sum(0).double().cpu()
@@ -89,8 +92,8 @@ def estimate_fisher(model: torch.nn.Module, examples: list[dict], collate, estim
     `lora_factors`: '<module>.g'/'<module>.a' (kfac_diag) or '<module>.diag' (diag), fp32."""
     peft_model = unwrap_peft(model)
     modules = dict(peft_model.named_modules())
-    keys = {f.key: modules["base_model.model." + f.key].base_layer for f in lora_factors(peft_model)}
-    accs = {key: _Accumulator(layer, estimator) for key, layer in keys.items()}
+    accs = {f.key: _Accumulator(modules["base_model.model." + f.key].base_layer, f.B.shape[0], f.A.shape[1],
+                                estimator) for f in lora_factors(peft_model)}
     device = next(peft_model.parameters()).device
     n_examples, n_tokens = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
     mine = my_share(examples)

@@ -30,7 +30,8 @@ from workbench.training.reference import topk_reference_for
 from workbench.training.probe import RetentionProbeCallback, probe_chunks
 from workbench.training.regularizers import PENALTIES
 from workbench.training.select import choose, closest, copy_adapter
-from workbench.modeling.lora import lora_factors
+from workbench.modeling.heads import check_head
+from workbench.modeling.lora import as_base, lora_factors
 from workbench.training.trainer import RegularizedTrainer
 
 
@@ -132,7 +133,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_val: bool) -> Train
         save_total_limit=None if t.select else 2,  # selection chooses among every checkpoint
         load_best_model_at_end=t.early_stopping is not None and has_val,
         metric_for_best_model="eval_loss", greater_is_better=False,
-        bf16=recipe.model.dtype == "bfloat16", fp16=recipe.model.dtype == "float16",
+        bf16=t.bf16 or recipe.model.dtype == "bfloat16", fp16=recipe.model.dtype == "float16",
         use_cpu=not torch.cuda.is_available(), report_to=[], remove_unused_columns=False,
         dataloader_num_workers=0, disable_tqdm=False,
         **({"optim": "sgd"} if t.optimizer == "sgd" else {}))  # else the Trainer's default AdamW
@@ -161,6 +162,9 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
                   f"positions, {how}: {reference_meta['path']}")
     penalties = [PENALTIES[name](cfg, **context) for name, cfg in recipe.penalties().items()]
     probe = recipe.train.retention_probe
+    if (kl is not None and kl.reference == "model") or (probe and probe.train_kl and recipe.lora.enabled):
+        with as_base(model) as peft_model:  # the KL reference applies the base's head itself
+            check_head(peft_model.get_base_model(), recipe.model.name)
     chunks = probe_chunks(probe, tokenizer) if probe else None
     if recipe.train.select and recipe.train.select.metric == "eval_loss" and not data.val:
         raise UsageError("train.select.metric eval_loss needs validation data (data.val or data.val_fraction)")

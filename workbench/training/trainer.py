@@ -15,6 +15,7 @@ from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from workbench.data.examples import NOT_MODEL_INPUTS
+from workbench.distributed import gathered
 from workbench.errors import RunFailed, UsageError, WriteFailed
 from workbench.formats.integrity import write_manifest
 from workbench.io import read_json, write_json, writing
@@ -93,6 +94,7 @@ class RegularizedTrainer(Trainer):
             self.add_callback(AfterOptimiserStep(self))
         self.train_kl = train_kl
         self._monitor_steps: list[float] = []  # step_scale of the micro-batches the monitor measured
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]  # parameter penalties read them
         self.head_chunk_size = head_chunk_size
         self.loss_head = loss_head
         why = self._full_head_reason() if loss_head == "fused" else None
@@ -131,8 +133,10 @@ class RegularizedTrainer(Trainer):
             scale = token_scale if penalty.per_token else step_scale
             if penalty.name in measured:  # in the fused loss already
                 value = measured[penalty.name]
-            else:
-                value = penalty.penalty(model, batch, outputs)
+            else:  # in the tuned pass's precision (train.bf16); under ZeRO-3 with the LoRA factors gathered
+                gather = contextlib.nullcontext() if penalty.per_token else gathered(self._trainable)
+                with self.accelerator.autocast(), gather:
+                    value = penalty.penalty(model, batch, outputs)
                 loss = loss + weight * value * scale
             weighted = weight * value
             for name, term in ((penalty.name, value), (f"{penalty.name}_weighted", weighted)):
@@ -188,9 +192,10 @@ class RegularizedTrainer(Trainer):
         else a base forward of the decoder and the KL chunk by chunk. Only on logged steps."""
         if self._monitor_is_penalty():
             return terms["kl_to_base"]
-        hidden, head = reference_hidden(model, batch)
         mask = next_token_mask(batch["labels"])
-        total, count = chunked_kl(outputs["logits"].detach(), hidden, head, mask)
+        with self.accelerator.autocast():
+            hidden, head = reference_hidden(model, batch)
+            total, count = chunked_kl(outputs["logits"].detach(), hidden, head, mask)
         return total / count.clamp(min=1)
 
     def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:

@@ -17,7 +17,7 @@ from workbench.cli import main
 from workbench.config.recipe import load_recipe
 from workbench.errors import UsageError
 from workbench.training.regularizers.kl import KLConfig, KLToBase, next_log_weight
-from workbench.training.trainer import PENALTY_STATE, RegularizedTrainer
+from workbench.training.trainer import PENALTY_STATE
 
 TINY = repo("recipes/tiny.yaml")
 # deterministic between runs: no validation split, no evaluation, no checkpoint unless asked
@@ -142,7 +142,7 @@ def split(tmp_path_factory):
             with pytest.MonkeyPatch.context() as patch:
                 patch.setenv("WORKBENCH_CACHE", str(root / "cache"))
                 if mutant:
-                    patch.setattr(RegularizedTrainer, *MUTANTS[mutant])
+                    patch.setattr(*MUTANTS[mutant])
                 out = run.train(recipe, root / f"run{len(done)}")
             done[key] = (load_file(out / "adapter" / "adapter_model.safetensors"), steps_of(out))
         return done[key]

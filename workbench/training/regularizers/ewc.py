@@ -11,7 +11,7 @@ import torch
 
 from workbench.config.penalties import EWCConfig
 from workbench.training.regularizers.base import Penalty, register
-from workbench.modeling.lora import FactorGroup, grouped_factors, grouped_gram
+from workbench.modeling.lora import FactorGroup, grouped_factors, grouped_gram, without_autocast
 
 
 @register
@@ -45,7 +45,8 @@ class EWC(Penalty):
         for group in grouped_factors(model):
             fisher = self._stacked_fisher(group)
             if len(fisher) == 1:  # the exact diagonal: out x in per module
-                per_module = (fisher[0] * (group.B @ group.A) ** 2).sum((1, 2))
+                with without_autocast(group.A.device):
+                    per_module = (fisher[0] * (group.B @ group.A) ** 2).sum((1, 2))
             else:
                 per_module = grouped_gram(group.A, group.B, *fisher)
             terms.append((group.scale**2 * per_module).sum())

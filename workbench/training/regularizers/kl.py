@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from workbench.config.penalties import KLConfig
 from workbench.training.regularizers.base import Penalty, register
 from workbench.training.regularizers.closed_form import summed_by_chunk
+from workbench.modeling.heads import output_head
 from workbench.modeling.lora import as_base, unwrap_peft
 from workbench.scoring.masks import next_token_mask
 
@@ -113,8 +114,7 @@ def reference_hidden(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor
     with as_base(model) as peft_model:
         base = peft_model.get_base_model()
         hidden = base.get_decoder()(**inputs).last_hidden_state
-    head = base.get_output_embeddings()
-    return hidden, getattr(head, "base_layer", head)  # a LoRA-wrapped head: use its base weights
+    return hidden, output_head(base)  # with the base weights of a LoRA-wrapped head, and any soft cap
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
