@@ -170,13 +170,16 @@ class RegularizedTrainer(Trainer):
         step = self.state.global_step
         named = {"task_loss": (task_term(batch["labels"], self.task_loss, self.args.label_smoothing_factor),
                                per_token)}
-        for penalty in self.penalties:
-            if penalty.per_token:
-                named[penalty.name] = (penalty.token_term(model, batch), penalty.weight(step) * per_token)
-        if monitor and not self._monitor_is_penalty():
-            named[TRAIN_KL] = (exact_term(*reference_hidden(model, batch)), 0.0)  # measured, no gradient
-        loss, totals = fused_loss(outputs["logits"], lm_head(model), mask, [t for t, _ in named.values()],
-                                  [c for _, c in named.values()], self.head_chunk_size)
+        # the base's forward and both heads in the tuned pass's precision (train.bf16), so that at the
+        # base the two sides are the same computation and the KL is exactly 0
+        with self.accelerator.autocast():
+            for penalty in self.penalties:
+                if penalty.per_token:
+                    named[penalty.name] = (penalty.token_term(model, batch), penalty.weight(step) * per_token)
+            if monitor and not self._monitor_is_penalty():
+                named[TRAIN_KL] = (exact_term(*reference_hidden(model, batch)), 0.0)  # measured, no gradient
+            loss, totals = fused_loss(outputs["logits"], lm_head(model), mask, [t for t, _ in named.values()],
+                                      [c for _, c in named.values()], self.head_chunk_size)
         return loss, outputs, dict(zip(named, totals / mask.sum().clamp(min=1)))
 
     def _monitor_is_penalty(self) -> bool:
