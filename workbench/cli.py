@@ -17,8 +17,13 @@ RECIPES_DIR = Path("recipes")
 def _quiet_libraries() -> None:
     """Keep the terminal for our own progress: no telemetry, no per-import advisories. Set
     through the environment, which the libraries read when (and only if) a command imports them."""
+    import logging
     import warnings
 
+    # bitsandbytes looks for an optional CPU kernel through the `kernels` package, which logs a
+    # warning about the hub's trust check on every import when the hub is offline
+    for name in ("kernels", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -27,11 +32,12 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args) -> int:
     from workbench.config.recipe import load_recipe
-    from workbench.training.run import train
     from workbench.tracking.names import enable
+
+    recipe = enable(load_recipe(args.recipe, args.overrides), args.recipe, on=args.wandb)  # before torch loads
+    from workbench.training.run import train
     from workbench.tracking.training import TrainingObserver
 
-    recipe = enable(load_recipe(args.recipe, args.overrides), args.recipe, on=args.wandb)
     output_dir = Path(args.output_dir or recipe.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UsageError(f"{output_dir}: output directory is an existing file")
