@@ -110,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: {machine()}; model {s.model}; load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
     if args.head:
         rows = bench_head(s, args.head)
-        info = {"device": machine(), "preset": args.head, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        device = machine(HEAD_PRESETS[args.head].dtype if args.head in HEAD_PRESETS else DTYPE)
+        info = {"device": device, "preset": args.head, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         rows = [{**r, **info} for r in rows]
-        print(f"\n{datetime.now(timezone.utc):%Y-%m-%d}, {machine()}, head preset {args.head}, "
+        print(f"\n{datetime.now(timezone.utc):%Y-%m-%d}, {device}, head preset {args.head}, "
               f"{(time.perf_counter() - started) / 60:.1f} min\n")
         print_table(rows)
         if args.json:

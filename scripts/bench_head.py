@@ -47,6 +47,7 @@ class HeadSettings:
     repeats: int = 5  # timed rounds per pair (medians)
     warmup: int = 1
     checkpointing: bool = True  # gradient checkpointing, both sides alike
+    dtype: str = DTYPE  # the weights' dtype (bf16 on a GPU, fp32 on a CPU unless a preset says)
 
 
 HEAD_PRESETS = {
@@ -63,6 +64,10 @@ HEAD_PRESETS = {
     # head's share of a step at full size, the decoder's activations 1/8 of it
     "cpu-1b": HeadSettings(models=("llama-1b",), seqs=(2048, 4096), penalty_seqs=(2048, 4096), timed_seqs=(),
                            eval_seq=None, layers=2),
+    # the whole 1B model, all 16 layers, bf16 weights as on a GPU: memory at 2,048 and 4,096 tokens
+    # (plain, KL, EWC), one timed round at 2,048 after the profiled step, the eval at 4,096
+    "cpu-1b-bf16": HeadSettings(models=("llama-1b",), seqs=(2048, 4096), penalty_seqs=(2048, 4096),
+                                timed_seqs=(2048,), eval_seq=4096, repeats=1, warmup=0, dtype="bfloat16"),
     "smoke": HeadSettings(models=("tiny-random-llama",), seqs=(32, 64), penalty_seqs=(64,), timed_seqs=(64,),
                           eval_seq=64, repeats=1, warmup=0),
 }
@@ -72,12 +77,12 @@ def build(name: str, h: HeadSettings, s: Settings):
     """(PEFT model, tokenizer): a named model, or the random 1B Llama with the embedded default's tokenizer."""
     with contextlib.redirect_stderr(io.StringIO()):
         if name == "llama-1b":
-            _, tokenizer = load_model(ModelSection(name="smollm2-135m-instruct", dtype=DTYPE))
+            _, tokenizer = load_model(ModelSection(name="smollm2-135m-instruct", dtype=h.dtype))
             torch.manual_seed(0)
             config = LlamaConfig(**{**LLAMA_1B, **({"num_hidden_layers": h.layers} if h.layers else {})})
-            model = LlamaForCausalLM(config).to(getattr(torch, DTYPE))  # bf16 on a GPU
+            model = LlamaForCausalLM(config).to(getattr(torch, h.dtype))
         else:
-            model, tokenizer = load_model(ModelSection(name=name, dtype=DTYPE))
+            model, tokenizer = load_model(ModelSection(name=name, dtype=h.dtype))
         model = apply_lora(model, LoraSection(r=s.lora_r, alpha=2.0 * s.lora_r), dropout=0.0).to(DEVICE)
     if h.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -195,6 +200,7 @@ def bench_head(s: Settings, preset: str) -> list[dict]:
     rows = []
     for i, name in enumerate(h.models):
         label = name.split("-")[0] if name != "llama-1b" else f"llama-1b-{h.layers}l" if h.layers else name
+        label += "-bf16" if h.dtype == "bfloat16" and DEVICE.type == "cpu" else ""
         model, tokenizer = build(name, h, s)
         last = i == len(h.models) - 1
         for seq in h.seqs:

@@ -184,8 +184,9 @@ def timed(owner, method: str, seconds: list[Seconds]):
         setattr(owner, method, original)
 
 
-def machine() -> str:
+def machine(dtype: str = DTYPE) -> str:
+    precision = "bf16" if dtype == "bfloat16" else "fp32"
     if DEVICE.type == "cuda":
-        return f"{torch.cuda.get_device_name()}, bf16"
-    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU, fp32, " \
+        return f"{torch.cuda.get_device_name()}, {precision}"
+    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU, {precision}, " \
            f"torch threads {torch.get_num_threads()}"

@@ -68,6 +68,7 @@ def test_dotted_overrides_are_typed_and_validated():
     (["regularizers.kl_to_base.direction=sideways"], "regularizers.kl_to_base.direction"),
     (["train.max_steps=0"], "train.max_steps: Input should be greater than or equal to 1"),
     (["lora.enabled=false", "regularizers.kl_to_base.weight=1"], "kl_to_base act on the LoRA adapter"),
+    (["lora.enabled=false", "train.retention_probe.every=5"], "train.retention_probe measures the tuned model"),
     (["regularizers.ewc.weight=5"], "regularizers.ewc needs a Fisher"),
     (["train.loss=dft", "regularizers.label_smoothing=0.1"], "train.loss dft with regularizers.label_smoothing"),
     (["train.loss=focal"], "train.loss: Input should be 'nll' or 'dft'"),

@@ -219,3 +219,44 @@ def test_trainer_fused_head_equals_the_full_logits(case, tmp_path):
     assert logs.keys() == full_logs.keys() and "retention_train_kl" in logs
     for name in logs:
         assert logs[name] == pytest.approx(full_logs[name], rel=TOL, abs=1e-9), name
+
+
+def test_a_loss_scale_above_the_fp16_range_multiplies_the_handed_on_gradients_in_fp32():
+    """fp16 training scales the loss by 65,536 (GradScaler's first scale) before backward. That is
+    above fp16's largest number, so backward must multiply the gradients worked out in forward by
+    the fp32 scale as it is; cast to fp16 first, the scale is inf and every gradient inf or NaN."""
+    from workbench.training.regularizers.closed_form import summed_by_chunk
+    hidden, head, labels, mask, *_ = setup()
+    head, hidden = head.half(), hidden.detach().half().requires_grad_()
+    loss, _ = fused_loss(hidden, head, mask, [task_term(labels)], [1.0 / int(mask.sum())], 4)
+    (unscaled,) = torch.autograd.grad(loss, hidden)
+    loss, _ = fused_loss(hidden, head, mask, [task_term(labels)], [1.0 / int(mask.sum())], 4)
+    (scaled,) = torch.autograd.grad(loss * 65536.0, hidden)
+    assert torch.isfinite(scaled).all() and unscaled.abs().max() > 0
+    torch.testing.assert_close(scaled.float(), unscaled.float() * 65536.0, rtol=1e-3, atol=0)
+    # the full-logits path's closed-form terms (the KL) hand their gradient on the same way
+    logits = torch.randn(5, 7).half().requires_grad_()
+    total = summed_by_chunk(logits, torch.arange(5), 2,
+                            lambda z, start, index: (z.sum() * 1e-3, torch.full_like(z, 1e-3)))
+    (grad,) = torch.autograd.grad(total * 65536.0, logits)
+    torch.testing.assert_close(grad.float(), torch.full((5, 7), 65.536), rtol=1e-3, atol=0)
+
+
+def test_a_multimodal_wrapper_is_headed_as_its_own_forward_heads_it():
+    """Gemma 3's image-text model keeps the soft-cap in its text config but its forward applies
+    none: the head and the pass-through read the wrapper's own config, as its forward does."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    torch.manual_seed(0)
+    config = Gemma3Config(
+        text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.1,
+                         sliding_window=8),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14), mm_tokens_per_image=4)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    ids = torch.randint(0, 250, (2, 7), generator=torch.Generator().manual_seed(0))
+    logits = model(input_ids=ids).logits
+    assert logits.abs().max() > 0.3  # a cap of 0.1 applied anywhere would show
+    with hidden_states_out(model):
+        hidden = model(input_ids=ids).logits
+    torch.testing.assert_close(lm_head(model)(hidden), logits)

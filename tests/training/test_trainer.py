@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,3 +85,24 @@ def test_a_non_finite_term_stops_before_backward_naming_it(tmp_path):
     with pytest.raises(RunFailed, match=r"diverged at step 1: non-finite delta_l2=inf, delta_l2_weighted=inf"):
         trainer.compute_loss(model, make_batch())
     assert not trainer._terms  # nothing half-logged
+
+
+def test_fp16_trains_on_the_full_logits(tmp_path):
+    """The fused head works its gradients out in forward, before fp16's loss scale is applied:
+    unscaled, they would round to 0 in fp16. So fp16 runs take the full-logits path."""
+    assert trainer_for(make_peft(), tmp_path).loss_head == "fused"
+    trainer = trainer_for(make_peft(), tmp_path, fp16=True)
+    assert trainer.loss_head == "full" and "fp16" in trainer._full_head_reason()
+
+
+def test_a_non_finite_gradient_is_refused_unless_a_loss_scaler_will_skip_the_step(tmp_path):
+    from workbench.errors import RunFailed
+    model = make_peft()
+    trainer = trainer_for(model, tmp_path)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.full_like(p, float("inf"))
+    with pytest.raises(RunFailed, match="non-finite gradient"):
+        trainer._get_grad_norm(model)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")  # fp16: an overflow skips the step, lowers the scale
+    assert math.isinf(float(trainer._get_grad_norm(model)))

@@ -256,6 +256,9 @@ class Recipe(Section):
         if needs_lora and not self.lora.enabled:
             raise ValueError(f"regularizers {', '.join(needs_lora)} act on the LoRA adapter, "
                              "but lora.enabled is false")
+        if self.train.retention_probe is not None and not self.lora.enabled:
+            raise ValueError("train.retention_probe measures the tuned model against the base as the adapter "
+                             "switched off, but lora.enabled is false")
         if self.train.loss == "dft" and self.regularizers.label_smoothing:
             raise ValueError("train.loss dft with regularizers.label_smoothing: DFT weights the one observed "
                              "token by its probability, and smoothing's uniform target has no observed token "

@@ -77,8 +77,9 @@ class _FusedHead(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss):
         grads, ctx.grads = ctx.grads, None  # handed on, not copied: backward runs once
-        return (None if grads[0] is None else grads[0].mul_(grad_loss.to(grads[0].dtype)), None,
-                *(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads[1:]))
+        # times the fp32 scalar as it is: a loss scale cast to fp16 first (65,536) would be inf
+        return (None if grads[0] is None else grads[0].mul_(grad_loss), None,
+                *(None if g is None else g.mul_(grad_loss) for g in grads[1:]))
 
 
 def fused_loss(hidden: torch.Tensor, head: Head, mask: torch.Tensor, terms: Sequence[TokenTerm],

@@ -107,6 +107,8 @@ class RegularizedTrainer(Trainer):
         """Why the fused head cannot run here, or None."""
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return "FSDP/DeepSpeed hold the LM head sharded, whole only inside the wrapped forward"
+        if self.args.fp16:
+            return "fp16 scales the loss only in backward, after the fused head has rounded its gradients to fp16"
         no_chunks = [p.name for p in self.penalties if p.per_token and type(p).token_term is Penalty.token_term]
         if no_chunks:
             return f"{', '.join(no_chunks)} has no per-chunk form (Penalty.token_term)"
@@ -211,8 +213,11 @@ class RegularizedTrainer(Trainer):
                             f"no update was made, the last good checkpoint is in {self.args.output_dir}")
 
     def _get_grad_norm(self, model, grad_norm=None):
-        """The parent's gradient norm, refused when non-finite before the optimiser applies it."""
+        """The parent's gradient norm, refused when non-finite before the optimiser applies it
+        (unless a loss scaler is there to skip that step)."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
+        if self.accelerator.scaler is not None:  # fp16: the scaler skips an overflowed step and lowers its scale
+            return grad_norm
         if grad_norm is not None and not math.isfinite(float(grad_norm)):
             raise RunFailed(f"training diverged at step {self.state.global_step + 1}: non-finite gradient "
                             f"(norm {float(grad_norm):g}) although every loss term was finite; no update "

@@ -26,7 +26,8 @@ class _HandedOnGradient(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_total):
         grad, ctx.grad = ctx.grad, None  # handed on, not copied: backward runs once
-        return grad.mul_(grad_total.to(grad.dtype)).view(ctx.shape), None, None
+        # times the fp32 scalar as it is: a loss scale cast to fp16 first (65,536) would be inf
+        return grad.mul_(grad_total).view(ctx.shape), None, None
 
 
 def summed_by_chunk(logits: torch.Tensor, positions: torch.Tensor, chunk_size: int,
