@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from workbench.config.suggest import did_you_mean
+from workbench.data import vendored
 from workbench.data.bigbench import bigbench_generative
 from workbench.errors import UsageError, first_line
 
@@ -45,8 +46,13 @@ def _tiny_reverse(n: int = 256) -> list[dict]:
     return [{"prompt": f"Reverse: {w}\nAnswer: ", "completion": w[::-1]} for w in words]
 
 
-BUILTINS: dict[str, Callable[[], list[dict]]] = {"pydoc": _pydoc, "pydoc_heldout": _pydoc_heldout,
-                                                  "tiny_reverse": _tiny_reverse}
+# The study's vendored sets (workbench/data/vendored.py): targets with a disjoint test part, and
+# Factbook prose with a held-out part, as pydoc's.
+BUILTINS: dict[str, Callable[[], list[dict]]] = {
+    "pydoc": _pydoc, "pydoc_heldout": _pydoc_heldout, "tiny_reverse": _tiny_reverse,
+    "gsm8k": lambda: vendored.gsm8k("train"), "gsm8k_test": lambda: vendored.gsm8k("test"),
+    "nq_open": lambda: vendored.nq_open("train"), "nq_open_test": lambda: vendored.nq_open("test"),
+    "factbook": lambda: vendored.factbook(held_out=False), "factbook_heldout": lambda: vendored.factbook(held_out=True)}
 
 
 def _builtin(name: str) -> list[dict]:
