@@ -33,12 +33,15 @@ from workbench.evals.evaluate import ADAPTER_FILES, Session, open_session
 from workbench.gate import OK_STATUSES, Check, Policy, check, load_policy
 from workbench.formats.integrity import write_manifest
 from workbench.io import write_json, writing
+from workbench.modeling.lora import scaled_magnitudes
 
 SCHEMA_VERSION = 1
 KIND = "workbench.calibration"
 # LoRA's B factors (and a B bias, with lora_bias): PEFT multiplies each by `scaling` at run time,
-# so B * s in the file is the adapter at scale s, whatever its alpha, rank pattern or DoRA.
+# so B * s in the file is the adapter at scale s, whatever its alpha or rank pattern. DoRA's
+# magnitudes are replaced by their values at s (`modeling.lora.adapter_scale`).
 B_KEY = re.compile(r"\.lora_(embedding_)?B(\.|$)")
+MAGNITUDE = ".lora_magnitude_vector"
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab*",
                    "merges.txt")
 
@@ -95,9 +98,10 @@ def _score(session: Session, policy: Policy, scale: float) -> Step:
     return Step(scale, checks, entry)
 
 
-def fold_scale(source: Path, target: Path, scale: float) -> int:
-    """Copy the PEFT adapter `source` into `target` with `scale` folded into its B tensors, plus
-    its config and tokenizer files; returns how many tensors were scaled."""
+def fold_scale(source: Path, target: Path, scale: float, magnitudes: dict | None = None) -> int:
+    """Copy the PEFT adapter `source` into `target` with `scale` folded into its B tensors (and,
+    for DoRA, its magnitudes replaced by `magnitudes`, `lora.scaled_magnitudes`), plus its config
+    and tokenizer files; returns how many B tensors were scaled."""
     with safe_open(str(source / ADAPTER_FILES[1]), "pt") as f:
         metadata = f.metadata() or {"format": "pt"}
         tensors = {key: f.get_tensor(key) for key in f.keys()}
@@ -106,6 +110,10 @@ def fold_scale(source: Path, target: Path, scale: float) -> int:
         raise UsageError(f"{source / ADAPTER_FILES[1]}: no LoRA B tensor to scale")
     for key in scaled:
         tensors[key] = tensors[key] * scale
+    for key in [key for key in tensors if key.endswith(MAGNITUDE)]:  # DoRA: m_t, from the base's norms
+        if key not in (magnitudes or {}):
+            raise UsageError(f"{source / ADAPTER_FILES[1]}: {key}: a DoRA magnitude needs the base's weights to scale")
+        tensors[key] = magnitudes[key].to(tensors[key].dtype)
     save_file(tensors, str(target / ADAPTER_FILES[1]), metadata=metadata)
     shutil.copy2(source / ADAPTER_FILES[0], target / ADAPTER_FILES[0])
     for pattern in TOKENIZER_FILES:
@@ -183,13 +191,16 @@ def run_calibrate(suite_path: str | Path, policy_path: str | Path, out: str | Pa
         raise RunFailed(_no_scale_passes(policy, steps))
     step = next(s for s in steps if s.scale == chosen)
     if is_main_process():
+        session.evaluator.peft.set_adapter("a0")
         write_outputs(out, session.specs[0].path, chosen, session.results([step.entry]),
-                      _record(session, policy, tolerance, steps, chosen))
+                      _record(session, policy, tolerance, steps, chosen),
+                      scaled_magnitudes(session.evaluator.peft, chosen))
         print(f"calibrate: scale {chosen:g} passes gate {policy.name}; adapter: {out}")
     return 0
 
 
-def write_outputs(out: Path, source: Path, scale: float, results: dict, record: dict) -> None:
+def write_outputs(out: Path, source: Path, scale: float, results: dict, record: dict,
+                  magnitudes: dict | None = None) -> None:
     """The scaled adapter, results.json and calibration.json, staged in a temporary sibling of
     `out` and renamed onto it: `out` appears complete or not at all."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +208,7 @@ def write_outputs(out: Path, source: Path, scale: float, results: dict, record: 
             tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         staged = Path(tmp) / "out"
         staged.mkdir()
-        fold_scale(source, staged, scale)
+        fold_scale(source, staged, scale, magnitudes)
         write_manifest(staged)  # the adapter's files, sealed as training seals its adapter
         write_json(staged / "results.json", results)
         write_json(staged / "calibration.json", record)

@@ -30,6 +30,18 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices inside libraries
 
 
+def _close_progress_bars() -> None:
+    """Close every progress bar still open (innermost first), so that a line printed after an
+    error starts a line of its own: a bar left open by an exception ends without a newline, and
+    the error would be glued to it in a log file (`...it/s][Afailed: ...`)."""
+    std = sys.modules.get("tqdm.std")  # only when a command drew bars: tqdm is never imported for this
+    if std is None:
+        return
+    for bar in sorted(list(std.tqdm._instances), key=lambda b: -(getattr(b, "pos", 0) or 0)):
+        bar.leave = True  # end the bar's line with a newline rather than erase it in place
+        bar.close()
+
+
 def cmd_train(args) -> int:
     from workbench.config.recipe import load_recipe
     from workbench.tracking.names import enable
@@ -295,28 +307,36 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
         shutdown_distributed()
         return code
-    except UsageError as exc:
-        if args.debug:
-            traceback.print_exc()
+    except BaseException as exc:
+        _close_progress_bars()
+        code = _stopped_short(exc, args.debug)
+        if code is None:
+            raise
+        return code
+
+
+def _stopped_short(exc: BaseException, debug: bool) -> int | None:
+    """Print the one line a command ends with when it stops short; its exit code (None: not ours
+    to handle, such as SystemExit)."""
+    if debug and not isinstance(exc, (Interrupted, KeyboardInterrupt)):
+        traceback.print_exception(exc)
+    if isinstance(exc, UsageError):
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except RunFailed as exc:
-        if args.debug:
-            traceback.print_exc()
+    if isinstance(exc, RunFailed):
         print(f"failed: {exc}", file=sys.stderr)
         return 1
-    except Interrupted as exc:
+    if isinstance(exc, Interrupted):
         print(f"interrupted: {exc}", file=sys.stderr)
         return 128 + exc.signum
-    except KeyboardInterrupt:
+    if isinstance(exc, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a fault the workbench does not know: one line, the traceback on request
-        if args.debug:
-            traceback.print_exc()
+    if isinstance(exc, Exception):  # a fault the workbench does not know: one line, the traceback on request
         print(f"failed: unexpected {type(exc).__name__}: {first_line(exc)} (run again with --debug for the "
               "traceback)", file=sys.stderr)
         return 1
+    return None
 
 
 if __name__ == "__main__":

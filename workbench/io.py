@@ -36,17 +36,22 @@ def write_cause(exc: BaseException, where: str | os.PathLike | None = None) -> s
     """What made a write fail, in a few words, or None when `exc` is not a failed write.
 
     Python and safetensors raise OSError (safetensors' Rust error says "os error 28"); torch's
-    C++ writer raises RuntimeError "PytorchStreamWriter failed writing file ..." without the
-    errno, so for it an empty disk under `where` is checked to say "no space left on device".
+    C++ writer raises RuntimeError without the errno: "PytorchStreamWriter failed writing file
+    ...", or, on a disk that fills while it writes, "[enforce fail at inline_container.cc:672] .
+    unexpected pos 576 vs 534" (its zip writer finds fewer bytes written than it sent). For it an
+    empty disk under `where` is checked to say "no space left on device".
     """
     if isinstance(exc, OSError):
         return (exc.strerror or first_line(exc)).lower()
     text = str(exc)
     if "os error" in text:  # safetensors: "... No space left on device (os error 28)"
         return first_line(exc).rsplit(": ", 1)[-1].split(" (os error")[0].lower()
-    if isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in text or "file write failed" in text):
+    if isinstance(exc, RuntimeError) and any(m in text for m in _TORCH_WRITER):
         return _no_space(where) or "the torch writer failed"
     return None
+
+
+_TORCH_WRITER = ("PytorchStreamWriter", "file write failed", "inline_container.cc")
 
 
 def _no_space(where) -> str | None:

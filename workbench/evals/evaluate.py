@@ -28,7 +28,7 @@ from workbench.modeling.load import load_model, load_tokenizer, model_fingerprin
 from workbench.config.recipe import ModelSection, Recipe, describe_error
 from workbench.formats.integrity import check_folder
 from workbench.formats.run_record import RunRecord, describe_state, read_run, run_path, versions
-from workbench.modeling.lora import gram, lora_factors
+from workbench.modeling.lora import check_adapter_fits, scaled_delta_norm
 from workbench.scoring.base_cache import BaseCache
 from workbench.formats.results import KIND, SCHEMA_VERSION
 from workbench.evals.runner import Entry, EvalData, Evaluator, TargetData
@@ -229,6 +229,8 @@ def load_adapters(model, specs: list[AdapterSpec]):
     peft_model = None
     for i, spec in enumerate(specs):
         name = f"a{i}"
+        check_adapter_fits(model if peft_model is None else peft_model.get_base_model(),
+                           spec.path / "adapter_model.safetensors")
         if peft_model is None:
             peft_model = PeftModel.from_pretrained(model, str(spec.path), adapter_name=name)
         else:
@@ -248,12 +250,10 @@ def _check_loaded(peft_model, name: str, path: Path) -> None:
                          "the adapter does not fit this base")
 
 
-def delta_norm(peft_model, name: str) -> float:
-    """Frobenius norm of the adapter's whole weight delta, sum over modules of ||scale B A||^2."""
+def delta_norm(peft_model, name: str, scale: float = 1.0) -> float:
+    """Frobenius norm of adapter `name`'s whole weight change at `scale` (`lora.scaled_delta_norm`)."""
     peft_model.set_adapter(name)
-    with torch.no_grad():
-        total = sum(float(gram(f.A.double(), f.B.double())) * f.scale ** 2 for f in lora_factors(peft_model))
-    return total ** 0.5
+    return scaled_delta_norm(peft_model, scale)
 
 
 # --- the command ----------------------------------------------------------------------------
@@ -274,15 +274,15 @@ class Session:
     evaluator: Evaluator
     shared: EvalData
     targets: dict[str, TargetData | None]
-    norms: dict[int, float] = field(default_factory=dict)
+    norms: dict[tuple[int, float], float] = field(default_factory=dict)
 
     def entry(self, i: int, scale: float = 1.0, light: bool = False) -> dict:
         """The results entry of adapter i at `scale`, scored on the loaded model."""
         spec = self.specs[i]
-        if i not in self.norms:
-            self.norms[i] = delta_norm(self.evaluator.peft, f"a{i}")
+        if (i, scale) not in self.norms:
+            self.norms[i, scale] = delta_norm(self.evaluator.peft, f"a{i}", scale)
         return _evaluate_entry(self.evaluator, Entry(_entry_name(spec, scale), f"a{i}", scale, light),
-                               spec, self.norms[i], self.shared, self.targets[spec.name])
+                               spec, self.norms[i, scale], self.shared, self.targets[spec.name])
 
     def results(self, entries: list[dict]) -> dict:
         """The results.json payload (docs/results.md) for these entries."""
@@ -369,7 +369,7 @@ def _evaluate_entry(evaluator: Evaluator, entry: Entry, spec: AdapterSpec, norm:
     scale = entry.scale
     return {"name": entry.name, "adapter": str(spec.path), "run": str(spec.run_dir) if spec.run_dir else None,
             "family": spec.family, "seed": spec.recipe.train.seed if spec.recipe else None, "step": spec.step,
-            "scale": scale, "light": entry.light, "changes_model": norm * scale > 0.0, "delta_norm": norm * scale,
+            "scale": scale, "light": entry.light, "changes_model": norm > 0.0, "delta_norm": norm,
             "metrics": metrics, "curves": curves}
 
 

@@ -32,14 +32,25 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: str | Path) -> Path:
-    """Size and sha256 of every file in `folder` (not sub-folders), written atomically."""
+def write_manifest(folder: str | Path, run: str | None = None) -> Path:
+    """Size and sha256 of every file in `folder` (not sub-folders), written atomically; `run`, the
+    fingerprint of the run that wrote a checkpoint, marks whose it is (`manifest_run`)."""
     folder = Path(folder)
     files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
     path = folder / MANIFEST
-    write_json(path, {"files": files})
+    write_json(path, {"files": files, **({"run": run} if run else {})})
     return path
+
+
+def manifest_run(folder: str | Path) -> str | None:
+    """The run fingerprint a folder's manifest records, None when it records none (or has no
+    manifest). Read after `check_folder` has passed, so the manifest parses."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    data = read_json(path, "manifest")
+    return data.get("run") if isinstance(data, dict) else None
 
 
 def check_folder(folder: str | Path) -> tuple[str, str] | None:
@@ -71,6 +82,8 @@ def _check_by_format(folder: Path) -> tuple[str, str] | None:
             problem = check_torch_file(path)
         elif path.suffix == ".safetensors":
             problem = check_safetensors_file(path)
+        elif path.suffix == ".json":  # configs and tokenizer.json: a cut file no longer parses
+            problem = check_json_file(path)
         if problem:
             return path.name, problem
     return None
@@ -84,6 +97,15 @@ def check_torch_file(path: Path) -> str | None:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         return f"not a complete torch file ({first_line(exc)})"
     return f"entry {bad} fails its CRC-32 (damaged)" if bad else None
+
+
+def check_json_file(path: Path) -> str | None:
+    """None when the file is UTF-8 JSON, else what is wrong (a cut, zeroed or flipped file)."""
+    try:
+        read_json(path)
+    except UsageError as exc:
+        return str(exc).removeprefix(f"{path}: ")
+    return None
 
 
 def check_safetensors_file(path: Path) -> str | None:

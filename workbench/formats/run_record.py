@@ -23,7 +23,7 @@ from typing import Any, Iterator, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from workbench.errors import UsageError, first_line
-from workbench.io import read_json, write_json
+from workbench.io import fingerprint, read_json, write_json, writing
 
 SCHEMA_VERSION = 1
 FILENAME = "run.json"
@@ -79,12 +79,32 @@ class RunRecord(BaseModel):
     def name(self) -> str:
         return str(self.recipe.get("name", ""))
 
+    @property
+    def identity(self) -> str:
+        """The run's fingerprint: its resolved recipe and its base. Every checkpoint's manifest
+        records it, so a run directory's checkpoints are known to be this run's before one loads."""
+        return run_identity(self.recipe, self.model_fingerprint)
+
     def write(self, run_dir: str | Path) -> Path:
         """Atomically; keys that only a finished, resumed or tracked run has are left out until set."""
         path = Path(run_dir) / FILENAME
         data = self.model_dump(mode="json")
         write_json(path, {k: v for k, v in data.items() if not (v is None and k in _UNTIL_SET)})
         return path
+
+
+# Sections that say where a run reports, not what it trains: changing them is the same run.
+NOT_IDENTITY = ("wandb",)
+
+
+def run_identity(recipe: dict[str, Any], model_fingerprint: str | None) -> str:
+    """16 hex chars naming what a run trains: the resolved recipe (less NOT_IDENTITY) and the base."""
+    return fingerprint({k: v for k, v in recipe.items() if k not in NOT_IDENTITY}, model_fingerprint)
+
+
+def recipe_changes(started: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The recipe sections that differ between two resolved recipes, less NOT_IDENTITY."""
+    return [key for key in sorted((set(started) | set(now)) - set(NOT_IDENTITY)) if started.get(key) != now.get(key)]
 
 
 def run_path(path: str | Path) -> Path:
@@ -118,8 +138,9 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
     run. A second writer is refused with one line naming the holder."""
     path = Path(run_dir) / LOCK
     created = not path.parent.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")
+    with writing(path, "nothing was written"):  # a read-only or full directory: one line, not a traceback
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

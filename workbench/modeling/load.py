@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import shutil
 import sys
@@ -34,7 +35,7 @@ from workbench.formats.integrity import check_folder, write_manifest
 from workbench.assets import embedded
 from workbench.assets.embedded import download_gguf
 from workbench.assets.fetch import file_lock
-from workbench.errors import UsageError
+from workbench.errors import UsageError, first_line
 from workbench.io import cache_dir, fingerprint
 from workbench.config.recipe import LoraSection, ModelSection
 from workbench.modeling.lora_init import Batches, initialised_lora
@@ -66,6 +67,9 @@ def resolve_model_dir(name: str) -> Path | None:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UsageError(f"model '{name}': directory {path} has no config.json")
+        damaged = damage(path)  # before the tokenizer loads: a cut tokenizer.json is named, not parsed
+        if damaged:
+            raise UsageError(f"{path / damaged[0]}: {damaged[1]}; download or convert the model again")
         return path
     if _looks_like_path(name) or path.exists():
         raise UsageError(f"model '{name}': directory {path.absolute()} not found")
@@ -89,14 +93,19 @@ def tiny_architecture(name: str) -> str | None:
 
 
 def ensure_embedded_default() -> Path:
-    """The cache directory holding the embedded default as safetensors; converts it on first use."""
+    """The cache directory holding the embedded default as safetensors; converts it on first use,
+    and again when a file of it is damaged (its manifest's sizes and sha256s no longer match)."""
     target = cache_dir() / "models" / EMBEDDED_DEFAULT
-    if (target / "config.json").is_file():
+    if (target / "config.json").is_file() and damage(target) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(target.parent / f".{EMBEDDED_DEFAULT}.lock"):
-        if (target / "config.json").is_file():  # another process converted it while we waited
-            return target
+        if (target / "config.json").is_file():  # converted by another process while we waited, or damaged
+            damaged = damage(target)
+            if damaged is None:
+                return target
+            print(f"model: {target / damaged[0]}: {damaged[1]}; converting the model again", file=sys.stderr,
+                  flush=True)
         _remove_leftovers(target)
         print(f"converting the embedded default (once) into {target} ...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix=f".{EMBEDDED_DEFAULT}.", dir=target.parent) as tmp:
@@ -104,6 +113,23 @@ def ensure_embedded_default() -> Path:
             _convert_gguf(download_gguf(Path(tmp) / "download"), staged)
             os.replace(staged, target)  # the cache appears complete or not at all
     return target
+
+
+_WHOLE: set[tuple] = set()  # folders found whole in this process, keyed by their files' sizes and mtimes
+
+
+def damage(folder: Path) -> tuple[str, str] | None:
+    """`check_folder` (the manifest's sha256s: about 1 s for the default's 540 MB), once per
+    process for folders whose files have not changed since: the embedded default is checked when
+    its name resolves and again when it loads."""
+    key = (str(folder.resolve()), *sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                          for p in folder.iterdir() if p.is_file()))
+    if key in _WHOLE:
+        return None
+    problem = check_folder(folder)
+    if problem is None:
+        _WHOLE.add(key)
+    return problem
 
 
 def _remove_leftovers(target: Path) -> None:
@@ -196,7 +222,7 @@ def _require_4bit() -> None:
 def _load_pretrained(section: ModelSection, local: Path | None) -> PreTrainedModel:
     """from_pretrained with the section's dtype and, for 4-bit, the bitsandbytes config."""
     kwargs: dict[str, Any] = {"dtype": _dtype(section.dtype)}
-    damaged = check_folder(local) if local is not None else None
+    damaged = damage(local) if local is not None else None
     if damaged:
         raise UsageError(f"{local / damaged[0]}: {damaged[1]}; download or convert the model again")
     if local is not None and any(local.glob("*.safetensors")):
@@ -234,12 +260,32 @@ def _from_pretrained(cls: Any, section: ModelSection, local: Path | None, **kwar
         kwargs["revision"] = section.revision  # a local dir has no revisions
     try:
         return cls.from_pretrained(source, trust_remote_code=section.trust_remote_code, **kwargs)
+    except ValueError as exc:
+        if "contains custom code" in str(exc):  # transformers' own refusal, worded for its own API
+            raise UsageError(f"model '{section.name}': its config names Python code of its own to build the model "
+                             f"({_custom_code(local)}); set model.trust_remote_code=true to allow it, which runs "
+                             "that code on this machine") from None
+        if local is None:
+            raise
+        raise UsageError(f"model '{section.name}': cannot load {local} ({type(exc).__name__}: {first_line(exc)})") from exc
     except (OSError, HFValidationError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if local is not None:
             raise UsageError(f"model '{section.name}': cannot load {local} ({detail})") from exc
         raise UsageError(f"model '{section.name}': not a local directory and not reachable on the hub "
                          f"({detail})") from exc
+
+
+def _custom_code(local: Path | None) -> str:
+    """The modules a config's `auto_map` names, as files, or where they would come from."""
+    if local is None:
+        return "from the hub repository"
+    try:
+        auto_map = json.loads((local / "config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError):
+        auto_map = {}
+    files = sorted({f"{ref.split('--')[-1].rsplit('.', 1)[0]}.py" for ref in auto_map.values() if isinstance(ref, str)})
+    return f"{', '.join(files)} in {local}" if files else f"in {local}"
 
 
 def _dtype(name: str) -> torch.dtype:

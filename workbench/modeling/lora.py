@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import defaultdict
+from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+
+from workbench.errors import UsageError
 
 BASE_PREFIX = "base_model.model."
 
@@ -40,6 +44,35 @@ def lora_factors(model: torch.nn.Module) -> Iterator[LoraFactors]:
             key = name.removeprefix(BASE_PREFIX)
             yield LoraFactors(key, module.lora_A[adapter].weight, module.lora_B[adapter].weight,
                               module.scaling[adapter])
+
+
+_FACTOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def check_adapter_fits(base: torch.nn.Module, adapter_file: str | Path) -> None:
+    """A UsageError naming the adapter file, the first module and both shapes when a LoRA factor
+    in the file does not fit the base's layer (A: [r, in features], B: [out features, r]).
+
+    PEFT would stop on it with torch's "Error(s) in loading state_dict" that names neither the
+    file nor what the adapter expected; the header's shapes are read without loading the tensors."""
+    from safetensors import safe_open
+
+    modules = dict(base.named_modules())
+    with safe_open(str(adapter_file), "pt") as handle:
+        for key in handle.keys():
+            match = _FACTOR.match(key)
+            layer = modules.get(match["module"]) if match else None
+            if layer is None or not hasattr(layer, "in_features"):
+                continue  # embeddings and modules the base lacks: PEFT's own check and _check_loaded
+            shape = list(handle.get_slice(key).get_shape())
+            side_in = match["side"] == "A"
+            want, have = (shape[-1], layer.in_features) if side_in else (shape[0], layer.out_features)
+            if want != have:
+                raise UsageError(
+                    f"{adapter_file}: does not fit this base model: {match['module']}.lora_{match['side']} is "
+                    f"{shape}, for a layer of {want} {'inputs' if side_in else 'outputs'}, but the base's "
+                    f"{match['module']} is [{layer.out_features}, {layer.in_features}] (out, in): the adapter "
+                    "was trained on another base")
 
 
 def gram(A: torch.Tensor, B: torch.Tensor, g: torch.Tensor | None = None,
@@ -106,15 +139,89 @@ def as_base(model: torch.nn.Module, grad: bool = False) -> Iterator[PeftModel]:
 
 @contextlib.contextmanager
 def adapter_scale(model: torch.nn.Module, factor: float) -> Iterator[None]:
-    """Temporarily multiply every active LoRA delta by `factor` (0 = base, 1 = tuned)."""
+    """Temporarily scale the active adapter toward the base: 0 = base, 1 = tuned.
+
+    LoRA: W + t * s * B @ A, t of the weight change. DoRA (`use_dora`) computes its weight as
+    m * V / ||V|| with V = W + s * B @ A (norms per output row), which at s = 0 is m * W / ||W||,
+    not W: scaling s alone leaves the trained magnitude m on the base (on the tiny model, scale 0
+    differed from the base by 0.87 against a full change of 1.10). So the magnitude moves too,
+    from the base's row norms to the trained ones: m_t = ||W|| + t * (m - ||W||). t = 0 is the
+    base exactly, t = 1 the adapter; in between, DoRA's path is not the straight line in weight
+    space (docs/evals.md, "Adapter scales")."""
     peft_model = unwrap_peft(model)
     adapter = peft_model.active_adapter
     layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and adapter in m.scaling]
     saved = [m.scaling[adapter] for m in layers]
-    for module, scale in zip(layers, saved):
-        module.scaling[adapter] = scale * factor
+    magnitudes = [(m.lora_magnitude_vector[adapter].weight, base_row_norms(m, adapter)) for m in layers
+                  if factor != 1.0 and adapter in getattr(m, "lora_magnitude_vector", {})]
+    trained = [weight.detach().clone() for weight, _ in magnitudes]
+    with torch.no_grad():
+        for module, scale in zip(layers, saved):
+            module.scaling[adapter] = scale * factor
+        for (weight, base), m in zip(magnitudes, trained):
+            weight.copy_(base + factor * (m - base))
     try:
         yield
     finally:
-        for module, scale in zip(layers, saved):
-            module.scaling[adapter] = scale
+        with torch.no_grad():
+            for module, scale in zip(layers, saved):
+                module.scaling[adapter] = scale
+            for (weight, _), m in zip(magnitudes, trained):
+                weight.copy_(m)
+
+
+def base_row_norms(layer: LoraLayer, adapter: str) -> torch.Tensor:
+    """The magnitude DoRA's weight has with the adapter off: the base weight's norm per output
+    row, by PEFT's own `get_weight_norm` (with a zero low-rank term) over the dequantised weight."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+    from peft.utils.integrations import dequantize_module_weight
+
+    dora = layer.lora_magnitude_vector[adapter]
+    if type(dora) is not DoraLinearLayer:  # PEFT's embedding and conv variants subclass it
+        raise UsageError(f"DoRA on a {type(layer.get_base_layer()).__name__} layer ({type(dora).__name__}): its "
+                         "adapter scales are not supported (linear layers only)")
+    weight = dequantize_module_weight(layer.get_base_layer())
+    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+    return dora.get_weight_norm(weight, zero, 0.0).to(dora.weight.dtype)
+
+
+def scaled_delta_norm(model: torch.nn.Module, factor: float = 1.0) -> float:
+    """Frobenius norm of the active adapter's whole weight change at scale `factor` (in float64):
+    ||t * s * B @ A|| for LoRA (an r-by-r contraction), and for DoRA the change of its materialised
+    weight m_t * V / ||V|| (`adapter_scale`), which is not linear in t."""
+    peft_model = unwrap_peft(model)
+    adapter, total = peft_model.active_adapter, 0.0
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
+                continue
+            A = module.lora_A[adapter].weight.double()
+            B = module.lora_B[adapter].weight.double()
+            scale = module.scaling[adapter] * factor
+            if adapter not in getattr(module, "lora_magnitude_vector", {}):
+                total += float(gram(A, B)) * scale ** 2
+                continue
+            from peft.utils.integrations import dequantize_module_weight
+            from peft.utils.other import transpose
+
+            base = transpose(dequantize_module_weight(module.get_base_layer()), module.fan_in_fan_out).double()
+            m = module.lora_magnitude_vector[adapter].weight.double()
+            m0 = base_row_norms(module, adapter).double()
+            direction = base + scale * (B @ A)
+            weight = ((m0 + factor * (m - m0)) / direction.norm(dim=1))[:, None] * direction
+            total += float(((weight - base) ** 2).sum())
+    return total ** 0.5
+
+
+def scaled_magnitudes(model: torch.nn.Module, factor: float) -> dict[str, torch.Tensor]:
+    """The DoRA magnitudes of the active adapter at scale `factor` (`adapter_scale`), keyed as
+    PEFT saves them (`base_model.model.<module>.lora_magnitude_vector`): what a scaled adapter
+    file holds in place of the trained ones. Empty for plain LoRA."""
+    peft_model = unwrap_peft(model)
+    adapter, out = peft_model.active_adapter, {}
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if isinstance(module, LoraLayer) and adapter in getattr(module, "lora_magnitude_vector", {}):
+                m, m0 = module.lora_magnitude_vector[adapter].weight, base_row_norms(module, adapter)
+                out[f"{name}.lora_magnitude_vector"] = (m0 + factor * (m - m0)).detach().cpu().contiguous()
+    return out

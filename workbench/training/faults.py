@@ -17,15 +17,17 @@ from typing import Iterator
 
 from workbench.distributed import is_main_process, world_size
 from workbench.errors import Interrupted, RunFailed, UsageError, WriteFailed, first_line
-from workbench.formats.integrity import check_folder
-from workbench.formats.run_record import run_lock, settle
+from workbench.formats.integrity import MANIFEST, check_folder, manifest_run
+from workbench.formats.run_record import read_run, run_lock, settle
 from workbench.io import read_json
 
 STATE = "trainer_state.json"
 
 
-def check_checkpoint(folder: Path) -> str | None:
-    """None when the checkpoint loads, else why not."""
+def check_checkpoint(folder: Path, identity: str | None = None) -> str | None:
+    """None when the checkpoint loads, else why not. With `identity` (the run fingerprint,
+    `RunRecord.identity`), a checkpoint whose manifest names another run, or none, does not load:
+    its optimizer and adapter would continue someone else's training, or fail on their shapes."""
     try:
         state = read_json(folder / STATE, STATE)
     except UsageError as exc:
@@ -33,7 +35,12 @@ def check_checkpoint(folder: Path) -> str | None:
     if not isinstance(state, dict):
         return f"{STATE} is not a JSON object"
     problem = check_folder(folder)
-    return f"{problem[0]}: {problem[1]}" if problem else None
+    if problem:
+        return f"{problem[0]}: {problem[1]}"
+    if identity is not None and (owner := manifest_run(folder)) != identity:
+        return (f"another run's checkpoint (run fingerprint {owner}; this run's is {identity})" if owner else
+                f"{MANIFEST} names no run (written by another tool or an older workbench)")
+    return None
 
 
 def checkpoint_step(path: Path) -> int:
@@ -47,11 +54,12 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted((Path(output_dir) / "checkpoints").glob("checkpoint-*"), key=checkpoint_step, reverse=True)
 
 
-def latest_checkpoint(output_dir: Path, skipped: list[tuple[Path, str]] | None = None) -> Path | None:
-    """The newest checkpoint that loads; each newer one that does not is appended to `skipped`
-    with the reason (a checkpoint cut short by a kill, a damaged file)."""
+def latest_checkpoint(output_dir: Path, skipped: list[tuple[Path, str]] | None = None,
+                      identity: str | None = None) -> Path | None:
+    """The newest checkpoint that loads (and, given `identity`, is this run's); each newer one that
+    does not is appended to `skipped` with the reason (cut short by a kill, a damaged file, another run's)."""
     for folder in checkpoints(output_dir):
-        problem = check_checkpoint(folder)
+        problem = check_checkpoint(folder, identity)
         if problem is None:
             return folder
         if skipped is not None:
@@ -69,8 +77,12 @@ def resume_command(output_dir: Path) -> str:
 
 
 def last_good_state(output_dir: Path) -> str:
-    """Where a failed run can continue from, in one phrase."""
-    checkpoint = latest_checkpoint(output_dir)
+    """Where a failed run can continue from, in one phrase: its own newest complete checkpoint."""
+    try:
+        identity = read_run(output_dir).identity
+    except UsageError:  # no run.json yet (its first write failed): the checkpoints say whose they are
+        identity = None
+    checkpoint = latest_checkpoint(output_dir, identity=identity)
     if checkpoint is None:
         return f"no complete checkpoint in {output_dir / 'checkpoints'}: start the run again"
     return f"newest complete checkpoint: {checkpoint}; continue with: {resume_command(output_dir)}"

@@ -17,7 +17,8 @@ from workbench.data.examples import (
 )
 from workbench.distributed import init_distributed, is_main_process, world_size
 from workbench.errors import Interrupted, RunFailed, UsageError
-from workbench.training.faults import check_checkpoint, checkpoint_step, checkpoints, latest_checkpoint, recorded
+from workbench.training.faults import check_checkpoint, checkpoint_step, checkpoints, recorded
+from workbench.training.rundir import check_base, previous_run, resume_point, start_over
 from workbench.training.fisher import estimate_fisher, load_fisher, save_fisher
 from workbench.io import cache_dir, fingerprint, writing
 from workbench.modeling.load import (
@@ -25,7 +26,7 @@ from workbench.modeling.load import (
 )
 from workbench.config.recipe import INITS_NEEDING_DATA, INITS_REWRITING_BASE, TRAIN_DATA, Recipe, resolved
 from workbench.formats.integrity import write_manifest
-from workbench.formats.run_record import RunRecord, read_run, versions
+from workbench.formats.run_record import RunRecord, versions
 from workbench.training.reference import topk_reference_for
 from workbench.training.probe import RetentionProbeCallback, probe_chunks
 from workbench.training.regularizers import PENALTIES
@@ -191,26 +192,6 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
     return trainer, record
 
 
-def _check_resumable(recipe: Recipe, output_dir: Path) -> Path:
-    skipped: list[tuple[Path, str]] = []
-    checkpoint = latest_checkpoint(output_dir, skipped)
-    if checkpoint is None and skipped:
-        raise UsageError(f"{output_dir}: no checkpoint loads: "
-                         + "; ".join(f"{path.name}: {why}" for path, why in skipped))
-    if checkpoint is None:
-        raise UsageError(f"{output_dir}: no complete checkpoint to resume from")
-    for path, why in skipped if is_main_process() else ():
-        print(f"resume: skipping {path.name}: {why}")
-    started = read_run(output_dir).recipe
-    now = resolved(recipe)
-    # the wandb section only says where results go: resuming with tracking changed is fine
-    changed = [key for key in sorted((set(started) | set(now)) - {"wandb"}) if started.get(key) != now.get(key)]
-    if changed:
-        raise UsageError(f"{output_dir}: the recipe changed since the run started (section "
-                         f"{', '.join(changed)}); resume needs the same recipe")
-    return checkpoint
-
-
 class GracefulStop(TrainerCallback):
     """On SIGTERM or SIGINT, finish the current step, save a checkpoint and stop."""
 
@@ -274,8 +255,16 @@ def train(recipe: Recipe, output_dir: Path | None = None, resume: bool = False,
 
 def _train(recipe: Recipe, output_dir: Path, resume: bool, observer: RunObserver | None) -> Path:
     observer = observer or _Unobserved()
-    checkpoint = _check_resumable(recipe, output_dir) if resume else None
+    started = previous_run(recipe, output_dir, resume)  # before a model loads: fails fast
+    if resume and started is not None and started.status == "completed":
+        # resuming the Trainer at its last step would train one step more than the recipe says
+        if is_main_process():
+            print(f"resume: {output_dir}: the run completed at step {started.global_step}; nothing to train")
+        return output_dir
     trainer, record = build_trainer(recipe, output_dir)
+    check_base(output_dir, started, record, resume)
+    trainer.run_identity = record.identity  # into every checkpoint's manifest
+    checkpoint = resume_point(output_dir, record) if resume else start_over(output_dir, started, record)
     watching = observer.start(recipe, trainer, output_dir, record, resume)
     stopper = GracefulStop()
     trainer.add_callback(stopper)
@@ -287,14 +276,15 @@ def _train(recipe: Recipe, output_dir: Path, resume: bool, observer: RunObserver
     with _stop_on_signals(stopper), watching:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stopper.signal is not None:
+        stopped = Interrupted(stopper.signal, f"stopped by {signal.Signals(stopper.signal).name} at step "
+                              f"{trainer.state.global_step}; checkpoint saved in {output_dir / 'checkpoints'}; "
+                              f"continue with --resume")
         if trainer.is_world_process_zero():
-            record.status, record.history = "interrupted", trainer.state.log_history
-            record.global_step = trainer.state.global_step
+            record.status, record.reason = "interrupted", str(stopped)
+            record.history, record.global_step = trainer.state.log_history, trainer.state.global_step
             record.write(output_dir)
         observer.finish(watching, output_dir, record, exit_code=1)
-        raise Interrupted(stopper.signal, f"stopped by {signal.Signals(stopper.signal).name} at step "
-                          f"{trainer.state.global_step}; checkpoint saved in {output_dir / 'checkpoints'}; "
-                          f"continue with --resume")
+        raise stopped
     final = dict(result.metrics)
     if trainer.eval_dataset is not None:
         final.update(trainer.evaluate())
@@ -320,7 +310,8 @@ def _write_selected(recipe: Recipe, trainer: RegularizedTrainer, output_dir: Pat
     """Under train.select: the chosen checkpoint's adapter becomes adapter/; when none meets the
     bounds the run fails (exit 1) and keeps every checkpoint."""
     saved = {checkpoint_step(p): p for p in checkpoints(output_dir)  # a damaged checkpoint is no candidate
-             if checkpoint_step(p) >= 0 and (p / "adapter_model.safetensors").is_file() and check_checkpoint(p) is None}
+             if checkpoint_step(p) >= 0 and (p / "adapter_model.safetensors").is_file()
+             and check_checkpoint(p, record.identity) is None}
     record.selection = choose(trainer.state.log_history, list(saved), recipe.train.select)
     step = record.selection["step"]
     if step is None:

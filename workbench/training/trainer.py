@@ -85,6 +85,7 @@ class RegularizedTrainer(Trainer):
                 causal_lm_loss, label_smoothing=self.args.label_smoothing_factor, loss=loss)
         self.penalties = list(penalties)
         self.task_loss = loss
+        self.run_identity: str | None = None  # the run's fingerprint, recorded in each checkpoint's manifest
         self._terms: dict[str, list[torch.Tensor]] = defaultdict(list)  # each as it entered the loss
         self._steps: list[float] = []  # step_scale per micro-batch: they sum to the steps since the last log
         self._controlled = [p for p in self.penalties if p.controlled]
@@ -301,7 +302,7 @@ class RegularizedTrainer(Trainer):
                 super()._save_checkpoint(model, trial)
                 self.accelerator.wait_for_everyone()
                 if self.args.should_save and folder.is_dir():
-                    write_manifest(folder)
+                    write_manifest(folder, run=self.run_identity)
         except WriteFailed:
             if self.args.should_save:
                 shutil.rmtree(folder, ignore_errors=True)
