@@ -95,7 +95,7 @@ for row in "${GRID[@]}"; do
   fi
   echo "== train: $name: recipes/smollm2/$recipe.yaml $overrides"
   # shellcheck disable=SC2086 # overrides are words
-  workbench train "recipes/smollm2/$recipe.yaml" "name=$name" "${TRAIN_ARGS[@]}" ${overrides} --output-dir "$OUT/$name"
+  workbench train "recipes/smollm2/$recipe.yaml" "name=$name" "${TRAIN_ARGS[@]}" ${overrides} --output-dir "$OUT/$name" --resume
 done
 echo "== trained in $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"
 

@@ -306,3 +306,45 @@ def test_a_policy_file_names_catalogued_metrics(tmp_path, metric, ok):
     assert str(exc.value).startswith(str(path))
     if metric.endswith("ratoi"):
         assert "did you mean 'retention.general.ppl.ratio'" in str(exc.value)
+
+
+# ---------------------------------------------------------------- for CI: JSON and JUnit
+
+
+def test_gate_json_and_junit_carry_every_check_and_the_decision(tmp_path, capsys):
+    """The decision through the command line as CI reads it: `--json -` is JSON only on standard
+    output; `--json FILE` and `--junit FILE` sit beside the table. Counts are checked against
+    the statuses one by one (a rule missing, one failing, one skipped)."""
+    from xml.etree import ElementTree as ET
+
+    from workbench.cli import main
+
+    metrics = {k: v for k, v in GOOD.items() if k not in ("overfitting.mia.loss.auc", "calibration.all.ece.delta")}
+    metrics["retention.general.ppl.ratio"] = {"value": 1.2, "ci": [1.1, 1.3]}
+    bad = write(tmp_path, "bad.json", json.dumps(results(entry("a"), entry("b", metrics=metrics))))
+    release = repo("evals/gates/release.yaml")
+    assert main(["gate", str(bad), "--policy", release, "--json", "-"]) == 1
+    decided = json.loads(capsys.readouterr().out)  # nothing but the JSON
+    assert decided["kind"] == "workbench.gate" and decided["passed"] is False
+    assert decided["entries"] == {"a": True, "b": False}
+    assert decided["counts"] == {"pass": 7 + 4, "fail": 1, "missing": 1, "skipped": 1}
+    by = {(c["entry"], c["metric"]): c for c in decided["checks"]}
+    assert by["b", "retention.general.ppl.ratio"]["status"] == "fail"
+    assert by["b", "retention.general.ppl.ratio"]["observed"] == 1.2
+    assert by["b", "overfitting.mia.loss.auc"]["status"] == "missing"
+    assert decided["verdict"].startswith("gate release: FAIL (2 of 14 checks failed")
+
+    assert main(["gate", str(bad), "--policy", release, "--json", str(tmp_path / "g.json"),
+                 "--junit", str(tmp_path / "g.xml")]) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == decided["verdict"]  # the table is still printed
+    assert {k: v for k, v in json.loads((tmp_path / "g.json").read_text()).items()} == decided
+    suite = ET.parse(tmp_path / "g.xml").getroot()
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("14", "2", "1")
+    failed = sorted((case.get("classname"), case.find("failure").get("message")) for case in suite
+                    if case.find("failure") is not None)
+    assert failed == [("b", "overfitting.mia.loss.auc missing (rule: missing: fail)"),
+                      ("b", "retention.general.ppl.ratio = 1.2, not <= 1.05")]
+
+    good = write(tmp_path, "good.json", json.dumps(results()))
+    assert main(["gate", str(good), "--policy", release, "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["passed"] is True

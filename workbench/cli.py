@@ -118,7 +118,7 @@ def cmd_sweep(args) -> int:
 def cmd_gate(args) -> int:
     from workbench.gate import run_gate
 
-    return run_gate(args.results, args.policy, args.entry)
+    return run_gate(args.results, args.policy, args.entry, json_out=args.json, junit_out=args.junit)
 
 
 def cmd_calibrate(args) -> int:
@@ -138,7 +138,7 @@ def cmd_compare(args) -> int:
 def cmd_report(args) -> int:
     from workbench.report.build import build_report
 
-    index = build_report(args.inputs, args.out)
+    index = build_report(args.inputs, args.out, policy=args.policy)
     print(f"report: {index}")
     return 0
 
@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("results", type=Path)
     gate.add_argument("--policy", required=True, type=Path, help="gate policy YAML (see evals/gates/)")
     gate.add_argument("--entry", action="append", metavar="NAME", help="entries to check (default: the policy's)")
+    gate.add_argument("--json", metavar="FILE", help="write the decision as JSON for CI ('-': to standard "
+                      "output, in place of the table)")
+    gate.add_argument("--junit", metavar="FILE", help="write the checks as JUnit XML, one test case per check")
     gate.set_defaults(func=cmd_gate)
 
     cal = sub.add_parser("calibrate", help="the largest adapter scale that passes a gate policy, written as a "
@@ -269,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="HTML and Markdown report with plots")
     report.add_argument("inputs", nargs="+", type=Path, metavar="RUN_OR_RESULTS")
     report.add_argument("--out", required=True, type=Path, help="output directory")
+    report.add_argument("--policy", type=Path, help="a gate policy: the page opens with the release decision")
     report.set_defaults(func=cmd_report)
 
     assets = sub.add_parser("assets", help="fetch and cache the embedded default model and BIG-bench tasks")

@@ -281,12 +281,69 @@ def format_table(checks: list[Check], name: str = "gate", width: int = 140) -> s
     return "\n".join(lines + ["", _verdict(checks, name)])
 
 
-def run_gate(results_path: str | Path, policy_path: str | Path,
-             entries: list[str] | None = None) -> int:
-    """Print the gate table for a results file; 0 when it passes, 1 when it fails.
+GATE_SCHEMA_VERSION = 1
+GATE_KIND = "workbench.gate"
+
+
+def decision(checks: list[Check], policy: Policy, results_path: str | Path) -> dict:
+    """The gate's outcome as data: what `--json` writes, the report shows and W&B logs
+    (docs/evals.md, "The gate for CI"). Versioned like results.json."""
+    entries: dict[str, bool] = {}
+    for c in checks:
+        entries[c.entry] = entries.get(c.entry, True) and c.status in OK_STATUSES
+    return {
+        "schema_version": GATE_SCHEMA_VERSION, "kind": GATE_KIND,
+        "policy": {"name": policy.name, "path": policy.source}, "results": str(results_path),
+        "passed": passed(checks), "verdict": _verdict(checks, policy.name),
+        "counts": {status: sum(c.status == status for c in checks) for status in ("pass", "fail", "missing", "skipped")},
+        "entries": entries,
+        "checks": [{"entry": c.entry, "rule": c.rule, "metric": c.metric, "at": c.at, "observed": c.observed,
+                    "threshold": c.threshold, "status": c.status, "why": c.why} for c in checks],
+    }
+
+
+def junit_xml(outcome: dict) -> str:
+    """JUnit XML, which CI systems render as a test report: one testsuite for the policy, one
+    testcase per check (classname the entry), a failure for fail and missing, skipped for skipped."""
+    from xml.etree import ElementTree as ET
+
+    counts = outcome["counts"]
+    suite = ET.Element("testsuite", name=f"gate {outcome['policy']['name']}", tests=str(len(outcome["checks"])),
+                       failures=str(counts["fail"] + counts["missing"]), skipped=str(counts["skipped"]), errors="0")
+    for c in outcome["checks"]:
+        metric = c["metric"] if c["at"] == "value" else f"{c['metric']}[{c['at']}]"
+        case = ET.SubElement(suite, "testcase", classname=c["entry"], name=f"{metric} {c['threshold']}")
+        observed = "non-finite" if c["observed"] is None else f"{c['observed']:.6g}"
+        if c["status"] == "fail":
+            ET.SubElement(case, "failure", message=f"{metric} = {observed}, not {c['threshold']}").text = c["why"]
+        elif c["status"] == "missing":
+            ET.SubElement(case, "failure", message=f"{metric} missing (rule: missing: fail)").text = c["why"]
+        elif c["status"] == "skipped":
+            ET.SubElement(case, "skipped", message=f"{metric} missing (rule: missing: skip)")
+    ET.indent(suite)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suite, encoding="unicode") + "\n"
+
+
+def run_gate(results_path: str | Path, policy_path: str | Path, entries: list[str] | None = None,
+             json_out: str | Path | None = None, junit_out: str | Path | None = None) -> int:
+    """Print the gate table for a results file; 0 when it passes, 1 when it fails. `json_out`
+    ("-" for standard output, in place of the table) and `junit_out` write the decision for CI.
     Bad input (either file, an unknown entry) raises UsageError."""
+    import json
+
+    from workbench.io import atomic_path, write_json
+
     policy = load_policy(policy_path)
     results = load_results(results_path)
     checks = check(results, policy, entries)
-    print(format_table(checks, policy.name))
-    return 0 if passed(checks) else 1
+    outcome = decision(checks, policy, results_path)
+    if str(json_out) == "-":
+        print(json.dumps(outcome, indent=2))
+    else:
+        print(format_table(checks, policy.name))
+        if json_out is not None:
+            write_json(json_out, outcome)
+    if junit_out is not None:
+        with atomic_path(junit_out) as tmp:
+            tmp.write_text(junit_xml(outcome))
+    return 0 if outcome["passed"] else 1

@@ -228,3 +228,26 @@ def test_the_training_curves_draw_the_probe_the_kl_budget_and_the_selected_step(
     assert list(ratio.get_lines()[1].get_ydata()) == [1.05, 1.05]  # the select budget on the ratio
     plain = loss_figure("kl_ewc", RunRecord(**run_record()))
     assert len(plain.axes) == 2  # no probe: no retention panel
+
+
+def test_with_a_policy_the_page_opens_with_the_release_decision(inputs, tmp_path):
+    """`report --policy`: the gate's decision before anything else, every check in a table (the
+    failing ones first), the same verdict as `workbench gate`; without --policy no gate section."""
+    from workbench.gate import check, load_policy
+    from workbench.formats.results import load_results
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("name: lenient\nrules:\n  - metric: retention.general.ppl.ratio\n    max: 1.1\n"
+                      "    why: general text at most 10% worse\n")
+    out = tmp_path / "report"
+    page = build_report(inputs, out, policy=policy).read_text()
+    markdown = (out / "report.md").read_text()
+    assert page.index("Release gate: <span class=\"worse\">FAIL</span>") < page.index("<h2>Inputs</h2>")
+    checks = [c for path in inputs for c in check(load_results(path), load_policy(policy))]
+    failed = [c.entry for c in checks if c.status == "fail"]
+    assert failed == ["baseline"]  # ppl ratio 1.2 > 1.1; kl, noop pass
+    assert "gate lenient: FAIL (1 of 3 checks failed: baseline: retention.general.ppl.ratio = 1.2, not &lt;= 1.1)" in page
+    assert markdown.index("## Release gate: FAIL") < markdown.index("## Forgetting at matched learning")
+    rows = [line for line in markdown.splitlines() if line.startswith("| FAIL") or line.startswith("| PASS")]
+    assert rows[0].startswith("| FAIL | baseline | `retention.general.ppl.ratio` | 1.2 | <= 1.1") and len(rows) == 3
+    assert "Release gate" not in build_report(inputs, tmp_path / "plain").read_text()

@@ -4,6 +4,7 @@ off or failing never stops training; no secret reaches a file or a log line."""
 import contextlib
 import io
 import json
+import shutil
 import re
 import sys
 from pathlib import Path
@@ -220,7 +221,11 @@ def test_resume_rejoins_the_w_and_b_run_and_tracking_settings_may_change(tmp_pat
     run_dir = tmp_path / "run"
     args = ["train", repo("recipes/tiny.yaml"), *FAST, "train.save_steps=1", "--output-dir", str(run_dir), "--wandb"]
     assert main(args) == 0
-    first = json.loads((run_dir / "run.json").read_text())["wandb"]
+    record = json.loads((run_dir / "run.json").read_text())
+    first = record["wandb"]
+    # as if stopped after step 2 (a completed run has nothing left to resume)
+    shutil.rmtree(run_dir / "checkpoints" / f"checkpoint-{record['global_step']}")
+    (run_dir / "run.json").write_text(json.dumps({**record, "status": "interrupted"}))
     assert main([*args, "wandb.tags=[resumed]", "--resume"]) == 0
     second = json.loads((run_dir / "run.json").read_text())
     assert second["resumed_from"] and second["wandb"]["id"] == first["id"]

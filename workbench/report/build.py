@@ -42,19 +42,21 @@ class Plot:
     uri: str  # the PNG as a data URI
 
 
-def build_report(inputs: list[str | Path], out: str | Path) -> Path:
+def build_report(inputs: list[str | Path], out: str | Path, policy: str | Path | None = None) -> Path:
     """Write out/index.html, out/report.md and out/plots/; returns the path of index.html.
 
     inputs: run directories, run.json files, results.json files and compare.json files, in any
     mix. Runs named by a results entry's "run" field are added when their run.json exists.
+    policy: a gate policy; the page then opens with the release decision (`gate.decision`).
     """
     out = _out_dir(out)
     loaded = load_inputs(inputs)
+    gate = _gate(policy, loaded.results)
     entries = loaded.entries
     comparison = matched(entries, loaded.results, loaded.comparisons)  # before any file is written
     plots = PlotDir(out / "plots")
     context = {
-        "title": "Workbench report", "sources": loaded.sources, "nothing": NOTHING,
+        "title": "Workbench report", "sources": loaded.sources, "nothing": NOTHING, "gate": gate,
         "why": "the adapter's delta is exactly zero, so its scores are the base's",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "flagged": [e.name for e in entries if e.data.get("changes_model") is False],
@@ -67,6 +69,26 @@ def build_report(inputs: list[str | Path], out: str | Path) -> Path:
     _write_text(out / "index.html", _template("index.html.j2", autoescape=True).render(**context))
     plots.remove_stale()
     return out / "index.html"
+
+
+def _gate(policy_path: str | Path | None, results: list[Path]) -> dict | None:
+    """The release decision over every results file, as `workbench gate --json` writes it, with
+    the failing checks first; None without a policy."""
+    if policy_path is None:
+        return None
+    from workbench.formats.results import load_results
+    from workbench.gate import check, decision, load_policy
+
+    policy = load_policy(policy_path)
+    if not results:
+        raise UsageError(f"report --policy {policy_path}: give a results.json to gate")
+    checks = [c for path in results for c in check(load_results(path), policy)]
+    outcome = decision(checks, policy, ", ".join(map(str, results)))
+    order = {"fail": 0, "missing": 1, "pass": 2, "skipped": 3}
+    outcome["rows"] = sorted(outcome["checks"], key=lambda c: order[c["status"]])
+    for row in outcome["rows"]:
+        row["shown"] = "-" if row["observed"] is None else f"{row['observed']:.4g}"
+    return outcome
 
 
 def _template(name: str, autoescape: bool):

@@ -207,6 +207,11 @@ class StopAt(TrainerCallback):
             control.should_save = control.should_training_stop = True
 
 
+def interrupted(out) -> None:
+    record = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**record, "status": "interrupted"}))
+
+
 RESUME = ["train.max_steps=10", "data.max_examples=64", "regularizers.kl_to_base.target=0.1",
           "regularizers.kl_to_base.target_gain=1.0", "regularizers.kl_to_base.weight=1.0"]
 
@@ -224,6 +229,7 @@ def test_resume_continues_with_the_weight_it_stopped_at(tmp_path, monkeypatch):
         patch.setattr(run, "build_trainer", stopping)
         out, first = trained(tmp_path, "parts", *RESUME)
     assert len(first) == 4 and (out / "checkpoints" / "checkpoint-4" / PENALTY_STATE).is_file()
+    interrupted(out)  # the callback's stop ends the run as completed; a killed one is not
     control = shutil.copytree(out, tmp_path / "control")
     run.train(load_recipe(TINY, [*PLAIN, *RESUME]), out, resume=True)
     resumed = steps_of(out)
@@ -244,6 +250,7 @@ def test_resume_refuses_a_checkpoint_without_the_controller_state(tmp_path, seal
     out = tmp_path / "run"
     run.train(load_recipe(TINY, [*PLAIN, *RESUME, "train.max_steps=2", "train.save_steps=2"]), out)
     (out / "checkpoints" / "checkpoint-2" / PENALTY_STATE).unlink()
+    interrupted(out)  # a completed run has nothing to resume
     if not sealed:
         (out / "checkpoints" / "checkpoint-2" / "manifest.json").unlink()
     with pytest.raises(UsageError, match=message):
