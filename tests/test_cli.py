@@ -299,3 +299,27 @@ def test_an_unexpected_error_is_one_line_exit_1_and_debug_shows_the_traceback(mo
     assert main(["--debug", "recipes"]) == 1
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "in broken" in err
+
+
+def test_relative_data_paths_are_taken_from_the_working_directory_and_the_error_says_so(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """`extends:` resolves from the recipe's directory; data paths, like overrides on the command
+    line, from the working directory. A file found only beside the recipe is named with the path
+    to give; a file found nowhere says where it was looked for."""
+    project = tmp_path / "project"
+    (project / "recipes").mkdir(parents=True)
+    (project / "recipes" / "data.jsonl").write_text(
+        "".join(f'{{"prompt": "p{i} ", "completion": "c{i}"}}\n' for i in range(20)))
+    recipe = project / "recipes" / "mine.yaml"
+    recipe.write_text(f"extends: {repo('recipes/tiny.yaml')}\ndata:\n  train: data.jsonl\n")
+    monkeypatch.chdir(project)
+    assert main(["train", str(recipe), "train.max_steps=1", "--output-dir", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {recipe}: data.train: data.jsonl is not in the working directory ({project}), which relative "
+        f"data paths are taken from; the recipe's directory has it: give {project / 'recipes' / 'data.jsonl'}")
+    assert main(["train", str(recipe), "data.train=missing.jsonl", "--output-dir", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: missing.jsonl: data file not found (looked in {project}: relative paths are taken from the "
+        "working directory)")
+    assert main(["train", str(recipe), "data.train=recipes/data.jsonl", "train.max_steps=1",
+                 "train.eval_steps=null", "--output-dir", str(tmp_path / "c")]) == 0

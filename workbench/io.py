@@ -25,8 +25,10 @@ UNCHANGED = "the previous file, if any, is unchanged"
 
 
 def cache_dir() -> Path:
-    """Root of the workbench cache: `$WORKBENCH_CACHE`, else `~/.cache/workbench`."""
-    root = os.environ.get("WORKBENCH_CACHE") or Path.home() / ".cache" / "workbench"
+    """Root of the workbench cache: `$WORKBENCH_CACHE`, else `$XDG_CACHE_HOME/workbench`, else
+    `~/.cache/workbench` (the XDG base directory default)."""
+    root = (os.environ.get("WORKBENCH_CACHE")
+            or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "workbench")
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path

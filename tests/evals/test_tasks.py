@@ -1,4 +1,5 @@
 import io
+import os
 import json
 import tarfile
 from pathlib import Path
@@ -11,7 +12,7 @@ from workbench.assets import fetch
 from workbench.assets.bigbench import fetch_bigbench
 from workbench.data.bigbench import MCItem, bigbench_generative, bigbench_mc
 from workbench.evals.tasks import load_task_yaml, local_task
-from tests.helpers import REPO
+from tests.helpers import REPO, repo
 
 # ---------------------------------------------------------------- local lm-eval task files
 
@@ -338,3 +339,26 @@ def test_bigbench_mc_in_the_chat_format(bigbench):
         _mc_items(suite, Path("."), tokenizer)
     with pytest.raises(ValueError, match="'prompt' applies to bigbench tasks"):
         Suite(name="t", multiple_choice=[{"local": "task.yaml", "prompt": "chat"}])
+
+
+def test_one_eval_of_three_bigbench_tasks_reads_the_archive_once(bigbench, tmp_path, capsys):
+    """A suite of three BIG-bench tasks on an empty cache: the eval fetches them in one pass over
+    the archive (358 MB on PyPI), not one pass a task; a second eval reads none."""
+    from workbench.cli import main
+    from workbench.config.recipe import load_recipe
+    from workbench.training.run import train
+
+    root, opened = bigbench
+    mc = {"examples": [{"input": f"Q{i}", "target_scores": {"yes": i % 2, "no": 1 - i % 2}} for i in range(6)]}
+    make_sdist(Path(os.environ[tasks.SDIST_ENV]), {name: json.dumps({"name": name, **mc}).encode()
+                                                  for name in ("one", "two", "three")})
+    opened.clear()  # writing the archive opened it too
+    run = train(load_recipe(repo("recipes/tiny.yaml"), ["train.max_steps=2", "data.max_examples=32"]),
+                tmp_path / "run")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: three\nbatch_size: 8\nmax_length: 64\ngeneral: null\noverfitting: null\n"
+                     "multiple_choice:\n  - {bigbench: one}\n  - {bigbench: two}\n  - {bigbench: three}\n")
+    args = ["eval", "--suite", str(suite), "--run", str(run), "--out", str(tmp_path / "results.json")]
+    assert main(args) == 0, capsys.readouterr().err
+    assert len(opened) == 1 and {"one/task.json", "two/task.json", "three/task.json"} <= files_under(root)
+    assert main(args) == 0 and len(opened) == 1

@@ -337,9 +337,24 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for text in overrides:
         data = _merge(data, parse_override(text))
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise UsageError(f"{path}: {describe_error(exc)}") from None
+    _check_relative_data(Path(path), recipe)
+    return recipe
+
+
+def _check_relative_data(path: Path, recipe: Recipe) -> None:
+    """Relative data paths are taken from the working directory, as on the command line (an
+    override `data.train=x.jsonl` means ./x.jsonl), while `extends:` is taken from the recipe's
+    own directory. A data file that exists only next to the recipe is the likely slip: say so."""
+    for key, source in (("data.train", recipe.data.train), ("data.val", recipe.data.val)):
+        if not source or source.startswith(("builtin:", "bigbench:")) or Path(source).is_absolute():
+            continue
+        beside = path.parent / source
+        if not Path(source).exists() and beside.exists():
+            raise UsageError(f"{path}: {key}: {source} is not in the working directory ({Path.cwd()}), which "
+                             f"relative data paths are taken from; the recipe's directory has it: give {beside}")
 
 
 def describe_error(exc: ValidationError, model: type[BaseModel] | None = None) -> str:

@@ -183,7 +183,8 @@ def read_records(source: str) -> list[dict]:
     if path.is_dir():
         records = _read_saved_dataset(path)
     elif not path.is_file():
-        raise UsageError(f"{path}: data file not found")
+        where = "" if path.is_absolute() else f" (looked in {Path.cwd()}: relative paths are taken from the working directory)"
+        raise UsageError(f"{path}: data file not found{where}")
     elif path.suffix.lower() not in READERS:
         raise UsageError(f"{path}: unknown data format '{path.suffix}' "
                          f"(expected {', '.join(READERS)}, or a save_to_disk directory)")

@@ -32,7 +32,8 @@ from workbench.modeling.lora import check_adapter_fits, scaled_delta_norm
 from workbench.scoring.base_cache import BaseCache
 from workbench.formats.results import KIND, SCHEMA_VERSION
 from workbench.evals.runner import Entry, EvalData, Evaluator, TargetData
-from workbench.evals.suite import Suite, load_suite
+from workbench.assets.bigbench import fetch_bigbench
+from workbench.evals.suite import Suite, bigbench_task, load_suite
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -313,6 +314,9 @@ def open_session(suite_path: str | Path, runs: list[Path] = (), adapters: list[P
     if checkpoints:
         specs += checkpoint_specs(specs, suite.checkpoints)
     section = base_section(specs, base)
+    recipes = [spec.recipe.data for spec in specs if spec.recipe]
+    tasks = suite.bigbench_tasks() + [t for data in recipes for t in map(bigbench_task, (data.train, data.val)) if t]
+    fetch_bigbench(list(dict.fromkeys(tasks)))  # one pass over the 358 MB archive for them all, not one a task
     tokenizer = load_tokenizer(section)
     for spec in specs:
         check_tokenizer(spec, tokenizer)

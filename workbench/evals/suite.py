@@ -106,9 +106,22 @@ class Suite(Section):
             raise ValueError(f"multiple-choice task names repeat: {names}")
         return self
 
+    def bigbench_tasks(self) -> list[str]:
+        """Every BIG-bench task the suite reads (multiple choice, target), each once: fetched in
+        one pass over the 358 MB archive rather than one pass a task."""
+        names = [task.bigbench for task in self.multiple_choice if task.bigbench]
+        if self.target:
+            names += [bigbench_task(s) for s in (self.target.heldout, self.target.train) if bigbench_task(s)]
+        return list(dict.fromkeys(names))
+
     def base_fingerprint(self) -> str:
         """What the base side depends on: everything but the sweep and lm-eval."""
         return fingerprint(self.model_dump(exclude={"name", "description", "scales", "checkpoints", "light_points", "lm_eval"}))
+
+
+def bigbench_task(source: str | None) -> str | None:
+    """The task of a `bigbench:TASK[:SPLIT]` data source, else None."""
+    return source.removeprefix("bigbench:").split(":")[0] if source and source.startswith("bigbench:") else None
 
 
 def load_suite(path: str | Path) -> tuple[Suite, Path]:
