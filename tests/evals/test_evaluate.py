@@ -266,3 +266,32 @@ def test_light_points_measure_learning_and_general_text_as_the_full_suite_does(w
         assert len(values(full[name])) > len(kept) + 20  # multiple choice, calibration, overfitting dropped
     assert calls[True]["base"] == calls[False]["base"]
     assert calls[True]["tuned"] < calls[False]["tuned"]
+
+
+def test_entries_carry_per_item_scores_that_reproduce_their_metrics(workspace, cache, tmp_path):
+    """Schema 2: each entry stores per-chunk, per-item and per-example scores, keyed by a
+    fingerprint of the items, from which compare recomputes every learning and retention metric
+    (to the 7 digits they are stored with); the written file reads back."""
+    from workbench.compare.items import Resample
+    from workbench.formats.results import SCHEMA_VERSION, load_results
+
+    suite = dict(SUITE, scales=[0.5], light_points=True)
+    (workspace / "items.yaml").write_text(yaml.safe_dump(suite))
+    out = tmp_path / "results.json"
+    results = run_eval(workspace / "items.yaml", runs=[make_run(workspace, "itemised", seed=8)], out=out)
+    assert results["schema_version"] == SCHEMA_VERSION == 2 and load_results(out)["entries"]
+    full, light = results["entries"]
+    assert set(full["items"]) == {"general", "mc", "target"} and set(light["items"]) == {"general", "target"}
+    assert len(full["items"]["general"]["kl"]) == SUITE["general"]["num_chunks"]
+    assert len(full["items"]["mc"]["mc"]["acc_tuned"]) == 12 and set(full["items"]["mc"]["mc"]["acc_tuned"]) <= {0, 1}
+    assert len(full["items"]["target"]["tuned_nll"]) == SUITE["target"]["num_examples"]
+    assert full["items"]["general"]["key"] == light["items"]["general"]["key"]  # the same chunks: paired
+    resample = Resample([e["items"] for e in results["entries"]], replicates=10)
+    for i, entry in enumerate(results["entries"]):
+        recomputed = {n: resample.point(i, n) for n in entry["metrics"]}
+        recomputed = {n: v for n, v in recomputed.items() if v is not None}
+        assert {"learning.val_loss.tuned", "retention.general.ppl.ratio", "retention.general.kl"} <= set(recomputed)
+        assert (i == 1) or {"retention.mc.all.acc.delta", "learning.exact_match.tuned"} <= set(recomputed)
+        for name, value in recomputed.items():
+            # a delta of two rounded sums (~300 nats each here) keeps ~1e-7 nats/token
+            assert value == pytest.approx(entry["metrics"][name]["value"], rel=1e-6, abs=1e-6), name

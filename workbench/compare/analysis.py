@@ -5,6 +5,10 @@ fronts of both families, read at the family's matched learning levels (`matched_
 where the two families' learning spans overlap), the difference family - reference with its CI,
 and a verdict per level. Everything is computed in cost space (lower is better on both axes,
 workbench.compare.frontier) and turned back into each metric's own units only for output.
+
+The CIs: a paired bootstrap over items (workbench.compare.paired) for every metric whose points
+all carry per-item scores that reproduce their stated values; else each point's CI read as
+independent normal noise (workbench.compare.frontier). Each metric records which it got.
 """
 
 from __future__ import annotations
@@ -16,7 +20,14 @@ from typing import Sequence
 from workbench.compare.frontier import (Difference, Estimate, difference, front_at,
                                         matched_levels, overlap, pareto_front, summarise)
 from workbench.compare import points as pts
+from workbench.compare.paired import Bootstrap, family_rows
 from workbench.errors import UsageError
+
+PAIRED = "paired bootstrap"        # items resampled jointly across entries scored on them
+UNPAIRED = "unpaired bootstrap"    # a control: every entry's items resampled on their own
+INDEPENDENT = "independent normal"  # each point's stated CI as independent normal noise
+METHODS = {"auto": PAIRED, "paired": PAIRED, "unpaired": UNPAIRED, "independent": INDEPENDENT}
+REPLICATES = 1000
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,7 @@ class MetricComparison:
     rows: list[LevelRow]
     label: str                      # 'helps', 'worse', 'mixed', 'no different', ...
     text: str                       # 'helps at L2..L5'
+    method: str = INDEPENDENT       # how its CIs were made: PAIRED, UNPAIRED or INDEPENDENT
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,13 @@ class Comparison:
     skipped: list[str]                      # default forgetting metrics some entries lack
     n_levels: int
     families: list[FamilyComparison] = field(default_factory=list)
+    replicates: int = 0             # bootstrap replicates (0: no bootstrap was asked for)
+    seed: int = 0                   # the bootstrap's seed
+
+    @property
+    def methods(self) -> list[str]:
+        """The CI methods its metrics used, each once."""
+        return list(dict.fromkeys(m.method for f in self.families for m in f.metrics)) or [INDEPENDENT]
 
     def units(self, cost: float) -> float:
         """A learning cost back in the learning metric's units."""
@@ -134,11 +153,19 @@ def _no_levels(c: Comparison, span: tuple[float, float] | None, learns: bool = T
 
 def compare(paths: Sequence[str | Path], learning: str = pts.DEFAULT_LEARNING,
             forgetting: Sequence[str] | None = None, reference: str | None = None,
-            n_levels: int = 5) -> Comparison:
+            n_levels: int = 5, method: str = "auto", replicates: int = REPLICATES, seed: int = 0) -> Comparison:
     """Read the results files and compare every family with the reference (docs/compare.md).
-    Bad input of any kind raises a one-line UsageError naming the file or flag."""
+    Bad input of any kind raises a one-line UsageError naming the file or flag.
+
+    method: "auto" (the paired bootstrap where every point has per-item scores, else independent
+    normal CIs), "paired" (the same), "unpaired" (the bootstrap with every entry's items drawn on
+    their own: the control that shows what pairing gains) or "independent"."""
     if n_levels < 2:
         raise UsageError(f"--levels: {n_levels}; give 2 or more (the overlap's two ends at least)")
+    if method not in METHODS:
+        raise UsageError(f"method {method!r}: choose one of {', '.join(METHODS)}")
+    if METHODS[method] != INDEPENDENT and replicates < 100:
+        raise UsageError(f"replicates: {replicates}; a 95% percentile CI needs 100 or more")
     learning_higher = pts.direction(learning, "--learning")
     wanted = [(m, pts.direction(m, "--forgetting")) for m in dict.fromkeys(forgetting or [])]
     entries = pts.read_entries(paths)
@@ -159,17 +186,22 @@ def compare(paths: Sequence[str | Path], learning: str = pts.DEFAULT_LEARNING,
 
     ref_seeds = grouped[ref_name]
     ref_span = _span(ref_seeds, learning, learning_higher)
+    boot = None
+    if METHODS[method] != INDEPENDENT:
+        boot = Bootstrap(grouped, learning, learning_higher, replicates, seed, paired=METHODS[method] == PAIRED)
     result = Comparison([Path(p) for p in paths], learning, learning_higher, ref_name, sorted(ref_seeds),
-                        sum(map(len, ref_seeds.values())), ref_span, wanted, skipped, n_levels)
+                        sum(map(len, ref_seeds.values())), ref_span, wanted, skipped, n_levels,
+                        replicates=replicates if boot else 0, seed=seed)
     for name, seeds in grouped.items():
         if name != ref_name:
-            result.families.append(family_comparison(result, ref_seeds, name, seeds))
+            result.families.append(family_comparison(result, ref_seeds, name, seeds, boot))
     return result
 
 
 def family_comparison(c: Comparison, ref_seeds: dict[int, list[pts.Entry]], name: str,
-                      seeds: dict[int, list[pts.Entry]]) -> FamilyComparison:
-    """One family against the reference on every forgetting metric of `c`, at matched levels."""
+                      seeds: dict[int, list[pts.Entry]], boot: Bootstrap | None = None) -> FamilyComparison:
+    """One family against the reference on every forgetting metric of `c`, at matched levels; with
+    `boot`, a metric every point of which can be resampled gets the bootstrap's CIs."""
     span = _span(seeds, c.learning, c.learning_higher)
     learns = _learns(seeds, c.learning, c.learning_higher)
     both = span is not None and c.reference_span is not None and learns
@@ -179,6 +211,11 @@ def family_comparison(c: Comparison, ref_seeds: dict[int, list[pts.Entry]], name
         rows = compare_metric(_fronts(ref_seeds, c.learning, c.learning_higher, metric, higher),
                               _fronts(seeds, c.learning, c.learning_higher, metric, higher),
                               levels, c.learning_higher)
+        how = INDEPENDENT
+        if boot is not None and boot.supports(metric):
+            rows = family_rows(boot, c, ref_seeds, seeds, name, metric, higher, rows, levels)
+            how = PAIRED if boot.resample.paired else UNPAIRED
         label, text = summarise([r.diff.verdict if r.diff else None for r in rows])
-        metrics.append(MetricComparison(metric, higher, rows, label, text if levels else _no_levels(c, span, learns)))
+        metrics.append(MetricComparison(metric, higher, rows, label, text if levels else _no_levels(c, span, learns),
+                                        how))
     return FamilyComparison(name, sorted(seeds), sum(map(len, seeds.values())), span, levels, metrics)

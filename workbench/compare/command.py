@@ -17,7 +17,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from workbench.compare.analysis import Comparison, FamilyComparison, LevelRow, compare, in_units
+from workbench.compare.analysis import (INDEPENDENT, Comparison, FamilyComparison, LevelRow, compare,
+                                        in_units)
 from workbench.compare.frontier import Z95, Difference, Estimate
 from workbench.compare.points import DEFAULT_LEARNING
 from workbench.errors import UsageError
@@ -64,9 +65,24 @@ def _rows(c: Comparison) -> list[tuple[str, ...]]:
     return out
 
 
+def method_line(c: Comparison) -> str:
+    """Which CIs the table holds, and for which metrics when they differ."""
+    def said(method: str) -> str:
+        if method == INDEPENDENT:
+            return (f"{method} (each point's stated CI as independent noise: the results files hold no "
+                    "per-item scores for every point)")
+        return f"{method} over items ({c.replicates} replicates, seed {c.seed}, percentile 95% CIs)"
+
+    methods = c.methods
+    if len(methods) == 1:
+        return f"CIs: {said(methods[0])}"
+    per = {m: [x.metric for f in c.families for x in f.metrics if x.method == m] for m in methods}
+    return "CIs: " + "; ".join(f"{said(m)} for {', '.join(dict.fromkeys(names))}" for m, names in per.items())
+
+
 def _notes(c: Comparison) -> list[str]:
     """What the numbers rest on that the table cannot show."""
-    notes = []
+    notes = [method_line(c)]
     if any(r.reference and r.reference.value_only or r.family and r.family.value_only
            for f in c.families for m in f.metrics for r in m.rows):
         notes.append(f"{NO_CI} rests on a metric with no CI in results.json: its se is taken as 0")
@@ -180,11 +196,14 @@ def to_json(c: Comparison) -> dict:
         "reference": {"family": c.reference, "seeds": c.reference_seeds, "points": c.reference_points,
                       "span": _span(c, c.reference_span)},
         "levels_requested": c.n_levels, "z": Z95,
+        "uncertainty": {"methods": c.methods, "replicates": 0 if c.methods == [INDEPENDENT] else c.replicates,
+                        "seed": c.seed},
         "families": [{
             "family": f.family, "seeds": f.seeds, "points": f.points, "span": _span(c, f.span),
             "levels": [{"level": f"L{i}", "learning": c.units(x)} for i, x in enumerate(f.levels, start=1)],
             "metrics": [{"metric": m.metric, "higher_is_better": m.higher, "verdict": m.label,
-                         "summary": m.text, "rows": [row(r, m.higher) for r in m.rows]} for m in f.metrics],
+                         "summary": m.text, "method": m.method, "rows": [row(r, m.higher) for r in m.rows]}
+                        for m in f.metrics],
         } for f in c.families],
     }
 

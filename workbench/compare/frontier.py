@@ -5,9 +5,11 @@ when the catalogue says higher is better (exact match); its forgetting cost `y` 
 metric, negated likewise (an accuracy delta). `workbench.compare.points` does the negation, so
 everything here reads "lower is better" on both axes and "forgets less" means a smaller `y`.
 
-Uncertainty, and why it is an approximation. results.json holds one 95% CI per metric (a paired
-bootstrap over items), not the per-item scores, so nothing here can resample items. Each CI is
-read as a normal one,
+Uncertainty here is the fallback, for results files without per-item scores (schema 1) or
+metrics that have none; with them, workbench.compare.paired resamples the items instead and uses
+`pareto_front`, `interpolate` and `matched_levels` on every replicate. Without items there is one
+95% CI per metric (a paired bootstrap, base vs tuned, within one entry). Each CI is read as a
+normal one,
 
     se = (hi - lo) / (2 * 1.96),
 

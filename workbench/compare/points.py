@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -44,6 +44,8 @@ class Entry:
     scale: float | None
     metrics: dict
     light: bool = False  # a trajectory point scored on learning and general text only
+    items: dict | None = field(default=None, compare=False, repr=False)  # per-item scores (schema 2)
+    base: bool = False  # the base model (adapter scale 0), added to every family by with_base_point
 
 
 def family_of(entry: dict) -> str:
@@ -84,7 +86,7 @@ def read_entries(paths: Sequence[str | Path]) -> list[Entry]:
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise UsageError(f"{path}: entry {name!r}: seed {seed!r} is not an integer")
             entries.append(Entry(path, name, family_of(entry), seed, entry.get("step"), entry.get("scale"),
-                                 entry["metrics"], entry.get("light") is True))
+                                 entry["metrics"], entry.get("light") is True, entry.get("items")))
     return entries
 
 
@@ -210,7 +212,8 @@ def with_base_point(grouped: dict[str, dict[int, list[Entry]]], metrics: Sequenc
     """Every family and seed with the base added as a point: any adapter scaled to 0 is the base,
     exactly, so the base is on every family's curve for free and every front reaches it. A point
     whose metrics are known without noise (a CI of zero width); left out when a metric has no
-    base value (say, an overfitting metric)."""
+    base value (say, an overfitting metric). It carries the first member's items, whose base side
+    gives the base's learning on a resample (`items.Resample.base_values`)."""
     out: dict[str, dict[int, list[Entry]]] = {}
     for family, seeds in grouped.items():
         out[family] = {}
@@ -218,7 +221,7 @@ def with_base_point(grouped: dict[str, dict[int, list[Entry]]], metrics: Sequenc
             values = {m: base_reading(members[0], m) for m in metrics}
             base = [] if None in values.values() else [Entry(
                 members[0].source, "base", family, seed, 0, 0.0,
-                {m: {"value": v, "ci": [v, v]} for m, v in values.items()})]
+                {m: {"value": v, "ci": [v, v]} for m, v in values.items()}, items=members[0].items, base=True)]
             out[family][seed] = [*members, *base]
     return out
 

@@ -23,14 +23,14 @@ from workbench.data.examples import data_fingerprint, format_example, general_te
 from workbench.data.sources import is_named_source, read_records
 from workbench.distributed import init_distributed, is_main_process, local_device
 from workbench.errors import UsageError
-from workbench.io import write_json
+from workbench.io import atomic_path
 from workbench.modeling.load import load_model, load_tokenizer, model_fingerprint
 from workbench.config.recipe import ModelSection, Recipe, describe_error
 from workbench.formats.integrity import check_folder
 from workbench.formats.run_record import RunRecord, describe_state, read_run, run_path, versions
 from workbench.modeling.lora import check_adapter_fits, scaled_delta_norm
 from workbench.scoring.base_cache import BaseCache
-from workbench.formats.results import KIND, SCHEMA_VERSION
+from workbench.formats.results import KIND, SCHEMA_VERSION, dumps
 from workbench.evals.runner import Entry, EvalData, Evaluator, TargetData
 from workbench.assets.bigbench import fetch_bigbench
 from workbench.evals.suite import Suite, bigbench_task, load_suite
@@ -355,7 +355,8 @@ def run_eval(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path]
     if suite.lm_eval is not None:
         results["lm_eval"] = _lm_eval(session.evaluator, session.specs, suite, session.suite_dir)
     if out is not None and is_main_process():
-        write_json(out, results)
+        with atomic_path(out) as tmp:
+            tmp.write_text(dumps(results))
     return results
 
 
@@ -367,14 +368,14 @@ def _evaluate_entry(evaluator: Evaluator, entry: Entry, spec: AdapterSpec, norm:
                     shared: EvalData, target: TargetData | None) -> dict:
     start = time.perf_counter()
     data = EvalData(shared.general, shared.multiple_choice, target)
-    metrics, curves = evaluator.evaluate(entry, data)
+    metrics, curves, items = evaluator.evaluate_items(entry, data)
     if is_main_process():
         print(f"eval: {entry.name}: {len(metrics)} metrics in {time.perf_counter() - start:.1f} s", flush=True)
     scale = entry.scale
     return {"name": entry.name, "adapter": str(spec.path), "run": str(spec.run_dir) if spec.run_dir else None,
             "family": spec.family, "seed": spec.recipe.train.seed if spec.recipe else None, "step": spec.step,
             "scale": scale, "light": entry.light, "changes_model": norm > 0.0, "delta_norm": norm,
-            "metrics": metrics, "curves": curves}
+            "metrics": metrics, "curves": curves, "items": items}
 
 
 def _lm_eval(evaluator: Evaluator, specs: list[AdapterSpec], suite: Suite, suite_dir: Path) -> dict:

@@ -23,7 +23,7 @@ from workbench.evals import metrics as M
 from workbench.scoring import general
 from workbench.scoring.base_cache import BaseCache, ragged, unragged
 from workbench.scoring.general import nll_rows
-from workbench.formats.results import metric
+from workbench.formats.results import items_record, metric
 from workbench.scoring.scorer import Request, Scorer, choice_outcome
 from workbench.evals.suite import Suite
 from workbench.scoring.tokens import greedy_generate, prompt_and_reference, token_logprobs
@@ -87,7 +87,15 @@ class Evaluator:
 
     def evaluate(self, entry: Entry, data: EvalData) -> tuple[dict, dict]:
         """(metrics, curves) for one adapter at one scale."""
+        metrics, curves, _ = self.evaluate_items(entry, data)
+        return metrics, curves
+
+    def evaluate_items(self, entry: Entry, data: EvalData) -> tuple[dict, dict, dict]:
+        """(metrics, curves, items) for one adapter at one scale. items: the per-item scores every
+        resampled metric is recomputed from (`workbench.compare.items`; docs/results.md):
+        {"general": ..., "mc": {task: ...}, "target": ...}, each with its items' fingerprint."""
         self.model.eval()
+        self.items: dict = {}
         metrics: dict[str, dict] = {}
         curves: dict[str, dict] = {}
         if data.general is not None:
@@ -100,7 +108,7 @@ class Evaluator:
             m, c = self._target(entry, data.target)
             metrics.update(m)
             curves.update(c)
-        return metrics, curves
+        return metrics, curves, self.items
 
     # --- general text: perplexity, KL and agreement -------------------------------------------
 
@@ -111,6 +119,10 @@ class Evaluator:
         with self.tuned(entry):
             scores = general.tuned_side(self.model, chunks, base, self.suite.batch_size, self.pad_id,
                                         desc=f"{entry.name}: general text")
+        self.items["general"] = items_record(
+            data_fingerprint(chunks), tokens=scores.tuned_nll[:, 1], base_nll=scores.base_nll[:, 0],
+            tuned_nll=scores.tuned_nll[:, 0], kl=scores.kl_low, kl_upper=scores.kl_high,
+            top1_agreement=scores.agree)
         ppl = M.ratio_bootstrap_ci(scores.base_nll, scores.tuned_nll, n_boot=self.suite.bootstrap)
         out = {"retention.general.ppl.base": metric(ppl["base"]),
                "retention.general.ppl.tuned": metric(ppl["tuned"], (ppl["tuned_ci_low"], ppl["tuned_ci_high"])),
@@ -143,6 +155,9 @@ class Evaluator:
                 tuned_rows = self._choice_logprobs(items, f"{entry.name}: {task}")
             outcomes[task] = {side: [choice_outcome(lp, item.choices, item.gold) for lp, item in zip(rows, items)]
                               for side, rows in (("base", base_rows), ("tuned", tuned_rows))}
+            self.items.setdefault("mc", {})[task] = items_record(items_key(items), **{
+                f"{name}_{side}": [o[name] for o in outcomes[task][side]]
+                for name in ("acc", "acc_norm") for side in ("base", "tuned")})
         if len(tasks) > 1:
             outcomes["all"] = {side: [o for t in tasks for o in outcomes[t][side]] for side in ("base", "tuned")}
         elif tasks:
@@ -215,6 +230,10 @@ class Evaluator:
             heldout = target.heldout[:n_learn] if entry.light else target.heldout
             heldout_rows = token_logprobs(self.model, heldout, self.suite.batch_size, self.pad_id,
                                           desc=f"{entry.name}: target held-out")
+            tuned_nll = nll_rows(heldout_rows[:n_learn])
+            self.items["target"] = items_record(data_fingerprint(target.heldout[:n_learn]), tokens=tuned_nll[:, 1],
+                                                base_nll=base["heldout_nll"].numpy()[:n_learn, 0],
+                                                tuned_nll=tuned_nll[:, 0])
             if entry.light:
                 return self._learning(base, heldout_rows, n_learn), {}
             member_rows = token_logprobs(self.model, target.members, self.suite.batch_size, self.pad_id,
@@ -223,6 +242,8 @@ class Evaluator:
             member_gen = self._generate(target.members[:n_pairs], f"{entry.name}: generate train")
         out = self._learning(base, heldout_rows, n_learn)
         tuned_em = self._exact_matches(heldout_gen[0][:n_learn], heldout_gen[1][:n_learn])
+        self.items["target"].update(items_record(self.items["target"]["key"], exact_match_tuned=tuned_em,
+                                                 exact_match_base=base["exact_match"].numpy()))
         em = M.paired_bootstrap_ci(base["exact_match"].numpy(), tuned_em, n_boot=self.suite.bootstrap)
         out.update(_paired("learning.exact_match", em))
         if n_pairs == 0:
