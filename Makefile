@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo study test test-slow clean
+.PHONY: install quickstart demo study test test-slow clean
 
 $(BIN)/workbench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,6 +12,16 @@ $(BIN)/workbench: pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev,lmeval,deepspeed]"
 	touch $@
+
+install: $(BIN)/workbench
+
+# The README's quick start: the tiny model trained, scored, gated and reported (about a minute).
+# The gate's exit 1 (the tiny model fails the release policy) does not stop the report.
+quickstart: $(BIN)/workbench
+	$(BIN)/workbench train recipes/tiny.yaml --output-dir runs/quick
+	$(BIN)/workbench eval --suite evals/tiny.yaml --run runs/quick --out runs/quick/results.json
+	-$(BIN)/workbench gate runs/quick/results.json --policy evals/gates/release.yaml --json runs/quick/gate.json
+	$(BIN)/workbench report runs/quick runs/quick/results.json --policy evals/gates/release.yaml --out runs/quick/report
 
 demo: $(BIN)/workbench
 	PATH="$(CURDIR)/$(BIN):$$PATH" PROFILE=$(if $(QUICK),quick,demo) bash scripts/study.sh
