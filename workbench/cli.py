@@ -146,7 +146,8 @@ def cmd_report(args) -> int:
 def cmd_assets(args) -> int:
     from workbench.evals.suite import load_suite
     from workbench.assets.bigbench import fetch_bigbench
-    from workbench.modeling.load import ensure_embedded_default
+    from workbench.assets.models import DEFAULT, named_model
+    from workbench.modeling.load import ensure_named_model
 
     names = list(args.bigbench)
     for path in args.suite:
@@ -154,7 +155,9 @@ def cmd_assets(args) -> int:
         names += [task.bigbench for task in suite.multiple_choice if task.bigbench]
         names += [s.removeprefix("bigbench:").split(":")[0] for s in (suite.target.heldout, suite.target.train)
                   if suite.target and s and s.startswith("bigbench:")]
-    print(f"model: {ensure_embedded_default()}")
+    models = [named_model(name).name for name in args.model or [DEFAULT]]  # every name checked first
+    for name in dict.fromkeys(models):
+        print(f"model: {ensure_named_model(name)}")
     if names:
         for name, path in fetch_bigbench(sorted(set(names))).items():
             print(f"bigbench {name}: {path}")
@@ -275,7 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--policy", type=Path, help="a gate policy: the page opens with the release decision")
     report.set_defaults(func=cmd_report)
 
-    assets = sub.add_parser("assets", help="fetch and cache the embedded default model and BIG-bench tasks")
+    assets = sub.add_parser("assets", help="fetch and cache named models (the embedded default unless --model) "
+                            "and BIG-bench tasks")
+    assets.add_argument("--model", action="append", metavar="NAME",
+                        help="a named model to fetch, verify and convert: smollm2-135m-instruct (the default), "
+                        "gemma3-270m (Gemma terms, docs/model.md); repeatable")
     assets.add_argument("--bigbench", nargs="*", default=[], metavar="TASK", help="BIG-bench task names")
     assets.add_argument("--suite", action="append", type=Path, default=[],
                         help="also every BIG-bench task this suite names; repeatable")

