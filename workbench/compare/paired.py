@@ -32,6 +32,7 @@ Vectorised over replicates: for B = 1,000 the study's ~100 entries take about a 
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from dataclasses import replace
 from typing import Sequence
@@ -141,7 +142,8 @@ def _mean(boot: Bootstrap, per_seed, points: list[list], levels: np.ndarray, poi
         return mean
     at = np.array([[_at(front, level) for level in point_levels] for front in points])  # [S, K]
     spread = np.var(at, axis=0, ddof=1)                                               # S^2 per level
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a level no replicate reaches: NaN, seed term 0
         item = np.nanmean(np.var(values - at[:, None, :], axis=0, ddof=1), axis=0)   # E_b[S_b^2]
     sigma2 = np.maximum(0.0, np.nan_to_num(spread - item, nan=0.0))
     return mean + boot.seed_noise(label)[:, None] * np.sqrt(sigma2 / n)[None, :]
