@@ -202,3 +202,17 @@ def test_a_distant_base_adds_a_panel_up_close_on_the_fine_tunes():
     for row in rows:  # without the distant base: one panel
         row.data["metrics"]["learning.val_loss.base"] = {"value": 5.0}
     assert len(tradeoff_figure(rows, FORGETTING[0], reference="baseline").axes) == 1
+
+
+def test_with_per_item_scores_the_computed_table_is_compare_s_paired_one(tmp_path):
+    """Schema 2 results carry per-item scores: the report's own table resamples them jointly, as
+    `workbench compare` does, rather than falling back to independent CIs."""
+    from tests.compare.build import results as with_items, synthetic_study
+
+    path = tmp_path / "results.json"
+    write_json(path, with_items(synthetic_study(families=(("baseline", 1.0, 1.0, 2), ("kl", 0.7, 0.9, 1)))))
+    loaded = load_inputs([path])
+    ours, notes = compute(loaded.entries, loaded.results)
+    theirs = to_json(compare([path]))
+    assert {m["method"] for f in ours["families"] for m in f["metrics"]} == {"paired bootstrap"}
+    assert notes == [] and {**ours, "created": None} == {**theirs, "created": None}

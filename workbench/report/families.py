@@ -28,7 +28,7 @@ def as_point(entry: ReportEntry) -> pts.Entry:
     seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
     return pts.Entry(entry.source or Path("-"), entry.name, pts.family_of(entry.data), seed,
                      entry.data.get("step"), entry.data.get("scale"), entry.data["metrics"],
-                     entry.data.get("light") is True)
+                     entry.data.get("light") is True, entry.data.get("items"))
 
 
 def grouped(entries: list[ReportEntry], *metrics: str) -> dict[str, dict[int, list[pts.Entry]]]:

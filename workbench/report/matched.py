@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 from workbench.compare import points as pts
-from workbench.compare.analysis import Comparison, family_comparison
+from workbench.compare.analysis import REPLICATES, Comparison, family_comparison
+from workbench.compare.paired import Bootstrap
 from workbench.compare.command import to_json
 from workbench.compare.frontier import Z95, overlap
 from workbench.errors import UsageError
@@ -85,11 +86,12 @@ def compute(entries: list[ReportEntry], results: Sequence[Path]) -> tuple[dict, 
     wanted = [(m, pts.direction(m, "forgetting")) for m in used]
     kept = pts.with_base_point(kept, [learning, *used])  # the base is on every family's curve, as in compare
     ref = kept[DEFAULT_REFERENCE]
+    boot = Bootstrap(kept, learning, learning_higher, REPLICATES, 0, paired=True)  # as `workbench compare`
     c = Comparison(list(results), learning, learning_higher, DEFAULT_REFERENCE, sorted(ref), _count(ref),
-                   _span(ref, learning, learning_higher), wanted, skipped, N_LEVELS)
+                   _span(ref, learning, learning_higher), wanted, skipped, N_LEVELS, replicates=REPLICATES, seed=0)
     for name, seeds in kept.items():
         if name != DEFAULT_REFERENCE:
-            c.families.append(family_comparison(c, ref, name, seeds))
+            c.families.append(family_comparison(c, ref, name, seeds, boot))
     return to_json(c), notes
 
 
