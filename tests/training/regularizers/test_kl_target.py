@@ -243,10 +243,12 @@ def test_resume_continues_with_the_weight_it_stopped_at(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("sealed, message", [(True, f"no checkpoint loads: checkpoint-2: {PENALTY_STATE}: missing"),
-                                             (False, f"no {PENALTY_STATE}, so the controlled weight")])
+                                             (False, "no checkpoint loads: checkpoint-2: manifest.json names no run")])
 def test_resume_refuses_a_checkpoint_without_the_controller_state(tmp_path, sealed, message):
     """The checkpoint's manifest lists penalties.json, so resume finds it missing; a checkpoint
-    without a manifest (written before manifests) is refused by the trainer itself."""
+    without a manifest (written before manifests) names no run, so it is not this run's to resume.
+    The trainer's own refusal of a checkpoint without the state stays for checkpoints loaded
+    from Python: `RegularizedTrainer.train`."""
     out = tmp_path / "run"
     run.train(load_recipe(TINY, [*PLAIN, *RESUME, "train.max_steps=2", "train.save_steps=2"]), out)
     (out / "checkpoints" / "checkpoint-2" / PENALTY_STATE).unlink()
