@@ -95,8 +95,10 @@ def cmd_eval(args) -> int:
         raise UsageError("eval: give --run RUN_DIR, or --base MODEL --adapter DIR")
     if args.out.exists() and args.out.is_dir():
         raise UsageError(f"{args.out}: --out is a directory; give a file name such as {args.out / 'results.json'}")
+    if args.train_data and not args.adapter:
+        raise UsageError("eval --train-data: for --adapter (a run's training data is in its run.json)")
     results = run_eval(args.suite, runs=args.run, adapters=args.adapter, base=args.base, out=args.out,
-                       use_cache=not args.no_cache)
+                       use_cache=not args.no_cache, train_data=args.train_data)
     if not is_main_process():
         return 0
     from workbench.report.tables import summary_table
@@ -226,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", action="append", type=Path, default=[], metavar="DIR",
                     help="a PEFT adapter directory; repeatable")
     ev.add_argument("--out", required=True, type=Path, help="results JSON to write")
+    ev.add_argument("--train-data", metavar="FILE", help="the training data of the --adapter adapters (JSONL, CSV, "
+                    "Parquet, builtin:NAME, bigbench:TASK), for the overfitting metrics: membership inference and "
+                    "extraction compare it with held-out examples")
     ev.add_argument("--no-cache", action="store_true", help="score the base again instead of reading the cache")
     ev.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
                     help="log results to W&B (default: into each run's W&B run when run.json names one)")

@@ -255,7 +255,7 @@ def _verdict(checks: list[Check], name: str) -> str:
         n = len(checks) - skipped
         extra = f", {skipped} skipped" if skipped else ""
         return f"gate {name}: PASS ({n} check{'s' * (n != 1)} passed{extra})"
-    shown = [f"{c.entry}: {c.metric} missing" if c.status == "missing" else
+    shown = [f"{c.entry}: {c.metric} missing (the rule says missing: fail)" if c.status == "missing" else
              f"{c.entry}: {c.metric}{'' if c.at == 'value' else f'[{c.at}]'} = "
              f"{'non-finite' if c.observed is None else _number(c.observed)}, not {c.threshold}"
              for c in bad[:3]]

@@ -295,3 +295,46 @@ def test_entries_carry_per_item_scores_that_reproduce_their_metrics(workspace, c
         for name, value in recomputed.items():
             # a delta of two rounded sums (~300 nats each here) keeps ~1e-7 nats/token
             assert value == pytest.approx(entry["metrics"][name]["value"], rel=1e-6, abs=1e-6), name
+
+
+def test_a_bare_adapter_with_its_training_data_gets_every_overfitting_metric(tmp_path, capsys, monkeypatch):
+    """An adapter from elsewhere (no run.json) has no training data: the eval says in one line
+    what it cannot measure and a gate that needs it fails naming why; with `--train-data` it gets
+    membership inference and extraction, and passes a lenient gate."""
+    import shutil
+
+    from tests.helpers import repo
+    from workbench.cli import main
+    from workbench.config.recipe import load_recipe
+    from workbench.training.run import train
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    run = train(load_recipe(repo("recipes/tiny.yaml"), ["train.max_steps=20", "train.eval_steps=null"]),
+                tmp_path / "run")
+    adapter = shutil.copytree(run / "adapter", tmp_path / "plain")  # as if from elsewhere
+    suite = tmp_path / "suite.yaml"
+    words = ["".join("qwertyuiopasdfghjklzxcvbnm"[(7 * i + 3 * j) % 26] for j in range(5)) for i in range(20)]
+    (tmp_path / "heldout.jsonl").write_text("".join(json.dumps({"prompt": f"Reverse: {w}\nAnswer: ",
+                                                                 "completion": w[::-1]}) + "\n" for w in words))
+    suite.write_text("name: bare\nbatch_size: 16\nmax_length: 64\nbootstrap: 50\ngeneral: null\n"
+                     "target:\n  heldout: heldout.jsonl\n  num_examples: 16\n  max_new_tokens: 8\n"
+                     "overfitting:\n  num_examples: 16\n")
+    policy = tmp_path / "lenient.yaml"
+    policy.write_text("name: lenient\nrules:\n  - {metric: overfitting.mia.loss.auc, max: 0.99}\n"
+                      "  - {metric: overfitting.extraction.gap, max: 1.0}\n")
+    bare = ["eval", "--suite", str(suite), "--base", "tiny-random-llama", "--adapter", str(adapter)]
+
+    assert main([*bare, "--out", str(tmp_path / "without.json")]) == 0
+    out = capsys.readouterr().out
+    assert (f"eval: {adapter.name}: no training data (give eval --train-data FILE, or the suite's target.train), so "
+            "overfitting.* is not measured") in out
+    assert main(["gate", str(tmp_path / "without.json"), "--policy", str(policy)]) == 1
+    assert "overfitting.mia.loss.auc missing (the rule says missing: fail)" in capsys.readouterr().out
+
+    assert main([*bare, "--train-data", "builtin:tiny_reverse", "--out", str(tmp_path / "with.json")]) == 0
+    assert "no training data" not in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "with.json").read_text())["entries"][0]["metrics"]
+    for name in ("overfitting.mia.loss.auc", "overfitting.mia.min_k.auc", "overfitting.mia.loss_ratio.auc",
+                 "overfitting.extraction.gap"):
+        assert metrics[name]["value"] is not None, name
+    assert main(["gate", str(tmp_path / "with.json"), "--policy", str(policy)]) == 0

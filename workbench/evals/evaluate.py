@@ -191,19 +191,22 @@ def _suite_path(source: str, suite_dir: Path) -> str:
     return source if is_named_source(source) or Path(source).is_absolute() else str(suite_dir / source)
 
 
-def target_data(spec: AdapterSpec, suite: Suite, suite_dir: Path, tokenizer) -> TargetData | None:
+def target_data(spec: AdapterSpec, suite: Suite, suite_dir: Path, tokenizer,
+                train_data: str | None = None) -> TargetData | None:
+    """Held-out and training examples (for overfitting): a run's own split, else `train_data` (`eval
+    --train-data`, from the working directory), else the suite's `target.train` (from its directory)."""
     t = suite.target
     if t is None:
         return None
     members, heldout = [], []
     if spec.recipe is not None:
         members, heldout = task_splits(spec.recipe.data, tokenizer, spec.recipe.train.seed)
-    elif t.train:
-        members = _format_file(_suite_path(t.train, suite_dir), suite, tokenizer)
+    elif train_data or t.train:
+        members = _format_file(train_data or _suite_path(t.train, suite_dir), suite, tokenizer)
     if t.heldout:
         heldout = _format_file(_suite_path(t.heldout, suite_dir), suite, tokenizer)
     if not heldout:
-        if spec.recipe is None and not t.train:
+        if spec.recipe is None and not (train_data or t.train):
             return None  # nothing names target data: skip the target evals
         raise UsageError(f"{spec.name}: no held-out target examples (the run has no validation split; "
                          "set target.heldout in the suite)")
@@ -251,12 +254,6 @@ def _check_loaded(peft_model, name: str, path: Path) -> None:
                          "the adapter does not fit this base")
 
 
-def delta_norm(peft_model, name: str, scale: float = 1.0) -> float:
-    """Frobenius norm of adapter `name`'s whole weight change at `scale` (`lora.scaled_delta_norm`)."""
-    peft_model.set_adapter(name)
-    return scaled_delta_norm(peft_model, scale)
-
-
 # --- the command ----------------------------------------------------------------------------
 
 
@@ -281,7 +278,8 @@ class Session:
         """The results entry of adapter i at `scale`, scored on the loaded model."""
         spec = self.specs[i]
         if (i, scale) not in self.norms:
-            self.norms[i, scale] = delta_norm(self.evaluator.peft, f"a{i}", scale)
+            self.evaluator.peft.set_adapter(f"a{i}")  # the weight change's norm at this scale
+            self.norms[i, scale] = scaled_delta_norm(self.evaluator.peft, scale)
         return _evaluate_entry(self.evaluator, Entry(_entry_name(spec, scale), f"a{i}", scale, light),
                                spec, self.norms[i, scale], self.shared, self.targets[spec.name])
 
@@ -302,7 +300,7 @@ class Session:
 
 
 def open_session(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path] = (), base: str | None = None,
-                 use_cache: bool = True, checkpoints: bool = True) -> Session:
+                 use_cache: bool = True, checkpoints: bool = True, train_data: str | None = None) -> Session:
     """Resolve and check what to evaluate (bad input raises UsageError before the model loads
     where it can), read the suite's data, load the base once and every adapter onto it. With
     `checkpoints`, a run's checkpoints the suite names are loaded too."""
@@ -321,7 +319,11 @@ def open_session(suite_path: str | Path, runs: list[Path] = (), adapters: list[P
     for spec in specs:
         check_tokenizer(spec, tokenizer)
     shared = EvalData(general_data(suite, tokenizer), _mc_items(suite, suite_dir, tokenizer), None)
-    targets = {spec.name: target_data(spec, suite, suite_dir, tokenizer) for spec in specs}
+    targets = {spec.name: target_data(spec, suite, suite_dir, tokenizer, train_data) for spec in specs}
+    unmeasured = [s.name for s in specs if suite.overfitting and not (targets[s.name] and targets[s.name].members)]
+    if unmeasured and is_main_process():
+        print(f"eval: {', '.join(unmeasured)}: no training data (give eval --train-data FILE, or the suite's "
+              "target.train), so overfitting.* is not measured: membership inference, extraction, the loss gap")
     model, tokenizer = load_model(section, tokenizer)
     base_fp = model_fingerprint(model)
     for spec in specs:
@@ -336,14 +338,14 @@ def open_session(suite_path: str | Path, runs: list[Path] = (), adapters: list[P
 
 
 def run_eval(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path] = (), base: str | None = None,
-             out: str | Path | None = None, use_cache: bool = True) -> dict:
+             out: str | Path | None = None, use_cache: bool = True, train_data: str | None = None) -> dict:
     """Evaluate every run/adapter against the base under the suite; returns the results dict.
 
     Under `accelerate launch` with several processes every rank loads the model on its own device
     and scores a share of each component's items; every rank then holds all the scores and
     computes the same metrics, and the main process writes."""
     init_distributed()
-    session = open_session(suite_path, runs, adapters, base, use_cache)
+    session = open_session(suite_path, runs, adapters, base, use_cache, train_data=train_data)
     suite = session.suite
     entries = []
     for i in range(len(session.specs)):
