@@ -262,10 +262,10 @@ def test_gemma3_converts_once_answers_and_trains_lora(monkeypatch, tmp_path, cap
 
     model, tokenizer = load_model(ModelSection(name="gemma3-270m"))
     assert "converting" not in capsys.readouterr().err and len(tokenizer) == 262144
-    inputs = tokenizer("The capital of France is", return_tensors="pt")
-    assert inputs["input_ids"][0, 0] == tokenizer.bos_token_id  # Gemma reads badly without its <bos>
-    output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tokenizer.decode(output[0, inputs["input_ids"].shape[1]:])
+    inputs = tokenizer("Here is a list of three fruits: apple,", return_tensors="pt")
+    assert inputs["input_ids"][0, 0] == tokenizer.bos_token_id and tokenizer.add_bos_token  # Gemma needs its <bos>
+    output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert tokenizer.decode(output[0, inputs["input_ids"].shape[1]:]) == " pear, and peach."
 
     peft_model = apply_lora(model, LoraSection(r=4, alpha=8), dropout=0.0)
     batch = tokenizer(["The cat sat on the mat."], return_tensors="pt")
