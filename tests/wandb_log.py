@@ -1,5 +1,6 @@
 """Reading an offline W&B run back, for the tracking tests: `read_wandb_records` decodes a run's
-`.wandb` file into `wandb_internal_pb2.Record` messages.
+`.wandb` file into `wandb_internal_pb2.Record` messages; `read_folder` gathers one run folder's
+identity, config, history, summary and artifacts from them.
 
 wandb 0.31 has no Python reader of its own (its `DataStore` was removed), so this reads the
 LevelDB-style log it writes: 32 KiB blocks of chunks, each a crc32/length/type header, the
@@ -8,6 +9,7 @@ chunks of one record joined; a chunk whose checksum fails ends the read (a torn 
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -42,3 +44,42 @@ def read_wandb_records(path: str | Path) -> Iterator[Any]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(parts)
             yield record
+
+
+def items(entries) -> dict:
+    """History or summary items as a dict; a logged dict (a table, an image) arrives as one item
+    per field under `nested_key` and is put back together."""
+    out: dict = {}
+    for item in entries:
+        *parents, leaf = list(item.nested_key) or [item.key]
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = json.loads(item.value_json)
+    return out
+
+
+def read_folder(folder: str | Path) -> dict:
+    """What one offline run folder holds: the run's id, name, group, job type and tags, its config,
+    history rows (with `_step`), summary and artifacts, and its `files` directory."""
+    folder = Path(folder)
+    (path,) = folder.glob("run-*.wandb")
+    got: dict = {"folder": folder, "files": folder / "files", "config": {}, "history": [], "summary": {},
+                 "artifacts": []}
+    for record in read_wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+            got.update(id=run.run_id, name=run.display_name, group=run.run_group, job_type=run.job_type,
+                       tags=list(run.tags))
+        if kind in ("run", "config"):
+            config = record.run.config if kind == "run" else record.config
+            got["config"].update({i.key: json.loads(i.value_json) for i in config.update})
+        elif kind == "history":
+            got["history"].append(items(record.history.item))
+        elif kind == "summary":
+            got["summary"].update(items(record.summary.update))
+        elif kind == "artifact":
+            got["artifacts"].append({"name": record.artifact.name, "type": record.artifact.type,
+                                     "metadata": json.loads(record.artifact.metadata or "{}")})
+    return got

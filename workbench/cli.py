@@ -120,7 +120,8 @@ def cmd_sweep(args) -> int:
 def cmd_gate(args) -> int:
     from workbench.gate import run_gate
 
-    return run_gate(args.results, args.policy, args.entry, json_out=args.json, junit_out=args.junit)
+    return run_gate(args.results, args.policy, args.entry, json_out=args.json, junit_out=args.junit,
+                    wandb=args.wandb)
 
 
 def cmd_calibrate(args) -> int:
@@ -243,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--json", metavar="FILE", help="write the decision as JSON for CI ('-': to standard "
                       "output, in place of the table)")
     gate.add_argument("--junit", metavar="FILE", help="write the checks as JUnit XML, one test case per check")
+    gate.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=None,
+                      help="log the decision to W&B (default: for each run whose run.json names a W&B run)")
     gate.set_defaults(func=cmd_gate)
 
     cal = sub.add_parser("calibrate", help="the largest adapter scale that passes a gate policy, written as a "

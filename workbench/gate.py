@@ -325,10 +325,12 @@ def junit_xml(outcome: dict) -> str:
 
 
 def run_gate(results_path: str | Path, policy_path: str | Path, entries: list[str] | None = None,
-             json_out: str | Path | None = None, junit_out: str | Path | None = None) -> int:
+             json_out: str | Path | None = None, junit_out: str | Path | None = None,
+             wandb: bool | None = None) -> int:
     """Print the gate table for a results file; 0 when it passes, 1 when it fails. `json_out`
     ("-" for standard output, in place of the table) and `junit_out` write the decision for CI.
-    Bad input (either file, an unknown entry) raises UsageError."""
+    `wandb` (--wandb / --no-wandb; default: runs whose run.json names a W&B run) logs the decision
+    per fine-tune (`tracking.gates`). Bad input (either file, an unknown entry) raises UsageError."""
     import json
 
     from workbench.io import atomic_path, write_json
@@ -346,4 +348,8 @@ def run_gate(results_path: str | Path, policy_path: str | Path, entries: list[st
     if junit_out is not None:
         with atomic_path(junit_out) as tmp:
             tmp.write_text(junit_xml(outcome))
+    if wandb is not False:  # after the decision is printed and written: tracking never delays it
+        from workbench.tracking.gates import log_gate
+
+        log_gate(results, results_path, policy, checks, force=wandb)
     return 0 if outcome["passed"] else 1

@@ -1,8 +1,6 @@
 """W&B tracking: what an offline run logged, read back from its `.wandb` files; tracking that is
 off or failing never stops training; no secret reaches a file or a log line."""
 
-import contextlib
-import io
 import json
 import shutil
 import re
@@ -10,37 +8,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.wandb_log import read_wandb_records
+from tests.tracking.conftest import FAST, PENALTIES, SECRET
+from tests.wandb_log import items, read_folder, read_wandb_records
 from workbench.cli import main
 from workbench.errors import UsageError
 from workbench.config.recipe import WandbSection, load_recipe, resolved
 from workbench.formats.metrics import wandb_key
 from workbench.tracking.evals import TABLE_COLUMNS, log_eval, metric_rows
 from workbench.tracking.names import (
-    enable, family, flatten, has_api_key, recipe_hash, resolve_mode, run_name, trainer_key
+    enable, family, flatten, has_api_key, recipe_hash, resolve_mode, run_config, run_name, trainer_key
 )
 from workbench.tracking.wandb_run import Tracker
 from tests.helpers import REPO, repo
-
-FAST = ["train.max_steps=3", "data.max_examples=24", "train.eval_steps=null", "data.max_val_examples=8"]
-PENALTIES = ["regularizers.kl_to_base.weight=0.5", "regularizers.delta_l2.weight=0.1"]
-SECRET = "wbtestsecret-0123456789abcdef0123456789abcdef"
-SUITE = {"name": "tiny-fast", "batch_size": 8, "max_length": 64, "bootstrap": 50,
-         "general": {"source": "builtin:pydoc_heldout", "num_chunks": 4, "chunk_length": 32, "top_k": 64},
-         "target": {"num_examples": 8, "max_new_tokens": 4}, "overfitting": {"num_examples": 8}}
-
-
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc: no API key
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.delenv("NETRC", raising=False)
-    monkeypatch.chdir(REPO)
-
 
 # ---------------------------------------------------------------- reading a run back
 
@@ -51,36 +31,17 @@ def run_files(wandb_dir: Path, run_id: str) -> list[Path]:
 
 
 def read_back(wandb_dir: Path, run_id: str) -> dict:
-    """What the run logged: config, history rows, summary, artifacts and the files directories."""
+    """What the run logged, over every folder of its id: config, history rows, summary, artifacts
+    and the files directories."""
     got = {"config": {}, "history": [], "summary": {}, "artifacts": [], "files": []}
     for path in run_files(wandb_dir, run_id):
-        got["files"].append(path.parent / "files")
-        for record in read_wandb_records(path):
-            kind = record.WhichOneof("record_type")
-            if kind in ("run", "config"):
-                config = record.run.config if kind == "run" else record.config
-                got["config"].update({i.key: json.loads(i.value_json) for i in config.update})
-            elif kind == "history":
-                got["history"].append(items(record.history.item))
-            elif kind == "summary":
-                got["summary"].update(items(record.summary.update))
-            elif kind == "artifact":
-                got["artifacts"].append({"name": record.artifact.name, "type": record.artifact.type,
-                                         "metadata": json.loads(record.artifact.metadata or "{}")})
+        one = read_folder(path.parent)
+        got["files"].append(one["files"])
+        for key in ("config", "summary"):
+            got[key].update(one[key])
+        got["history"] += one["history"]
+        got["artifacts"] += one["artifacts"]
     return got
-
-
-def items(entries) -> dict:
-    """History or summary items as a dict; a logged dict (a table, an image) arrives as one item
-    per field under `nested_key` and is put back together."""
-    out: dict = {}
-    for item in entries:
-        *parents, leaf = list(item.nested_key) or [item.key]
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = json.loads(item.value_json)
-    return out
 
 
 def logged_table(got: dict, key: str) -> dict:
@@ -91,27 +52,16 @@ def logged_table(got: dict, key: str) -> dict:
     return json.loads(path.read_text())
 
 
+def job_run(run: dict, job_type: str) -> dict:
+    """The one W&B run of `job_type` that run.json lists."""
+    (found,) = [r for r in run["wandb"]["runs"] if r["job_type"] == job_type]
+    return found
+
+
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory):
-    """One tiny run trained with --wandb and evaluated into the same W&B run, offline, with an API
-    key in the environment (offline because WANDB_MODE says so); its output captured."""
-    root = tmp_path_factory.mktemp("tracked")
-    suite = root / "suite.yaml"
-    suite.write_text(yaml.safe_dump(SUITE))
-    out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        mp.chdir(REPO)
-        for key, value in {"WORKBENCH_CACHE": root / "cache", "WANDB_DIR": root / "wandb", "HOME": root / "home",
-                           "WANDB_MODE": "offline", "WANDB_API_KEY": SECRET}.items():
-            mp.setenv(key, str(value))
-        run_dir = root / "run"
-        assert main(["train", repo("recipes/tiny.yaml"), *FAST, *PENALTIES, "--output-dir", str(run_dir), "--wandb"]) == 0
-        results = run_dir / "results.json"
-        assert main(["eval", "--suite", str(suite), "--run", str(run_dir), "--out", str(results)]) == 0
-        from workbench.report.build import build_report
-        build_report([results, run_dir], root / "report")
-    return {"root": root, "run_dir": run_dir, "run": json.loads((run_dir / "run.json").read_text()),
-            "results": json.loads(results.read_text()), "stdout": out.getvalue(), "stderr": err.getvalue()}
+def tracked(study):
+    """The KL run of the shared study (tests/tracking/conftest.py)."""
+    return {**study, "run": study["runs"]["kl"], "run_dir": study["dirs"]["kl"]}
 
 
 def test_offline_run_holds_the_resolved_recipe_as_flat_config(tracked):
@@ -119,9 +69,12 @@ def test_offline_run_holds_the_resolved_recipe_as_flat_config(tracked):
     assert run["wandb"]["mode"] == "offline" and run["wandb"]["group"] == "tiny"
     assert run["wandb"]["name"] == f"tiny-{recipe_hash(run['recipe'])}"
     got = read_back(tracked["root"] / "wandb", run["wandb"]["id"])
-    for key, value in flatten(run["recipe"]).items():
-        assert got["config"][key] == value, key
+    assert {k: got["config"][k] for k in run_config(run["recipe"], run)} == run_config(run["recipe"], run)
+    for key, value in flatten(run["recipe"]).items():  # the recipe as run.json has it, off penalties filled in
+        if value is not None and not key.startswith("wandb."):
+            assert got["config"][key] == value, key
     assert got["config"]["regularizers.kl_to_base.weight"] == 0.5
+    assert got["config"]["regularizers.ewc.weight"] == 0 and run["recipe"]["regularizers"]["ewc"] is None
     assert got["config"]["run.model_fingerprint"] == run["model_fingerprint"]
 
 
@@ -143,12 +96,13 @@ def test_every_loss_term_learning_rate_grad_norm_and_throughput_is_in_the_histor
     assert any("eval/loss" in row for row in got["history"])
 
 
-def test_eval_results_land_in_the_same_run_as_summary_tables_and_plots(tracked):
+def test_eval_results_land_in_an_eval_run_as_summary_tables_and_plots(tracked):
     run, results = tracked["run"], tracked["results"]
-    files = run_files(tracked["root"] / "wandb", run["wandb"]["id"])
-    assert len(files) == 2  # training, then the eval rejoining the same run id
-    got = read_back(tracked["root"] / "wandb", run["wandb"]["id"])
-    metrics = next(e for e in results["entries"] if e["scale"] == 1.0)["metrics"]
+    assert len(run_files(tracked["root"] / "wandb", run["wandb"]["id"])) == 1  # eval never reopens it
+    evaluated = job_run(run, "eval")
+    assert evaluated["id"] != run["wandb"]["id"] and evaluated["name"] == f"{run['wandb']['name']}-eval"
+    got = read_back(tracked["root"] / "wandb", evaluated["id"])
+    metrics = next(e for e in results["entries"] if e["scale"] == 1.0 and e["run"] == str(tracked["run_dir"]))["metrics"]
     assert got["summary"]["retention/general/ppl/ratio"] == pytest.approx(metrics["retention.general.ppl.ratio"]["value"])
     assert got["summary"]["learning/val_loss/delta"] == pytest.approx(metrics["learning.val_loss.delta"]["value"])
     assert got["summary"]["overfit/loss_gap"] == pytest.approx(metrics["overfitting.loss_gap"]["value"])
@@ -169,7 +123,7 @@ def test_eval_results_land_in_the_same_run_as_summary_tables_and_plots(tracked):
 
 def test_adapter_and_results_are_artifacts_with_their_lineage(tracked):
     run = tracked["run"]
-    got = read_back(tracked["root"] / "wandb", run["wandb"]["id"])
+    got = {"artifacts": [a for r in run["wandb"]["runs"] for a in read_folder(r["dir"])["artifacts"]]}
     by_type = {a["type"]: a for a in got["artifacts"]}
     assert by_type["model"]["name"] == f"{run['wandb']['name']}-adapter"
     for artifact in (by_type["model"], by_type["eval-results"]):
@@ -229,7 +183,10 @@ def test_resume_rejoins_the_w_and_b_run_and_tracking_settings_may_change(tmp_pat
     assert main([*args, "wandb.tags=[resumed]", "--resume"]) == 0
     second = json.loads((run_dir / "run.json").read_text())
     assert second["resumed_from"] and second["wandb"]["id"] == first["id"]
-    assert len(run_files(tmp_path / "wandb", first["id"])) == 2
+    folders = run_files(tmp_path / "wandb", first["id"])
+    assert len(folders) == 2  # offline, every wandb.init writes a folder: run.json lists both, oldest first
+    assert [(r["id"], r["job_type"], r["dir"]) for r in second["wandb"]["runs"]] == \
+        [(first["id"], "train", str(p.parent)) for p in folders]
 
 
 # ---------------------------------------------------------------- off, missing or failing

@@ -1,9 +1,12 @@
 """W&B logging of `workbench eval` results.
 
-Each run's entries go into the W&B run its run.json names (rejoined by id), as summary metrics
-(the scale-1 entry, under the catalogue's W&B keys: `retention/*`, `overfit/*`, `learning/*`),
-one table per results section, the report's plots and results.json as an artifact. With `--wandb`
-runs trained without tracking and bare adapters get eval runs of their own.
+Each tracked run's entries go into a new W&B run of job type `eval` in its training run's group,
+with the training run's config keys and tags (never a rejoin of the training run: offline, that
+writes a second folder under one id, which `wandb sync` may merge badly; docs/tracking.md). It
+holds summary metrics (the scale-1 entry, under the catalogue's W&B keys: `retention/*`,
+`overfit/*`, `learning/*`), one table per results section, the report's plots of this run's
+entries only and results.json as an artifact; run.json lists the new run. With `--wandb` runs
+trained without tracking and bare adapters get eval runs too.
 """
 
 from __future__ import annotations
@@ -14,11 +17,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from workbench.config.recipe import WandbSection
-from workbench.errors import UsageError
 from workbench.formats.metrics import CHANGES, SECTIONS, SIDES, wandb_key
-from workbench.formats.run_record import read_run
 from workbench.io import fingerprint
-from workbench.tracking.names import flatten, lineage, run_name
+from workbench.tracking.names import lineage
+from workbench.tracking.runs import beside, note_run, training_record
 from workbench.tracking.wandb_run import Tracker, warn
 
 TABLE_COLUMNS = ["entry", "scale", "task", "metric", "base", "tuned", "change", "ci_low", "ci_high"]
@@ -78,44 +80,30 @@ def _log_eval(results: dict, results_path: Path, force: bool | None) -> None:
     by_run: dict[str | None, list[dict]] = defaultdict(list)
     for entry in results["entries"]:
         by_run[entry.get("run")].append(entry)
-    plots: dict[str, Path] | None = None
     with tempfile.TemporaryDirectory() as scratch:
-        for run_dir, entries in by_run.items():
-            record = _read_run(run_dir)
+        for i, (run_dir, entries) in enumerate(by_run.items()):
+            record = training_record(run_dir)
             if not force and not (record.get("wandb") or {}).get("id"):
                 continue
             tracker = _eval_tracker(results, results_path, run_dir, record)
             if not tracker.active:
                 continue
-            if plots is None:
-                plots = _report_plots(results_path, Path(scratch))
+            info = tracker.info()
+            plots = _report_plots({**results, "entries": entries}, Path(scratch) / f"run-{i}")
             _log_entries(tracker, entries, results, results_path, record, plots)
-
-
-def _read_run(run_dir: str | None) -> dict:
-    if not run_dir:
-        return {}
-    try:
-        return read_run(run_dir).model_dump()
-    except UsageError:
-        return {}
+            note_run(run_dir, info)
 
 
 def _eval_tracker(results: dict, results_path: Path, run_dir: str | None, record: dict) -> Tracker:
-    """Rejoin the training run's W&B run when run.json has its id, else start an eval run."""
-    recipe = record.get("recipe")
-    known = record.get("wandb") or {}
-    section = WandbSection.model_validate((recipe or {}).get("wandb") or {})
-    if recipe:
-        name, group = known.get("name") or run_name(recipe), known.get("group") or section.group or recipe["name"]
-        config = flatten(recipe)
-    else:
-        suite = results["suite"]["name"]
-        name, group, config = f"eval-{suite}-{fingerprint(results['entries'][0]['adapter'])[:6]}", "eval", {}
-    config["eval.suite"] = results["suite"]["name"]
+    """A new run of job type `eval` beside the training run (`runs.beside`), named
+    `<training run>-eval`; for bare adapters a run named after the suite in group `eval`."""
+    suite = results["suite"]["name"]
+    start = beside(record, "eval") or {
+        "section": WandbSection(), "name": f"eval-{suite}-{fingerprint(results['entries'][0]['adapter'])[:6]}",
+        "group": "eval", "config": {}, "tags": None}
+    start["config"]["eval.suite"] = suite
     directory = Path(run_dir) if run_dir else Path(results_path).parent
-    return Tracker.start(section, name=name, group=group, config=config, job_type="eval",
-                         directory=directory, run_id=known.get("id"))
+    return Tracker.start(start.pop("section"), **start, job_type="eval", directory=directory)
 
 
 def _log_entries(tracker: Tracker, entries: list[dict], results: dict, results_path: Path,
@@ -140,12 +128,16 @@ def _log_entries(tracker: Tracker, entries: list[dict], results: dict, results_p
     tracker.finish()
 
 
-def _report_plots(results_path: Path, scratch: Path) -> dict[str, Path]:
-    """The report's plots (built into a scratch directory), keyed plots/<name>."""
+def _report_plots(results: dict, scratch: Path) -> dict[str, Path]:
+    """The report's plots of these results alone (one run's entries: its loss curve, its ROC and
+    reliability curves, the trade-off of its own points), keyed plots/<name>. Built from a copy of
+    results.json that holds only those entries, since a report draws every run its entries name."""
     from workbench.report.build import build_report
+    from workbench.io import write_json
 
     try:
-        build_report([results_path], scratch / "report")
+        write_json(scratch / "results.json", results)
+        build_report([scratch / "results.json"], scratch / "report")
     except Exception as exc:  # a plot that cannot be drawn must not cost the rest of the logging
         warn("report plots", exc)
         return {}

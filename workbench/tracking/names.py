@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from workbench.config.penalties import PENALTY_CONFIGS
 from workbench.config.recipe import Recipe, WandbSection, read_yaml, resolved
 from workbench.io import fingerprint
 
@@ -72,6 +73,60 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def with_every_penalty(recipe: dict) -> dict:
+    """The resolved recipe with every registered penalty present: one that is off (null) gets its
+    schema's knobs at their defaults and weight 0, and `neftune_alpha` null becomes 0 (no noise).
+
+    A baseline and a KL run then log the same config keys, so a W&B runs table or a
+    parallel-coordinates plot shows `regularizers.kl_to_base.weight` as 0 on the baseline, not as an
+    empty cell that drops the run from the plot."""
+    data = {**recipe, "regularizers": dict(recipe.get("regularizers") or {})}
+    regs = data["regularizers"]
+    for name, config in PENALTY_CONFIGS.items():
+        if regs.get(name) is None:
+            regs[name] = config(weight=0.0).model_dump(mode="json")
+    if "neftune_alpha" in regs and regs["neftune_alpha"] is None:
+        regs["neftune_alpha"] = 0.0
+    return data
+
+
+def recipe_family(recipe: dict) -> str:
+    """The family `workbench compare` pools a recipe's points into (results.json's `family`): the
+    recipe's `family`, else its name."""
+    return recipe.get("family") or recipe.get("name") or "recipe"
+
+
+def run_config(recipe: dict, record: dict | None = None) -> dict[str, Any]:
+    """What every W&B run of a fine-tune (train, eval, gate) logs as its config: the resolved recipe
+    flattened with every penalty present, `family` (never null) and `seed`, and from run.json
+    (`record`, a dict) the `run.*` fingerprints. Same keys for every recipe of one workbench."""
+    record = record or {}
+    config = flatten(with_every_penalty(recipe))
+    config.pop("wandb", None)  # `wandb: null` on a run evaluated with --wandb only; W&B holds it anyway
+    config = {k: v for k, v in config.items() if not k.startswith("wandb.")}
+    config.update({"family": recipe_family(recipe), "seed": (recipe.get("train") or {}).get("seed"),
+                   "run.recipe_hash": recipe_hash(recipe), "run.model_fingerprint": record.get("model_fingerprint"),
+                   "run.train_fingerprint": (record.get("data") or {}).get("train_fingerprint"),
+                   "run.world_size": record.get("world_size")})
+    return config
+
+
+MAX_TAG = 64  # W&B refuses a tag longer than 64 characters
+
+
+def run_tags(recipe: dict) -> list[str]:
+    """The recipe's own `wandb.tags`, then `family:<f>`, `model:<name>` (a local path by its last
+    part), `seed:<n>` and each penalty that is on by name (`kl_to_base`), or `baseline` when none is:
+    enough to filter a project's runs by what trained them without opening the config."""
+    regs = recipe.get("regularizers") or {}
+    on = [name for name in PENALTY_CONFIGS if (regs.get(name) or {}).get("weight", 0) > 0]
+    model = str((recipe.get("model") or {}).get("name") or "")
+    model = model if model.count("/") <= 1 and not model.startswith((".", "/")) else Path(model).name
+    tags = [*((recipe.get("wandb") or {}).get("tags") or []), f"family:{recipe_family(recipe)}",
+            f"model:{model}", f"seed:{(recipe.get('train') or {}).get('seed')}", *(on or ["baseline"])]
+    return [t[:MAX_TAG] for t in dict.fromkeys(tags)]
 
 
 def lineage(record: dict) -> dict:

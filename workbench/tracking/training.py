@@ -1,9 +1,10 @@
-"""W&B tracking of a training run: one W&B run per `workbench train`.
+"""W&B tracking of a training run: one W&B run per `workbench train` (job type `train`).
 
-Its config is the resolved recipe flattened to dotted keys (so grouping and parallel-coordinates
-views work per regularizer knob), its history every Trainer log record (each loss term, learning
+Its config is the resolved recipe flattened to dotted keys, every penalty present (weight 0 when
+off), so grouping and parallel-coordinates views work per regularizer knob; its history every Trainer log record (each loss term, learning
 rate, gradient norm) plus tokens/s, and its artifacts the adapter and the Fisher. The W&B id goes
-into run.json, so that `--resume` and `workbench eval` log into the same W&B run.
+into run.json with the run's folder, so that `--resume` rejoins it and `workbench eval` and
+`workbench gate` log runs of their own beside it, with the same config and group.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from workbench.config.recipe import Recipe, resolved
 from workbench.distributed import is_main_process
 from workbench.errors import UsageError
 from workbench.formats.run_record import RunRecord, read_run
-from workbench.tracking.names import flatten, lineage, recipe_hash, run_name, trainer_key
+from workbench.tracking.names import lineage, run_config, run_name, run_tags, trainer_key
+from workbench.tracking.runs import with_run
 from workbench.tracking.wandb_run import Tracker
 
 
@@ -64,24 +66,25 @@ def start_training(recipe: Recipe, trainer, output_dir: Path, record: RunRecord,
     trainer.args.include_num_input_tokens_seen = "non_padding"
     if not is_main_process():
         return Tracker()
-    previous = _previous_id(output_dir) if resume else None
-    config = {**flatten(resolved(recipe)), "run.recipe_hash": recipe_hash(recipe),
-              "run.model_fingerprint": record.model_fingerprint,
-              "run.train_fingerprint": record.data.get("train_fingerprint"),
-              "run.world_size": record.world_size}
+    previous = _previous_record(output_dir) if resume else {}
+    data = resolved(recipe)
     tracker = Tracker.start(recipe.wandb, name=run_name(recipe), group=recipe.wandb.group or recipe.name,
-                            config=config, job_type="train", directory=output_dir, run_id=previous)
+                            config=run_config(data, record.model_dump()), job_type="train",
+                            directory=output_dir, run_id=previous.get("id"), tags=run_tags(data))
     trainer.add_callback(TrackingCallback(tracker))
     if tracker.active:
-        record.wandb = tracker.info()
+        # the training run's id on top (what --resume, eval and gate read), every folder in `runs`
+        info = tracker.info()
+        record.wandb = {**info, "runs": with_run(previous, info)["runs"]}
     return tracker
 
 
-def _previous_id(output_dir: Path) -> str | None:
+def _previous_record(output_dir: Path) -> dict:
+    """The `wandb` record of the run.json a `--resume` continues: its id and its list of runs."""
     try:
-        return (read_run(output_dir).wandb or {}).get("id")
+        return dict(read_run(output_dir).wandb or {})
     except UsageError:
-        return None
+        return {}
 
 
 def finish_training(tracker: Tracker, output_dir: Path, record: RunRecord, exit_code: int = 0) -> None:

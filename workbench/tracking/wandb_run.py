@@ -61,8 +61,9 @@ class Tracker:
 
     @classmethod
     def start(cls, section: WandbSection, *, name: str, group: str | None, config: dict, job_type: str,
-              directory: Path, run_id: str | None = None) -> "Tracker":
-        """Start (or, with run_id, rejoin) a W&B run; an inactive tracker when off or failing."""
+              directory: Path, run_id: str | None = None, tags: list[str] | None = None) -> "Tracker":
+        """Start (or, with run_id, rejoin) a W&B run; an inactive tracker when off or failing.
+        `tags` default to the section's own."""
         mode = resolve_mode(section)
         if mode == "disabled":
             return cls()
@@ -78,7 +79,7 @@ class Tracker:
                 _wait_for_a_fresh_offline_folder(directory, run_id)
             run = wandb.init(
                 project=section.project, entity=section.entity, group=group, name=name,
-                tags=list(section.tags), job_type=job_type, config=config, dir=str(directory),
+                tags=list(section.tags if tags is None else tags), job_type=job_type, config=config, dir=str(directory),
                 mode=mode, id=run_id, resume="allow" if run_id else None, reinit="create_new",
                 # our stdout stays ours (no console capture), and wandb's banner is replaced by one line
                 settings=wandb.Settings(console="off", silent=True))
@@ -106,7 +107,7 @@ class Tracker:
             return {}
         run = self.run
         return {"id": run.id, "name": run.name, "project": run.project, "entity": run.entity or None,
-                "group": run.group, "mode": self.mode, "dir": self.sync_dir()}
+                "group": run.group, "job_type": run.job_type, "mode": self.mode, "dir": self.sync_dir()}
 
     def sync_dir(self) -> str | None:
         """The run's local directory: what `wandb sync` uploads."""
