@@ -67,6 +67,15 @@ def cmd_average(args) -> int:
     return 0
 
 
+def cmd_reduce_intruders(args) -> int:
+    from workbench.training.intruders import reduce_run
+
+    out, counts = reduce_run(args.run, args.out, args.top_k, args.epsilon, args.mitigation)
+    print(f"reduce-intruders: {counts['layers_with_intruders']} of {counts['layers']} layers had intruders "
+          f"({counts['intruder_dimensions']} dimensions damped)\nrun: {out / 'run.json'}\nadapter: {out / 'adapter'}")
+    return 0
+
+
 def cmd_fisher(args) -> int:
     from workbench.training.fisher import save_fisher
     from workbench.config.recipe import load_recipe
@@ -220,6 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     avg.add_argument("--weights", nargs="+", type=float, metavar="W", help="default: equal; must sum to 1")
     avg.add_argument("--out", type=Path, required=True, help="the new run directory")
     avg.set_defaults(func=cmd_average)
+
+    red = sub.add_parser("reduce-intruders", help="damp a run's adapter's intruder dimensions (PEFT's "
+                         "reduce_intruder_dimension), written as a new run")
+    red.add_argument("run", type=Path, help="a run directory written by `workbench train`")
+    red.add_argument("--out", type=Path, required=True, help="the new run directory")
+    red.add_argument("--top-k", type=int, default=10, help="singular vectors of each tuned layer examined "
+                     "(default: %(default)s)")
+    red.add_argument("--epsilon", type=float, default=0.5, help="an intruder's best |cosine| with the base's "
+                     "singular vectors is under this (default: %(default)s)")
+    red.add_argument("--lambda", dest="mitigation", type=float, default=0.75,
+                     help="the share of each intruder direction kept (default: %(default)s)")
+    red.set_defaults(func=cmd_reduce_intruders)
 
     ev = sub.add_parser("eval", help="retention, learning and overfitting evals: tuned vs base")
     ev.add_argument("--suite", required=True, type=Path, help="eval suite YAML (see evals/)")

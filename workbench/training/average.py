@@ -87,18 +87,26 @@ def average_run(run_dir: str | Path, steps: list[str], out: str | Path, weights:
     peft_model.set_adapter("average")
     for name in names:
         peft_model.delete_adapter(name)
+    averaged = [{"adapter": str(p), "step": s, "weight": w} for p, s, w in zip(paths, steps, weights)]
+    return write_derived_run(out, peft_model, "average", tokenizer, record, f"{recipe.name}_avg",
+                             {"averaged_from": averaged, "source_run": str(run_dir)})
+
+
+def write_derived_run(out: Path, peft_model, adapter: str, tokenizer, record, name: str, extra: dict) -> Path:
+    """A run directory made from another run's adapter (averaged, intruders reduced): `adapter/`, a
+    standard PEFT adapter sealed with a manifest, and the source's run.json (same base, data and
+    split, so `workbench eval --run` scores learning too) under the recipe name `name`, a family
+    of its own, with `extra` keys saying where it came from. Staged, then renamed into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with writing(out, "nothing was written"), \
             tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         staged = Path(tmp) / "run"
-        peft_model.save_pretrained(str(staged / "adapter"), selected_adapters=["average"])
-        _flatten(staged / "adapter", "average")
+        peft_model.save_pretrained(str(staged / "adapter"), selected_adapters=[adapter])
+        _flatten(staged / "adapter", adapter)
         tokenizer.save_pretrained(str(staged / "adapter"))
         write_manifest(staged / "adapter")
-        record.recipe = {**record.recipe, "name": f"{recipe.name}_avg", "family": None}  # a family of its own
+        record.recipe = {**record.recipe, "name": name, "family": None}
         record.adapter, record.status, record.history = "adapter", "completed", None
-        extra = {"averaged_from": [{"adapter": str(p), "step": s, "weight": w}
-                                   for p, s, w in zip(paths, steps, weights)], "source_run": str(run_dir)}
         for key, value in extra.items():
             setattr(record, key, value)
         record.write(staged)
