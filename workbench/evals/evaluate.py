@@ -28,7 +28,7 @@ from workbench.modeling.load import load_model, load_tokenizer, model_fingerprin
 from workbench.config.recipe import ModelSection, Recipe, describe_error
 from workbench.formats.integrity import check_folder
 from workbench.formats.run_record import RunRecord, describe_state, read_run, run_path, versions
-from workbench.modeling.lora import check_adapter_fits, scaled_delta_norm
+from workbench.modeling.lora import check_adapter_fits, recorded_base, scaled_delta_norm
 from workbench.scoring.base_cache import BaseCache
 from workbench.formats.results import KIND, SCHEMA_VERSION, dumps
 from workbench.evals.runner import Entry, EvalData, Evaluator, TargetData
@@ -128,8 +128,12 @@ def base_section(specs: list[AdapterSpec], base: str | None) -> ModelSection:
     if base is not None:
         return ModelSection(name=base)
     sections = {json.dumps(s.recipe.model.model_dump(), sort_keys=True) for s in specs if s.recipe}
+    recorded = {recorded_base(s.path) for s in specs}  # adapter_config.json's base_model_name_or_path
+    if not sections and len(recorded) == 1 and None not in recorded:
+        return ModelSection(name=recorded.pop())
     if not sections:
-        raise UsageError("--adapter without a run.json next to it needs --base MODEL")
+        raise UsageError("--adapter without a run.json next to it, or a base its adapter_config.json names, "
+                         "needs --base MODEL")
     if len(sections) > 1:
         raise UsageError("the runs were trained on different base models; evaluate them separately")
     return next(s.recipe for s in specs if s.recipe).model

@@ -73,7 +73,8 @@ class RunRecord(BaseModel):
         default=None, description="Under train.select: metric, subject_to, step (null when no checkpoint met "
         "the bounds), reason, and each candidate checkpoint's values, `meets` and the bounds it `breaks`.")
     resumed_from: str | None = None
-    wandb: dict[str, Any] | None = Field(default=None, description="The W&B run: id, project, entity, url.")
+    wandb: dict[str, Any] | None = Field(default=None, description="The training W&B run (id, project, entity, url, "
+                                          "group) and `runs`: every run and offline folder the fine-tune wrote to.")
 
     @property
     def name(self) -> str:

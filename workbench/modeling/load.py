@@ -63,6 +63,8 @@ def resolve_model_dir(name: str) -> Path | None:
         return None
     if name in NAMED:
         return ensure_named_model(name)
+    if name in HUB_IDS:  # what an adapter trained here records as its base (`public_name`)
+        return ensure_named_model(HUB_IDS[name])
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -74,6 +76,20 @@ def resolve_model_dir(name: str) -> Path | None:
     if _looks_like_path(name) or path.exists():
         raise UsageError(f"model '{name}': directory {path.absolute()} not found")
     return None
+
+
+HUB_IDS = {m.hub_id: m.name for m in NAMED.values()}
+
+
+def public_name(name: str) -> str:
+    """What an adapter records as its base (`base_model_name_or_path` in adapter_config.json), so
+    that it travels: a named model's hub id (`HuggingFaceTB/SmolLM2-135M-Instruct`; the workbench
+    maps it back to its local copy, and elsewhere `AutoPeftModelForCausalLM` loads it from the
+    hub), a hub id or `tiny-random-*` name as given, a local directory as its absolute path."""
+    if name in NAMED:
+        return NAMED[name].hub_id
+    path = Path(name).expanduser()
+    return str(path.resolve()) if tiny_architecture(name) is None and path.is_dir() else name
 
 
 def _looks_like_path(name: str) -> bool:

@@ -75,6 +75,18 @@ def check_adapter_fits(base: torch.nn.Module, adapter_file: str | Path) -> None:
                     "was trained on another base")
 
 
+def recorded_base(adapter_dir: str | Path) -> str | None:
+    """The base an adapter's `adapter_config.json` names (`base_model_name_or_path`), or None when
+    it names none or the file does not parse (the adapter's own check says why)."""
+    import json
+
+    try:
+        name = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None
+
+
 def gram(A: torch.Tensor, B: torch.Tensor, g: torch.Tensor | None = None,
          a: torch.Tensor | None = None) -> torch.Tensor:
     """sum_ij g_i a_j (B @ A)_ij^2 as an r-by-r contraction: sum((B.T diag(g) B) * (A diag(a) A.T)).

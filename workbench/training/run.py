@@ -22,7 +22,7 @@ from workbench.training.rundir import check_base, previous_run, resume_point, st
 from workbench.training.fisher import estimate_fisher, load_fisher, save_fisher
 from workbench.io import cache_dir, fingerprint, writing
 from workbench.modeling.load import (
-    apply_lora, count_parameters, load_model, load_tokenizer, model_fingerprint
+    apply_lora, count_parameters, load_model, load_tokenizer, model_fingerprint, public_name
 )
 from workbench.config.recipe import INITS_NEEDING_DATA, INITS_REWRITING_BASE, TRAIN_DATA, Recipe, resolved
 from workbench.formats.integrity import write_manifest
@@ -48,6 +48,7 @@ def prepare(recipe: Recipe):
     if recipe.lora.enabled:
         batches, cache = lora_init_data(recipe, tokenizer, data.train, base_fingerprint)
         model = apply_lora(model, recipe.lora, recipe.regularizers.lora_dropout, batches, cache)
+        model.peft_config["default"].base_model_name_or_path = public_name(recipe.model.name)  # saved as given
     return tokenizer, data, model, base_fingerprint
 
 
