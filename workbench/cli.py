@@ -1,4 +1,4 @@
-"""`workbench train | fisher | eval | gate | calibrate | compare | report | sweep | recipes`: exit 0 on success, 1 when a job fails, 2 on bad input."""
+"""`workbench train | fisher | eval | gate | calibrate | compare | summarize | report | sweep | recipes`: exit 0 on success, 1 when a job fails, 2 on bad input."""
 
 from __future__ import annotations
 
@@ -145,6 +145,12 @@ def cmd_compare(args) -> int:
 
     return run_compare(args.results, args.learning, args.forgetting, args.reference, args.levels,
                        args.out, args.markdown)
+
+
+def cmd_summarize(args) -> int:
+    from workbench.compare.summarize import run_summarize
+
+    return run_summarize(args.cells, args.metric, args.out, args.markdown)
 
 
 def cmd_report(args) -> int:
@@ -300,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", type=Path, metavar="compare.json", help="write the versioned JSON")
     compare.add_argument("--markdown", type=Path, metavar="compare.md", help="write a Markdown table")
     compare.set_defaults(func=cmd_compare)
+
+    summarize = sub.add_parser("summarize", help="one table across cells (model x task): each family's verdict "
+                               "and difference per cell's compare.json, and a random-effects pool")
+    summarize.add_argument("cells", nargs="+", metavar="CELL=compare.json",
+                           help="a cell's name and its compare.json, such as smollm2/unscramble=runs/su/compare.json")
+    summarize.add_argument("--metric", action="append", metavar="METRIC",
+                           help="a forgetting metric, one table each; repeatable (default: the first all cells share)")
+    summarize.add_argument("--out", type=Path, metavar="summary.json", help="write the versioned JSON")
+    summarize.add_argument("--markdown", type=Path, metavar="summary.md", help="write the Markdown tables")
+    summarize.set_defaults(func=cmd_summarize)
 
     report = sub.add_parser("report", help="HTML and Markdown report with plots")
     report.add_argument("inputs", nargs="+", type=Path, metavar="RUN_OR_RESULTS")
