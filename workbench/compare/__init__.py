@@ -10,4 +10,6 @@ reference family's front, the unregularized baseline trained less (docs/compare.
 - `paired`: the paired bootstrap of a comparison, items resampled jointly across entries.
 - `analysis`: each family against the reference at matched levels, with either kind of CI.
 - `command`: the rows per family, metric and level; the table, Markdown and compare.json.
+- `pooling`: the random-effects (DerSimonian-Laird) combination of differences across cells.
+- `summarize`: several cells' compare.json files in one table, a pooled column per family.
 """

@@ -208,7 +208,7 @@ def to_json(c: Comparison) -> dict:
     }
 
 
-def _writable(path: Path | None, flag: str, example: str) -> None:
+def writable(path: Path | None, flag: str, example: str) -> None:
     if path is not None and path.is_dir():
         raise UsageError(f"{path}: {flag} is a directory; give a file name such as {path / example}")
 
@@ -218,15 +218,21 @@ def run_compare(results: Sequence[str | Path], learning: str | None = None, forg
                 markdown_path: Path | None = None) -> int:
     """Print the comparison table; write compare.json and Markdown when asked. 0 when it ran:
     the verdicts are findings, not failures. Bad input raises UsageError."""
-    _writable(out, "--out", "compare.json")
-    _writable(markdown_path, "--markdown", "compare.md")
+    writable(out, "--out", "compare.json")
+    writable(markdown_path, "--markdown", "compare.md")
     c = compare(results, learning or DEFAULT_LEARNING, forgetting, reference, levels)
     print(format_table(c))
+    write_outputs("compare", out, lambda: to_json(c), markdown_path, lambda: markdown(c))
+    return 0
+
+
+def write_outputs(what: str, out: Path | None, payload, markdown_path: Path | None, text) -> None:
+    """Write the JSON (`payload()`) and the Markdown (`text()`) that were asked for, each atomically,
+    and say where: the tail of `compare` and `summarize` alike."""
     if out is not None:
-        write_json(out, to_json(c))
-        print(f"compare: {out}")
+        write_json(out, payload())
+        print(f"{what}: {out}")
     if markdown_path is not None:
         with atomic_path(markdown_path) as tmp:
-            tmp.write_text(markdown(c))
+            tmp.write_text(text())
         print(f"markdown: {markdown_path}")
-    return 0

@@ -29,11 +29,11 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from workbench.compare.command import KIND as COMPARE_KIND, SCHEMA_VERSION as COMPARE_SCHEMA, _writable
+from workbench.compare.command import KIND as COMPARE_KIND, SCHEMA_VERSION as COMPARE_SCHEMA, writable, write_outputs
 from workbench.compare.pooling import Pooled, dersimonian_laird
 from workbench.config.suggest import did_you_mean
 from workbench.errors import UsageError
-from workbench.io import atomic_path, read_json, write_json
+from workbench.io import read_json
 
 KIND = "workbench.summary"
 SCHEMA_VERSION = 1
@@ -311,8 +311,8 @@ def run_summarize(specs: Sequence[str], metrics: Sequence[str] | None = None, ou
                   markdown_path: Path | None = None) -> int:
     """Print one table per metric; write the JSON and Markdown when asked. 0 when it ran (the
     verdicts are findings, not failures); bad input raises a one-line UsageError."""
-    _writable(out, "--out", "summary.json")
-    _writable(markdown_path, "--markdown", "summary.md")
+    writable(out, "--out", "summary.json")
+    writable(markdown_path, "--markdown", "summary.md")
     cells = [read_cell(name, path) for name, path in parse_cells(specs)]
     summaries = [summarize(cells, m, higher) for m, higher in choose_metrics(cells, metrics)]
     print("\n\n".join(format_table(s) for s in summaries))
@@ -320,11 +320,5 @@ def run_summarize(specs: Sequence[str], metrics: Sequence[str] | None = None, ou
               and m not in {s.metric for s in summaries}]
     if others:
         print(f"\nalso in every cell (--metric METRIC for its table): {', '.join(others)}")
-    if out is not None:
-        write_json(out, to_json(summaries))
-        print(f"summary: {out}")
-    if markdown_path is not None:
-        with atomic_path(markdown_path) as tmp:
-            tmp.write_text(markdown(summaries))
-        print(f"markdown: {markdown_path}")
+    write_outputs("summary", out, lambda: to_json(summaries), markdown_path, lambda: markdown(summaries))
     return 0

@@ -56,15 +56,20 @@ def tradeoff_figure(entries: list[ReportEntry], y_axis: tuple[str, float, str],
     y_name = y_axis[0]
     panels = []
     for prefix, label in LEARNING:
-        if grouped(entries, f"{prefix}.tuned", y_name):
+        if grouped(entries, f"{prefix}.tuned", y_name) and not _constant(entries, prefix):
             window = _zoom(entries, prefix, y_name)
             panels += [(prefix, label, None)] + ([(prefix, label + ", the fine-tunes up close", window)]
                                                  if window else [])
     if not panels:
         return None
     colors = _colors(list(grouped(entries)), reference)  # every family, so both figures agree
-    fig = Figure(figsize=(5.4 * len(panels) + 2.6, 4.6), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    # two panels a row at most: three in a row are ~300 px tall on a 1,200 px page, too small to read
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(6.2 * cols + 2.6, 4.8 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     for ax, (prefix, label, window) in zip(axes, panels):
         _panel(ax, entries, prefix, y_axis, colors, reference, window)
         if not higher_is_better(f"{prefix}.tuned"):  # more learning to the right in every panel
@@ -76,6 +81,15 @@ def tradeoff_figure(entries: list[ReportEntry], y_axis: tuple[str, float, str],
     handles, labels = _legend(axes)
     fig.legend(handles, labels, loc="outside right upper", fontsize=9, title="family (front)")
     return fig
+
+
+def _constant(entries: list[ReportEntry], prefix: str) -> bool:
+    """Whether a learning metric is the same for every entry and the base (exact match 0
+    everywhere on a model that never completes the task): a panel of one vertical line says
+    nothing, so it is dropped."""
+    seen = {round(v, 12) for e in entries for side in ("tuned", "base")
+            if (v := value(e, f"{prefix}.{side}")) is not None}
+    return len(seen) <= 1
 
 
 def _zoom(entries: list[ReportEntry], prefix: str, y_name: str
@@ -119,7 +133,8 @@ def _panel(ax, entries: list[ReportEntry], prefix: str, y_axis: tuple[str, float
         ax.set_yscale("log")
     bases = sorted({round(b, 12) for e in entries if (b := value(e, f"{prefix}.base")) is not None})
     for i, base in enumerate(bases):
-        ax.plot([base], [y_base], "*", color="black", markersize=15, zorder=5,
+        # under the points (zorder 2): a scale near 0 sits on the base and must still show
+        ax.plot([base], [y_base], "*", color="black", markersize=15, zorder=2,
                 label="base (every recipe at scale 0)" if i == 0 else None)
     families = grouped(entries, x_name, y_name)
     by_name = {e.name: e for e in entries}
