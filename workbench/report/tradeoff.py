@@ -210,13 +210,15 @@ def _log_ticks(ax) -> None:
 
 
 def _candidates(lo: float, hi: float) -> list[float]:
-    """Round ratios in [lo, hi], nearest 1 first: 1 ± d for d = 1, 2, 5 x 10^k below 1, and
-    d itself from 2 up."""
+    """Round ratios in [lo, hi], nearest 1 first: 1 ± d for d = 1..9 x 10^k below 1 (an axis
+    from 0.55 to 0.7 gets 0.6 and 0.7, where 1, 2, 5 x 10^k alone gave none), and 2, 5 x 10^k
+    from 2 up."""
     found = set()
     for k in range(math.floor(math.log10((hi - lo) / 100)), math.ceil(math.log10(hi)) + 1):
-        for m in (1, 2, 5):
+        for m in range(1, 10):
             d = m * 10.0 ** k
-            found |= {round(1 + d, 12), round(1 - d, 12)} if d < 1 else {d} if d >= 2 else set()
+            found |= ({round(1 + d, 12), round(1 - d, 12)} if d < 1 else
+                      {round(d, 12)} if d >= 2 and m in (1, 2, 5) else set())
     return sorted((t for t in found if lo <= t <= hi), key=lambda t: abs(math.log(t)))
 
 
