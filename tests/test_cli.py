@@ -287,12 +287,12 @@ def test_unusable_output_paths_are_refused_with_one_line(tmp_path, capsys):
 def test_an_unexpected_error_is_one_line_exit_1_and_debug_shows_the_traceback(monkeypatch, capsys):
     """A fault the workbench has no sentence for still ends in one line, naming the error's type and
     message; --debug adds the traceback for a bug report."""
-    import workbench.cli as cli
+    import workbench.cli.parser as parser
 
     def broken(args):
         raise KeyError("a key nobody expected")
 
-    monkeypatch.setattr(cli, "cmd_recipes", broken)
+    monkeypatch.setattr(parser, "cmd_recipes", broken)
     assert main(["recipes"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["failed: unexpected KeyError: 'a key nobody expected' (run again with --debug for the traceback)"]
