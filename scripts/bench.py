@@ -4,6 +4,7 @@ alternative a user would otherwise pick, on one machine in one run.
 
     python scripts/bench.py --quick --json bench.json     # <= 10 minutes on 2 CPU cores
     python scripts/bench.py                               # the full profile: bigger batches, more repeats
+    python scripts/bench.py --head cpu-gemma3             # the fused head's step vs HF + PEFT, Gemma 3 270M
 
 1. Training step time and peak memory: `RegularizedTrainer` with no penalty vs a plain HF
    `Trainer` on the same PEFT model and batch; then each regularizer on vs off.
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     started = time.perf_counter()
-    print(f"bench: {machine()}; model {s.model}; load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    models = ", ".join(HEAD_PRESETS[args.head].models) if args.head in HEAD_PRESETS else s.model
+    print(f"bench: {machine()}; model {models}; load average {os.getloadavg()[0]:.2f}", file=sys.stderr)
     if args.head:
         rows = bench_head(s, args.head)
         device = machine(HEAD_PRESETS[args.head].dtype if args.head in HEAD_PRESETS else DTYPE)

@@ -38,7 +38,7 @@ LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, 
 
 @dataclass(frozen=True)
 class HeadSettings:
-    models: tuple[str, ...]  # "smollm2-135m-instruct" or "llama-1b" (LLAMA_1B)
+    models: tuple[str, ...]  # a named model ("smollm2-135m-instruct", "gemma3-270m") or "llama-1b" (LLAMA_1B)
     seqs: tuple[int, ...]  # step peak memory, ours (fused) vs HF, at each
     penalty_seqs: tuple[int, ...]  # also KL-to-base and EWC (fused), on the last model
     timed_seqs: tuple[int, ...]  # also step times, and today's full-logits path with and without the KL
@@ -48,6 +48,8 @@ class HeadSettings:
     warmup: int = 1
     checkpointing: bool = True  # gradient checkpointing, both sides alike
     dtype: str = DTYPE  # the weights' dtype (bf16 on a GPU, fp32 on a CPU unless a preset says)
+    full_path: bool = True  # at timed penalty lengths, also today's full-logits path (its KL holds ~5 [T, V] fp32)
+    batch: int = 1  # rows of seq tokens per step
 
 
 HEAD_PRESETS = {
@@ -67,6 +69,17 @@ HEAD_PRESETS = {
     # (plain, KL, EWC), one timed round at 2,048 after the profiled step, the eval at 4,096
     "cpu-1b-bf16": HeadSettings(models=("llama-1b",), seqs=(2048, 4096), penalty_seqs=(2048, 4096),
                                 timed_seqs=(2048,), eval_seq=4096, repeats=1, warmup=0, dtype="bfloat16"),
+    # Gemma 3 270M (pretrained base, 262k vocabulary, tied head) at the study's lengths: max_length 64
+    # (word_unscrambling) and 384 (GSM8K); memory of plain, KL and EWC, 3 paired rounds after a warm-up
+    "cpu-gemma3": HeadSettings(models=("gemma3-270m",), seqs=(64, 384), penalty_seqs=(64, 384), timed_seqs=(64, 384),
+                               eval_seq=None, repeats=3, warmup=1),
+    # the same at 4,096 tokens, one timed round after the profiled step; without today's full-logits
+    # path, whose exact KL would hold about 5 x 4 GiB [4,096, 262k] fp32 tensors on a 23 GB machine
+    "cpu-gemma3-4k": HeadSettings(models=("gemma3-270m",), seqs=(4096,), penalty_seqs=(4096,), timed_seqs=(4096,),
+                                  eval_seq=4096, repeats=1, warmup=0, full_path=False),
+    # the word_unscrambling study's own batch, 16 rows of 64 tokens: 1,024 positions, two head chunks
+    "cpu-gemma3-batch": HeadSettings(models=("gemma3-270m",), seqs=(64,), penalty_seqs=(64,), timed_seqs=(64,),
+                                     eval_seq=None, repeats=3, warmup=1, full_path=False, batch=16),
     "smoke": HeadSettings(models=("tiny-random-llama",), seqs=(32, 64), penalty_seqs=(64,), timed_seqs=(64,),
                           eval_seq=64, repeats=1, warmup=0),
 }
@@ -105,10 +118,10 @@ def trainers(model, tokenizer, s: Settings, tmp: str, which: tuple[str, ...]) ->
 
 def step_rows(label: str, model, tokenizer, s: Settings, h: HeadSettings, seq: int, which: tuple[str, ...],
               pairs: list[tuple[str, str, str | None, str | None]]) -> list[dict]:
-    """One batch of 1 x seq tokens; the peak memory of one step of each trainer, then timed rounds
+    """One batch of h.batch x seq tokens; the peak memory of one step of each trainer, then timed rounds
     when seq is in timed_seqs; pairs: (ours, baseline, memory target, time target), those whose
     trainers ran. Each row is also printed to stderr as it is measured."""
-    s = Settings(**{**s.__dict__, "batch_size": 1, "seq_len": seq})
+    s = Settings(**{**s.__dict__, "batch_size": h.batch, "seq_len": seq})
     batch = training_batch(tokenizer, s)
     n_items = (batch["labels"][:, 1:] != -100).sum()
     timed = seq in h.timed_seqs and h.repeats > 0
@@ -127,7 +140,7 @@ def step_rows(label: str, model, tokenizer, s: Settings, h: HeadSettings, seq: i
     for ours, base, mem_target, time_target in pairs:
         if ours not in steps or base not in steps:
             continue
-        common = {"unit": "MB", "model": label, "seq_len": seq, "checkpointing": h.checkpointing,
+        common = {"unit": "MB", "model": label, "seq_len": seq, "batch": h.batch, "checkpointing": h.checkpointing,
                   "a": round(peaks[base] / MB, 1), "b": round(peaks[ours] / MB, 1)}
         out.append(row(f"head_peak_{ours}_vs_{base}_{label}_T{seq}", f"step peak memory, {ours} vs {base}",
                        peaks[ours] / peaks[base], mem_target, **common))
@@ -204,7 +217,7 @@ def bench_head(s: Settings, preset: str) -> list[dict]:
         last = i == len(h.models) - 1
         for seq in h.seqs:
             which = ("hf", "fused") + (("kl", "ewc") if last and seq in h.penalty_seqs else ())
-            which += ("full", "kl_full") if "kl" in which and seq in h.timed_seqs else ()
+            which += ("full", "kl_full") if h.full_path and "kl" in which and seq in h.timed_seqs else ()
             longest = seq == max(h.seqs)
             pairs = [("fused", "hf", "<= 0.5" if longest else None, "<= 1.0"),
                      ("kl", "hf", "<= 0.6" if longest else None, None), ("ewc", "hf", None, None),
@@ -215,7 +228,8 @@ def bench_head(s: Settings, preset: str) -> list[dict]:
             rows += eval_rows(label, model, tokenizer, h.eval_seq)
         for r in rows:
             if r.get("model") == label and r["unit"] == "MB" and "seq_len" in r:
-                # one [T, V] fp32 tensor: the full head holds several (logits, log-softmax, gradient)
-                r["full_tensor_mb"] = round(r["seq_len"] * model.get_base_model().config.vocab_size * 4 / MB, 1)
+                # one [B x T, V] fp32 tensor: the full head holds several (logits, log-softmax, gradient)
+                positions = r.get("batch", 1) * r["seq_len"]
+                r["full_tensor_mb"] = round(positions * model.get_base_model().config.vocab_size * 4 / MB, 1)
         del model
     return rows

@@ -44,3 +44,17 @@ def test_the_full_logits_path_without_a_penalty_holds_what_hf_holds(rows):
     # the baseline side of every memory row is one measured HF step per length
     assert rows["head_peak_full_vs_hf_tiny_T64"]["a"] == rows["head_peak_fused_vs_hf_tiny_T64"]["a"]
     assert rows["head_peak_full_vs_hf_tiny_T64"]["ratio"] == pytest.approx(1.0, abs=0.02)
+
+
+def test_every_preset_names_a_model_it_can_build_and_full_tensors_count_every_row(rows):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_head import HEAD_PRESETS
+    from workbench.assets.models import NAMED
+
+    for name, preset in HEAD_PRESETS.items():
+        assert all(m in NAMED or m in ("llama-1b", "tiny-random-llama") for m in preset.models), name
+    assert HEAD_PRESETS["cpu-gemma3"].seqs == (64, 384) and HEAD_PRESETS["cpu-gemma3-4k"].seqs == (4096,)
+    assert not HEAD_PRESETS["cpu-gemma3-4k"].full_path  # its KL on full logits: ~5 x 4 GiB
+    assert HEAD_PRESETS["cpu-gemma3-batch"].batch == 16
+    row = rows["head_peak_fused_vs_hf_tiny_T64"]  # batch 1: one [T, V] fp32 tensor, V = 259
+    assert row["batch"] == 1 and row["full_tensor_mb"] == round(64 * 259 * 4 / 2**20, 1)
