@@ -210,8 +210,8 @@ def _flag_bos(tokenizer: PreTrainedTokenizerBase) -> None:
 
     transformers 5 keeps that in tokenizer.json's post-processor and reports `add_bos_token`
     False, while `data.examples` tokenises prompt and completion apart and asks the flag whether
-    to put <bos> first. Gemma without its <bos> reads as noise: a word_unscrambling example's loss
-    is 11.3 nats per token without it and 3.9 with it (uniform over 262,144 tokens is 12.5)."""
+    to put <bos> first. Gemma reads badly without it: a word_unscrambling prompt and answer, read
+    whole, average 11.3 nats per token without it and 3.9 with it (uniform over 262,144 is 12.5)."""
     bos = tokenizer.bos_token_id
     if bos is None or getattr(tokenizer, "add_bos_token", True):
         return
