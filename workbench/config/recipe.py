@@ -96,6 +96,22 @@ class ReplaySection(Section):
     ratio: float = Field(default=0.2, gt=0.0, lt=1.0, description="Fraction of the training mix.")
 
 
+class BaseReplay(Section):
+    """Context-free replay: `ratio` of every batch is text the base sampled from BOS (or `prefix`),
+    generated once before the adapter exists and cached; the task loss on it approximates KL(base ||
+    tuned) on the base's own distribution, with no general data. A regularizer, not `data.replay`:
+    its pool comes from the base, and it is mixed a fixed count per batch, not shuffled in."""
+
+    ratio: float = Field(default=0.25, gt=0.0, lt=1.0, description="round(ratio * train.batch_size) "
+                         "examples of every batch (on every rank), between 1 and batch_size - 1")
+    num_samples: int = Field(default=256, ge=1, description="the pool, cycled through in a seeded order")
+    max_new_tokens: int = Field(default=128, ge=1)
+    temperature: float = Field(default=1.0, gt=0.0, description="1 with top_p 1: the base's distribution")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    prefix: str = Field(default="", description="text after BOS that every sample starts from")
+    seed: int = Field(default=0, description="the samples' seed, apart from train.seed: seeds share a pool")
+
+
 class DataSection(Section):
     train: str = Field(description="JSONL/CSV/Parquet file, a save_to_disk dir, or builtin:NAME.")
     val: str | None = None
@@ -214,6 +230,7 @@ def _regularizers_schema() -> type[Section]:
         lora_dropout=(float, Field(default=0.0, ge=0.0, lt=1.0)),
         label_smoothing=(float, Field(default=0.0, ge=0.0, lt=1.0)),
         neftune_alpha=(float | None, Field(default=None, gt=0.0)),
+        base_replay=(BaseReplay | None, None),
         **penalties,
     )
 
@@ -272,6 +289,10 @@ class Recipe(Section):
                 raise ValueError(f"lora.init {self.lora.init} with {', '.join(clash)}: the adapter holds a "
                                  "frozen copy of the base's components that weight decay would shrink, "
                                  "dropout would drop and a 4-bit base cannot be restored under")
+        replay, batch = self.regularizers.base_replay, self.train.batch_size
+        if replay is not None and not 0 < round(replay.ratio * batch) < batch:
+            raise ValueError(f"regularizers.base_replay.ratio {replay.ratio}: round({replay.ratio} * train.batch_size "
+                             f"{batch}) = {round(replay.ratio * batch)} a batch leaves no room for replay or task")
         ewc = self.regularizers.ewc
         if ewc is not None and ewc.weight > 0 and not (ewc.fisher or ewc.reference):
             raise ValueError("regularizers.ewc needs a Fisher: set ewc.fisher (a file from "

@@ -28,6 +28,7 @@ from workbench.config.recipe import INITS_NEEDING_DATA, INITS_REWRITING_BASE, TR
 from workbench.formats.integrity import write_manifest
 from workbench.formats.run_record import RunRecord, versions
 from workbench.training.reference import topk_reference_for
+from workbench.training.base_replay import pool_for, use_mixed_batches, with_base_replay
 from workbench.training.probe import RetentionProbeCallback, probe_chunks
 from workbench.training.regularizers import PENALTIES
 from workbench.training.select import choose, closest, copy_adapter
@@ -45,10 +46,16 @@ def prepare(recipe: Recipe):
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     model, tokenizer = load_model(recipe.model, tokenizer)
     base_fingerprint = model_fingerprint(model)
+    replay = recipe.regularizers.base_replay
+    if replay is not None:  # sampled before LoRA exists: the base, whatever the init does to its weights
+        rows, record = pool_for(model, tokenizer, replay, base_fingerprint)
     if recipe.lora.enabled:
         batches, cache = lora_init_data(recipe, tokenizer, data.train, base_fingerprint)
         model = apply_lora(model, recipe.lora, recipe.regularizers.lora_dropout, batches, cache)
         model.peft_config["default"].base_model_name_or_path = public_name(recipe.model.name)  # saved as given
+    if replay is not None:  # after the init: a data-driven init sees the task examples only
+        data = with_base_replay(data, rows, record, tokenizer, replay, recipe.data.max_length,
+                                recipe.train.batch_size)
     return tokenizer, data, model, base_fingerprint
 
 
@@ -149,6 +156,11 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
         print(f"data: {st['n_train']} train ({st['n_replay']} replay), {st['n_val']} val, "
               f"{st['n_truncated']} truncated to {st['max_length']} tokens, "
               f"{st['n_dropped_all_masked']} dropped with no completion token left")
+        if "base_replay" in st:
+            br = st["base_replay"]
+            how = "cached" if br["cached"] else f"generated in {br['seconds']} s"
+            print(f"base replay: {br['num_samples']} samples, {br['tokens']} tokens, {how}, "
+                  f"{br['per_batch']} of every batch of {br['batch_size']}: {br['path']}")
     context, fisher_meta, reference_meta = {}, None, None
     collator, train = Collator(tokenizer.pad_token_id), data.train
     if "ewc" in recipe.penalties():
@@ -180,6 +192,8 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
         data_collator=collator, processing_class=tokenizer,
         penalties=penalties, callbacks=callbacks, train_kl=bool(probe and probe.train_kl),
         loss=recipe.train.loss, loss_head=recipe.train.loss_head, head_chunk_size=recipe.train.head_chunk_size)
+    if recipe.regularizers.base_replay is not None:
+        use_mixed_batches(trainer, data, recipe.regularizers.base_replay.ratio, recipe.train.seed)
     if recipe.lora.init in INITS_REWRITING_BASE and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
         raise UsageError(f"lora.init {recipe.lora.init}: not available under FSDP or DeepSpeed (a gradient hook "
                          "freezes half of each LoRA factor by its rows, which sharding splits across ranks)")
