@@ -145,6 +145,8 @@ def test_config_and_tags_of_a_recipe_without_tracking_or_penalties():
     assert config["family"] == "r" and config["seed"] == 3 and "wandb" not in config
     assert run_tags(recipe) == ["family:r", "model:some-base", "seed:3", "baseline"]
     assert run_tags({**recipe, "wandb": {"tags": ["mine", "family:r"]}})[:2] == ["mine", "family:r"]
+    replaying = {**recipe, "regularizers": {**recipe["regularizers"], "base_replay": {"ratio": 0.25}}}
+    assert run_tags(replaying)[-1] == "base_replay"  # a data-side regularizer is no baseline
 
 
 def test_gate_summary_counts_and_passes():

@@ -168,6 +168,7 @@ def cmd_recipes(args) -> int:
         on = [name for name in ("weight_decay", "lora_dropout", "label_smoothing", "neftune_alpha")
               if getattr(recipe.regularizers, name)] + list(recipe.penalties())
         on += ["replay"] if recipe.data.replay else []
+        on += ["base_replay"] if recipe.regularizers.base_replay else []
         on += [f"loss {recipe.train.loss}"] if recipe.train.loss != "nll" else []
         lora = recipe.lora
         on += [f"init {lora.init}"] if lora.init != "default" else []

@@ -40,7 +40,8 @@ class TinyModel(Section):
 
 class ModelSection(Section):
     name: str = Field(default="smollm2-135m-instruct",
-                      description="Hub id, local directory, 'smollm2-135m-instruct', or "
+                      description="Hub id, local directory, a named model ('smollm2-135m-instruct', "
+                      "'gemma3-270m': docs/model.md), or "
                       "'tiny-random-<architecture>' (llama, gemma2, gpt2, ...: docs/architectures.md).")
     revision: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
