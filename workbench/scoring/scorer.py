@@ -72,13 +72,18 @@ class Scorer:
         raise ValueError("an empty context needs a tokenizer with an eos or bos token")
 
     def _tok(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """The tokenizer's own encoding, special tokens included, as lm-eval's HFLM `tok_encode`
+        does by default (<bos> first for Gemma; nothing for SmolLM2), but none before a text that
+        already starts with the <bos> text (a chat template's rendering), which would double it."""
+        bos = self.tokenizer.bos_token
+        special = not (bos and text.startswith(bos))
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def encode(self, request: Request) -> tuple[list[int], list[int]]:
         """(context_ids, continuation_ids), as lm-eval's HFLM `_encode_pair` splits them."""
         context, continuation = request.context, request.continuation
-        if context == "":
-            return [self.prefix_token_id], self._tok(continuation)
+        if context == "":  # lm-eval: the prefix token, then the continuation without special tokens
+            return [self.prefix_token_id], list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
         n_spaces = len(context) - len(context.rstrip())
         if n_spaces > 0:  # trailing whitespace belongs to the continuation
             continuation = context[-n_spaces:] + continuation
