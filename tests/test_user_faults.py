@@ -145,7 +145,7 @@ def test_a_damaged_converted_model_is_converted_again(tmp_path, capsys, monkeypa
         _model_dir(out)
         write_manifest(out)
 
-    monkeypatch.setattr(load, "download_gguf", lambda workdir: workdir / "model.gguf")
+    monkeypatch.setattr(load, "download_gguf", lambda workdir, name: workdir / "model.gguf")
     monkeypatch.setattr(load, "_convert_gguf", convert)
     code, out, _ = cli(capsys, "assets")
     target = Path(out.split("model: ")[1].split()[0])

@@ -139,10 +139,7 @@ def cmd_assets(args) -> int:
 
     names = list(args.bigbench)
     for path in args.suite:
-        suite, _ = load_suite(path)
-        names += [task.bigbench for task in suite.multiple_choice if task.bigbench]
-        names += [s.removeprefix("bigbench:").split(":")[0] for s in (suite.target.heldout, suite.target.train)
-                  if suite.target and s and s.startswith("bigbench:")]
+        names += load_suite(path)[0].bigbench_tasks()
     models = [named_model(name).name for name in args.model or [DEFAULT]]  # every name checked first
     for name in dict.fromkeys(models):
         print(f"model: {ensure_named_model(name)}")

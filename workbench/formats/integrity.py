@@ -44,12 +44,13 @@ def write_manifest(folder: str | Path, run: str | None = None) -> Path:
 
 
 def manifest_run(folder: str | Path) -> str | None:
-    """The run fingerprint a folder's manifest records, None when it records none (or has no
-    manifest). Read after `check_folder` has passed, so the manifest parses."""
+    """The run fingerprint a folder's manifest records; None when it records none, or has no
+    manifest it can read (`check_folder` says what is wrong with one)."""
     path = Path(folder) / MANIFEST
-    if not path.is_file():
+    try:
+        data = read_json(path, "manifest") if path.is_file() else None
+    except UsageError:
         return None
-    data = read_json(path, "manifest")
     return data.get("run") if isinstance(data, dict) else None
 
 

@@ -132,9 +132,7 @@ def ensure_named_model(name: str) -> Path:
         print(f"converting {what} (once) into {target} ...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=target.parent) as tmp:
             staged, download = Path(tmp) / "model", Path(tmp) / "download"
-            # the default's download keeps its one-argument call (tests/test_user_faults.py stands in for it)
-            gguf = download_gguf(download) if name == EMBEDDED_DEFAULT else download_gguf(download, name)
-            _convert_gguf(gguf, staged)
+            _convert_gguf(download_gguf(download, name), staged)
             for notice in download_notices(download, name):  # the Gemma terms travel with the weights
                 shutil.copy(notice, staged / notice.name)
             write_manifest(staged)  # the sizes and sha256s every later load checks

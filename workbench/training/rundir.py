@@ -73,7 +73,7 @@ def start_over(output_dir: Path, started: RunRecord | None, record: RunRecord) -
     attempt's checkpoints (the new run writes the same steps again; left there, a later --resume
     could mix the two) and says so. Checkpoints of another run are refused, never removed."""
     found = checkpoints(output_dir)
-    owners = {path: manifest_owner(path) for path in found}
+    owners = {path: manifest_run(path) for path in found}
     # a checkpoint that names no run (cut before its manifest, or an older workbench's) is taken
     # as this run's when the directory's run.json is this run's
     foreign = [path for path, owner in owners.items()
@@ -88,11 +88,3 @@ def start_over(output_dir: Path, started: RunRecord | None, record: RunRecord) -
               f"{removed} (--resume continues it instead)")
         for path in found:
             shutil.rmtree(path)
-
-
-def manifest_owner(checkpoint: Path) -> str | None:
-    """The run fingerprint a checkpoint's manifest records; None when it has no readable one."""
-    try:
-        return manifest_run(checkpoint)
-    except UsageError:
-        return None
