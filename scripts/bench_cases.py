@@ -36,7 +36,8 @@ from workbench.scoring.tokens import token_logprobs
 from workbench.scoring.topk_kl import kl_bounds
 from workbench.training.reference import TopKReference, build_topk_reference
 from workbench.training.regularizers import EWC, DeltaL2, EWCConfig, KLConfig, KLToBase, PenaltyConfig
-from workbench.training.regularizers.kl import chunked_kl
+from workbench.training.engine import chunked_loss
+from workbench.training.terms import kl_term
 from workbench.training.trainer import RegularizedTrainer
 
 
@@ -190,16 +191,16 @@ def naive_kl(logits: torch.Tensor, ref_hidden: torch.Tensor, head, mask: torch.T
 def kl_term_peaks(head: torch.nn.Linear, seq: int, chunk_size: int) -> dict[str, tuple[int, float]]:
     """{"ours"|"naive": (peak bytes, seconds)} of the KL term's forward and backward, given the
     tuned logits [1, seq, V] (from the model's forward, which the task loss needs anyway) and the
-    base's final hidden states [1, seq, H], as `KLToBase.penalty` gets them."""
+    base's final hidden states [1, seq, H], as the loss engine gets them with `train.loss_head: full`."""
     dtype = head.weight.dtype
     logits = torch.randn(1, seq, head.out_features, device=DEVICE, dtype=dtype, requires_grad=True)
     ref_hidden = torch.randn(1, seq, head.in_features, device=DEVICE, dtype=dtype)
     mask = torch.ones(1, seq, dtype=torch.bool, device=DEVICE)
-    mask[:, -1] = False  # the last position predicts nothing, as in KLToBase.penalty
+    mask[:, -1] = False  # the last position predicts nothing, as in training
 
     def ours():
-        total, count = chunked_kl(logits, ref_hidden, head, mask, chunk_size=chunk_size)
-        (total / count).backward()
+        loss, _ = chunked_loss(logits, None, mask, [kl_term(ref_hidden, head)], [1.0 / mask.sum()], chunk_size)
+        loss.backward()
 
     def naive():
         naive_kl(logits, ref_hidden, head, mask).backward()

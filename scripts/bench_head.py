@@ -25,9 +25,10 @@ from workbench.config.recipe import LoraSection, ModelSection
 from workbench.modeling.load import apply_lora, load_model
 from workbench.scoring import general
 from workbench.scoring.base_cache import BaseCache
-from workbench.scoring.head import Head
+from workbench.modeling.head import Head
 from workbench.scoring.masks import next_token_mask
-from workbench.training.head import fused_loss, task_term
+from workbench.training.engine import chunked_loss
+from workbench.training.terms import task_term
 from workbench.training.regularizers import EWC, EWCConfig, KLConfig, KLToBase
 from workbench.training.trainer import RegularizedTrainer
 
@@ -186,14 +187,14 @@ def chunk_rows(s: Settings, seq: int = 4096) -> list[dict]:
     the largest."""
     gen = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(2048, LLAMA_1B["vocab_size"], bias=False).requires_grad_(False)  # frozen, as under LoRA
-    head = Head(linear.to(DEVICE, getattr(torch, DTYPE)), None)
+    head = Head(linear.to(DEVICE, getattr(torch, DTYPE)))
     hidden = torch.randn(1, seq, 2048, generator=gen).to(DEVICE, getattr(torch, DTYPE)).requires_grad_()
     labels = torch.randint(0, LLAMA_1B["vocab_size"], (1, seq), generator=gen).to(DEVICE)
     mask = next_token_mask(labels)
     measured = {}
     for chunk in CHUNKS:
         def call(chunk=chunk):
-            loss, _ = fused_loss(hidden, head, mask, [task_term(labels)], [1.0 / seq], chunk)
+            loss, _ = chunked_loss(hidden, head, mask, [task_term(labels)], [1.0 / seq], chunk)
             loss.backward()
         start = clock()
         peak = peak_memory(call)

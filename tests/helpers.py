@@ -44,6 +44,26 @@ def make_batch(batch=3, seq=10, vocab=259, seed=0, prompt=4):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def per_token_value(term_of, model, batch, fused=True, chunk_size=4):
+    """A per-token term's mean per completion token on `batch`, computed as the trainer computes it:
+    the model's forward (to its final hidden states when fused, else its logits), then the loss
+    engine. term_of(base) -> the term, base() giving the base's side of the batch. Differentiable."""
+    import contextlib
+    import functools
+
+    from workbench.modeling.head import hidden_states_out, lm_head
+    from workbench.scoring.masks import next_token_mask
+    from workbench.training.engine import base_reference, chunked_loss
+
+    model.train()
+    with hidden_states_out(model) if fused else contextlib.nullcontext():
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    mask = next_token_mask(batch["labels"])
+    base = functools.cache(lambda: base_reference(model, batch, fused))
+    loss, _ = chunked_loss(outputs.logits, lm_head(model) if fused else None, mask, [term_of(base)], [1.0], chunk_size)
+    return loss / mask.sum()
+
+
 def assert_adapters_match(a: dict, b: dict, rtol: float, atol: float, norm_tol: float, min_close: float = 0.99):
     """Adapter tensors equal up to float noise, judged per tensor and per element.
 

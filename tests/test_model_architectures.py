@@ -15,13 +15,14 @@ from workbench.cli import main
 from workbench.config.recipe import ModelSection, load_recipe
 from workbench.errors import UsageError
 from workbench.evals.evaluate import run_eval
-from workbench.modeling import heads
+from workbench.modeling import head
 from workbench.modeling.load import apply_lora, load_model
 from workbench.modeling.tiny import ARCHITECTURES
 from workbench.scoring.masks import next_token_mask
 from workbench.scoring.scorer import Request, Scorer
 from workbench.training import run
-from workbench.training.regularizers.kl import chunked_kl, reference_hidden
+from workbench.training.engine import base_reference, chunked_loss
+from workbench.training.terms import kl_term
 
 # The default suite's architectures (4.5 to 10 s each, 55 s together on 2 CPU cores); the others run under -m slow.
 FAST = ["llama", "qwen3", "gemma2", "gemma3", "mistral", "phi3", "gpt-neox", "gpt2"]
@@ -84,7 +85,7 @@ def check_architecture(arch: str, tmp_path, suite) -> None:
     ewc = next(p for p in trainer.penalties if p.name == "ewc")
     fisher, _ = run.fisher_for(recipe, model, trainer.processing_class, record.model_fingerprint)
     expected = ewc_by_definition(model, fisher)
-    assert expected > 0 and float(ewc.penalty(model, {}, None)) == pytest.approx(expected, rel=1e-4), arch
+    assert expected > 0 and float(ewc.term(model, {}, None)) == pytest.approx(expected, rel=1e-4), arch
     if arch in TARGETED_HEAD:
         assert head.lora_B["default"].weight.abs().max() > 0, "the head's LoRA trained"
     # shared-context scoring (a KV cache per item) answers as scoring each request whole
@@ -115,24 +116,39 @@ def test_more_architectures(arch, tmp_path, suite, monkeypatch):
     check_architecture(arch, tmp_path, suite)
 
 
-def test_gemma2_reference_applies_the_soft_cap(monkeypatch):
-    """Gemma 2's forward soft-caps its logits; a reference that applies the bare head scores
-    another distribution: KL 0 at init only with the cap, and `check_head` refuses the bare head."""
-    model, _ = load_model(ModelSection(name="tiny-random-gemma2", tiny={"hidden_size": 32, "intermediate_size": 48}))
-    model.config.final_logit_softcapping = 2.0  # the released 30 barely bends logits of a random model
+POST_HEAD = {"gemma2": ("final_logit_softcapping", 2.0), "cohere": ("logit_scale", 0.0625),
+             "granite": ("logits_scaling", 4.0)}
+
+
+@pytest.mark.parametrize("arch", list(POST_HEAD))
+def test_the_one_head_applies_each_post_head_step_for_training_and_the_reference(arch, monkeypatch):
+    """Gemma 2 soft-caps its logits, Cohere multiplies them by logit_scale, Granite divides them by
+    logits_scaling. The one LM head (`modeling.head`) applies each, so the loss engine's logits
+    through it equal the forward's and the KL to the base is 0 at init; a head without the step
+    scores another distribution, and `check_head` refuses it (the negative control)."""
+    model, _ = load_model(ModelSection(name=f"tiny-random-{arch}", tiny={"hidden_size": 32, "intermediate_size": 48}))
+    key, value = POST_HEAD[arch]
+    setattr(model.config, key, value)  # the released soft-cap 30 barely bends logits of a random model
+    if arch == "cohere":
+        model.logit_scale = value
     torch.manual_seed(0)
     peft_model = apply_lora(model, load_recipe(repo("recipes/tiny.yaml")).lora, 0.0)
+    assert head.unsupported(peft_model) is None
     batch = make_batch()
-    logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logits = peft_model(**inputs).logits.detach()
+    hidden, _ = head.final_hidden(peft_model, **inputs)
+    torch.testing.assert_close(head.lm_head(peft_model)(hidden), logits, rtol=1e-5, atol=1e-6)
     mask = next_token_mask(batch["labels"])
-    hidden, head = reference_hidden(peft_model, batch)
-    assert chunked_kl(logits.clone(), hidden, head, mask)[0].item() == 0.0
-    bare = chunked_kl(logits.clone(), hidden, model.get_output_embeddings(), mask)[0].item()
-    assert bare > 1e-3  # the bug this guards against
-    heads.check_head(model, "tiny-random-gemma2")
-    monkeypatch.setattr(heads, "output_head", lambda m: m.get_output_embeddings())
+    ref_hidden, ref_head = base_reference(peft_model, batch, fused=True)
+    kl, _ = chunked_loss(hidden, head.lm_head(peft_model), mask, [kl_term(ref_hidden, ref_head)], [1.0], 4)
+    assert kl.item() == pytest.approx(0.0, abs=1e-6)
+    bare, _ = chunked_loss(logits, None, mask, [kl_term(ref_hidden, model.get_output_embeddings())], [1.0], 4)
+    assert bare.item() > 1e-3  # the bug this guards against
+    head.check_head(peft_model, f"tiny-random-{arch}")
+    monkeypatch.setattr(head, "_post_head", lambda lm: {})
     with pytest.raises(UsageError, match="changes the logits after the LM head"):
-        heads.check_head(model, "tiny-random-gemma2")
+        head.check_head(peft_model, f"tiny-random-{arch}")
 
 
 def test_unknown_architecture_is_one_line_exit_2(tmp_path, capsys):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from tests.helpers import make_batch
+from tests.helpers import make_batch, per_token_value
 from workbench.config.recipe import INITS_REWRITING_BASE, LORA_INITS, LoraSection
 from workbench.errors import UsageError
 from workbench.modeling import lora_init
@@ -45,9 +45,9 @@ def test_every_init_starts_at_the_base_and_the_adapter_off_is_the_base(init):
     with model.disable_adapter():  # KL-to-base's reference, the probe's and the eval's base
         assert torch.equal(logits(model), reference)
     model.train()
-    kl = KLToBase(KLConfig(weight=1.0)).penalty(model, BATCH, model(**BATCH))
+    kl = per_token_value(lambda base: KLToBase(KLConfig(weight=1.0)).term(model, BATCH, base), model, BATCH)
     assert abs(kl.item()) < 1e-6
-    delta = DeltaL2(PenaltyConfig(weight=1.0)).penalty(model, BATCH, None)  # EWC's dW, unweighted
+    delta = DeltaL2(PenaltyConfig(weight=1.0)).term(model, BATCH, None)  # EWC's dW, unweighted
     assert delta.item() < 1e-10
 
 

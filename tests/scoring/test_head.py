@@ -8,7 +8,8 @@ import torch
 from tests.helpers import make_peft
 from workbench.modeling.lora import adapter_scale, as_base
 from workbench.modeling.tiny import tiny_tokenizer
-from workbench.scoring import general, head, tokens
+from workbench.modeling import head
+from workbench.scoring import general, tokens
 from workbench.scoring.base_cache import BaseCache
 from workbench.scoring.scorer import Request, Scorer
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.helpers import make_batch, make_peft, repo
+from tests.helpers import make_batch, make_peft, per_token_value, repo
 from workbench.config.penalties import DeltaL2Config, EWCConfig, KLConfig
 from workbench.config.recipe import load_recipe
 from workbench.modeling import lora
@@ -24,8 +24,10 @@ def value_and_grads(model, penalty, batch, bf16: bool):
     train.bf16, or in fp32."""
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        value = penalty.penalty(model, batch, outputs)
+        if penalty.per_token:
+            value = per_token_value(lambda base: penalty.term(model, batch, base), model, batch, fused=False)
+        else:
+            value = penalty.term(model, batch, None)
     value.backward()
     return value.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

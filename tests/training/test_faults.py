@@ -105,7 +105,7 @@ class Poison(Penalty):
         super().__init__(PenaltyConfig(weight=1.0))
         self.from_step, self.gradient_only, self.step = from_step, gradient_only, 0
 
-    def penalty(self, model, inputs, outputs):
+    def term(self, model, inputs, base):
         self.step += 1
         param = next(p for p in model.parameters() if p.requires_grad)
         if self.step < self.from_step:

@@ -1,6 +1,7 @@
-"""The fused loss head against the full logits: every per-token term's value and its gradients in
-the hidden states and the head's LoRA parameters, at several chunk sizes, with ragged masks and
-an all-masked row; and the trainer's loss and LoRA gradients, fused vs full, for each term."""
+"""The loss engine through the LM head (fused) against the full logits: every per-token term's
+value and its gradients in the hidden states and the head's LoRA parameters, at several chunk
+sizes, with ragged masks and an all-masked row; fp16; and the trainer's loss and LoRA gradients,
+fused vs the engine over the model's own logits, for each term."""
 
 import pytest
 import torch
@@ -8,14 +9,13 @@ import torch.nn.functional as F
 
 from tests.helpers import make_batch, make_peft
 from tests.training.regularizers.test_kl import lumped_tail_kl, reference_kl
-from workbench.scoring.head import hidden_states_out, lm_head
+from workbench.modeling.head import hidden_states_out, lm_head
 from workbench.scoring.masks import next_token_mask, shifted_labels
 from workbench.scoring.topk_kl import base_topk
-from workbench.training.head import fused_loss, task_term
-from workbench.training.losses import token_losses
+from workbench.training.engine import chunked_loss as fused_loss
 from workbench.training.reference import TopKReference
 from workbench.training.regularizers import KLConfig, KLToBase
-from workbench.training.regularizers.kl import exact_term, topk_term
+from workbench.training.terms import kl_term, task_term, topk_kl_term
 from workbench.training.trainer import RegularizedTrainer
 from transformers import TrainingArguments
 
@@ -56,6 +56,11 @@ def cases(labels, mask, base_head, ref_hidden, temperature=1.5):
         base_logits = base_head(ref_hidden)
     values, ids = base_topk(F.log_softmax(base_logits[mask] / temperature, -1), 7)
 
+    def dft(logits):
+        log_q = F.log_softmax(logits.reshape(-1, logits.shape[-1]), -1)[targets != -100]
+        log_qy = log_q.gather(-1, targets[targets != -100][:, None])
+        return -(log_qy.exp().detach() * log_qy).sum()
+
     def ce(smoothing):
         return lambda logits: F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100,
                                               reduction="sum", label_smoothing=smoothing)
@@ -63,13 +68,12 @@ def cases(labels, mask, base_head, ref_hidden, temperature=1.5):
     return {
         "nll": (task_term(labels), ce(0.0)),
         "label_smoothing": (task_term(labels, "nll", 0.2), ce(0.2)),
-        "dft": (task_term(labels, "dft"),
-                lambda logits: token_losses(logits.reshape(-1, logits.shape[-1]), targets, "dft").sum()),
-        "kl_forward": (exact_term(ref_hidden, base_head, "forward", temperature),
+        "dft": (task_term(labels, "dft"), dft),
+        "kl_forward": (kl_term(ref_hidden, base_head, "forward", temperature),
                        lambda z: reference_kl(z, base_logits, mask, "forward", temperature)),
-        "kl_reverse": (exact_term(ref_hidden, base_head, "reverse", temperature),
+        "kl_reverse": (kl_term(ref_hidden, base_head, "reverse", temperature),
                        lambda z: reference_kl(z, base_logits, mask, "reverse", temperature)),
-        "kl_topk": (topk_term(values, ids, temperature), lambda z: lumped_tail_kl(z, values, ids, mask, temperature)),
+        "kl_topk": (topk_kl_term(values, ids, temperature), lambda z: lumped_tail_kl(z, values, ids, mask, temperature)),
     }
 
 
@@ -221,25 +225,47 @@ def test_trainer_fused_head_equals_the_full_logits(case, tmp_path):
         assert logs[name] == pytest.approx(full_logs[name], rel=TOL, abs=1e-9), name
 
 
-def test_a_loss_scale_above_the_fp16_range_multiplies_the_handed_on_gradients_in_fp32():
+@pytest.mark.parametrize("through_head", [True, False])
+def test_a_loss_scale_above_the_fp16_range_multiplies_the_handed_on_gradients_in_fp32(through_head):
     """fp16 training scales the loss by 65,536 (GradScaler's first scale) before backward. That is
     above fp16's largest number, so backward must multiply the gradients worked out in forward by
-    the fp32 scale as it is; cast to fp16 first, the scale is inf and every gradient inf or NaN."""
-    from workbench.training.regularizers.closed_form import summed_by_chunk
+    the fp32 scale as it is; cast to fp16 first, the scale is inf and every gradient inf or NaN.
+    Through the head (fused) and over the model's own logits alike."""
     hidden, head, labels, mask, *_ = setup()
-    head, hidden = head.half(), hidden.detach().half().requires_grad_()
-    loss, _ = fused_loss(hidden, head, mask, [task_term(labels)], [1.0 / int(mask.sum())], 4)
-    (unscaled,) = torch.autograd.grad(loss, hidden)
-    loss, _ = fused_loss(hidden, head, mask, [task_term(labels)], [1.0 / int(mask.sum())], 4)
-    (scaled,) = torch.autograd.grad(loss * 65536.0, hidden)
+    head = head.half()
+    source = (hidden.half() if through_head else head(hidden.half())).detach().requires_grad_()
+    engine_head = head if through_head else None
+    loss, _ = fused_loss(source, engine_head, mask, [task_term(labels)], [1.0 / int(mask.sum())], 4)
+    (unscaled,) = torch.autograd.grad(loss, source)
+    loss, _ = fused_loss(source, engine_head, mask, [task_term(labels)], [1.0 / int(mask.sum())], 4)
+    (scaled,) = torch.autograd.grad(loss * 65536.0, source)
     assert torch.isfinite(scaled).all() and unscaled.abs().max() > 0
-    torch.testing.assert_close(scaled.float(), unscaled.float() * 65536.0, rtol=1e-3, atol=0)
-    # the full-logits path's closed-form terms (the KL) hand their gradient on the same way
-    logits = torch.randn(5, 7).half().requires_grad_()
-    total = summed_by_chunk(logits, torch.arange(5), 2,
-                            lambda z, start, index: (z.sum() * 1e-3, torch.full_like(z, 1e-3)))
-    (grad,) = torch.autograd.grad(total * 65536.0, logits)
-    torch.testing.assert_close(grad.float(), torch.full((5, 7), 65.536), rtol=1e-3, atol=0)
+    assert relative_difference(scaled.float() / 65536.0, unscaled.float()) < 1e-3  # fp16 rounding of each
+
+
+def test_fp16_gradients_keep_what_an_fp16_head_would_round_to_zero():
+    """With fp16 inputs the engine runs the head in fp32 and keeps the gradients fp32 until the
+    loss scale reaches them: with a per-token weight of 1e-6 (a million-token batch) the scaled
+    gradients match fp64 to 0.2%; the negative control, the head's backward in fp16 before the
+    scale, loses most of them to underflow (fp16's smallest number is 6e-8)."""
+    hidden, head, labels, mask, *_ = setup()
+    head = head.half()
+    source = hidden.detach().half().requires_grad_()
+    loss, _ = fused_loss(source, head, mask, [task_term(labels)], [1e-6], 4)
+    (ours,) = torch.autograd.grad(loss * 65536.0, source)
+    exact_head = lm_head(make_peft(targets=("q_proj", "lm_head"))).double()
+    exact_head.load_state_dict({k: v.double() for k, v in head.state_dict().items()})
+    exact_source = source.detach().double().requires_grad_()
+    logits = exact_head(exact_source)
+    full = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted_labels(labels).reshape(-1), reduction="sum")
+    (exact,) = torch.autograd.grad(full * 1e-6 * 65536.0, exact_source)
+    assert relative_difference(ours.double(), exact) < 2e-3
+    fp16_logits = head(source)  # the control: fp16 logits, their gradient unscaled and fp16
+    per_token = (torch.softmax(fp16_logits.float(), -1) - F.one_hot(shifted_labels(labels).clamp(min=0),
+                                                                     fp16_logits.shape[-1])) * mask[..., None]
+    (control,) = torch.autograd.grad(fp16_logits, source, (per_token * 1e-6).half())
+    control = control.float() * 65536.0
+    assert relative_difference(control.double(), exact) > 0.1
 
 
 def test_a_multimodal_wrapper_is_headed_as_its_own_forward_heads_it():

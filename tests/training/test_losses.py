@@ -1,13 +1,24 @@
-"""The task losses: DFT against a direct torch implementation and its closed-form gradient, and
-anchored SFT (DFT + KL-to-base) against the sum of its parts."""
+"""The task losses through the loss engine: DFT against a direct torch implementation and its
+closed-form gradient, per-example weights against the weighted sum, and anchored SFT (DFT +
+KL-to-base) against the sum of its parts."""
 
 import pytest
 import torch
 
-from tests.helpers import make_batch, make_peft
+from tests.helpers import make_batch, make_peft, per_token_value
 from tests.training.test_trainer import trainer_for
-from workbench.training.losses import causal_lm_loss, token_losses
+from workbench.scoring.masks import next_token_mask
+from workbench.training.engine import chunked_loss
 from workbench.training.regularizers.kl import KLConfig, KLToBase
+from workbench.training.terms import task_term
+
+
+def causal_lm_loss(outputs, labels, num_items_in_batch=None, loss="nll", example_weight=None):
+    """The engine's task loss over whole logits, per label token (or per num_items_in_batch)."""
+    mask = next_token_mask(labels)
+    term = task_term(labels, loss, example_weight=example_weight)
+    total, _ = chunked_loss(outputs["logits"], None, mask, [term], [1.0], 3)
+    return total / (mask.sum() if num_items_in_batch is None else num_items_in_batch)
 
 
 def direct_dft(logits, labels):
@@ -59,16 +70,39 @@ def test_dft_gradient_is_the_probability_weighted_cross_entropy_gradient():
 def test_dft_is_normalised_like_the_task_loss_under_accumulation():
     """Summed over label tokens and divided by the accumulated batch's tokens when given."""
     logits, labels = hand_batch()
-    per_token = token_losses(logits[:, :-1].reshape(-1, 5), labels[:, 1:].reshape(-1), "dft")
-    assert per_token[labels[:, 1:].reshape(-1) == -100].abs().max() == 0
+    per_token = direct_dft(logits, labels) * next_token_mask(labels).sum()
     summed = causal_lm_loss({"logits": logits}, labels, num_items_in_batch=10, loss="dft")
-    torch.testing.assert_close(summed, per_token.sum() / 10)
+    torch.testing.assert_close(summed, per_token / 10)
 
 
 def test_dft_refuses_label_smoothing():
-    logits, labels = hand_batch()
     with pytest.raises(ValueError, match="no DFT form"):
-        token_losses(logits[0], labels[0], "dft", 0.1)
+        task_term(hand_batch()[1], "dft", 0.1)
+
+
+@pytest.mark.parametrize("loss", ["nll", "dft"])
+def test_example_weights_multiply_each_token_of_their_example(loss):
+    """sum_i w_i sum_t loss_it / tokens, in value and gradient: row 0 has 3 label tokens, row 1 one."""
+    logits, labels = hand_batch()
+    weight = torch.tensor([0.25, 3.0])
+    ours = causal_lm_loss({"logits": logits}, labels, loss=loss, example_weight=weight)
+    log_p = torch.log_softmax(logits[:, :-1], -1)
+    target = labels[:, 1:]
+    mask = target != -100
+    log_py = log_p.gather(-1, target.clamp(min=0)[..., None])[..., 0]
+    per_token = -(log_py.exp().detach() * log_py) if loss == "dft" else -log_py
+    direct = (weight[:, None] * per_token)[mask].sum() / mask.sum()
+    torch.testing.assert_close(ours, direct, rtol=1e-6, atol=1e-7)
+    for a, b in zip(torch.autograd.grad(ours, logits), torch.autograd.grad(direct, logits)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_equal_example_weights_of_one_are_plain_training_and_unequal_ones_are_not():
+    logits, labels = hand_batch()
+    plain = causal_lm_loss({"logits": logits}, labels)
+    assert causal_lm_loss({"logits": logits}, labels, example_weight=torch.ones(2)).item() == plain.item()
+    unequal = causal_lm_loss({"logits": logits}, labels, example_weight=torch.tensor([0.5, 1.5]))
+    assert abs(unequal.item() - plain.item()) > 1e-3
 
 
 def test_anchored_sft_is_dft_plus_the_kl_term_in_value_and_gradient(tmp_path):
@@ -82,7 +116,7 @@ def test_anchored_sft_is_dft_plus_the_kl_term_in_value_and_gradient(tmp_path):
     task, outputs = dft.compute_loss(model, dict(batch), return_outputs=True)
     direct = direct_dft(outputs.logits, batch["labels"])
     torch.testing.assert_close(task, direct, rtol=1e-5, atol=1e-7)
-    expected = direct + 0.7 * kl.penalty(model, batch, outputs)
+    expected = direct + 0.7 * per_token_value(lambda base: kl.term(model, batch, base), model, batch, fused=False)
     expected_grads = torch.autograd.grad(expected, lora)
     total = anchored.compute_loss(model, dict(batch))
     grads = torch.autograd.grad(total, lora)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.helpers import make_peft
+from tests.helpers import make_peft, per_token_value
 from workbench.data.examples import EXAMPLE_INDEX, Collator
 from workbench.training.reference import TopKReference, build_topk_reference, topk_reference_for
 from workbench.training.regularizers.kl import KLConfig, KLToBase
@@ -23,11 +23,11 @@ def penalties(model, batch, top_k, temperature=1.0):
     """(cached, exact) KL-to-base on one batch, the cache built with the adapter on (it must switch it off)."""
     collator = Collator(0)
     reference = TopKReference(**build_topk_reference(model, examples(), collator, top_k, temperature, batch_size=3))
-    model.train()
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    config = dict(weight=1.0, temperature=temperature, chunk_size=5)
+    config = dict(weight=1.0, temperature=temperature)
     cached = KLToBase(KLConfig(reference="topk_cache", top_k=top_k, **config), reference_cache=reference)
-    return cached.penalty(model, batch, outputs), KLToBase(KLConfig(**config)).penalty(model, batch, outputs)
+    exact = KLToBase(KLConfig(**config))
+    return tuple(per_token_value(lambda base, p=p: p.term(model, batch, base), model, batch, fused=False, chunk_size=5)
+                 for p in (cached, exact))
 
 
 def test_full_vocabulary_cache_gives_the_exact_penalty_in_any_batch_order():

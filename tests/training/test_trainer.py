@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from tests.helpers import make_batch, make_peft
+from tests.helpers import make_batch, make_peft, per_token_value
 from workbench.training.regularizers import PenaltyConfig
 from workbench.training.regularizers.delta_l2 import DeltaL2
 from workbench.training.regularizers.kl import KLConfig, KLToBase
@@ -33,8 +33,9 @@ def test_label_smoothing_matches_cross_entropy_over_unmasked_tokens(tmp_path, lo
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(loss, smoothed_ce(logits, batch["labels"], 0.2), rtol=1e-5, atol=1e-6)
     model.eval()  # validation loss is plain NLL so recipes stay comparable
-    loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
-    torch.testing.assert_close(loss, smoothed_ce(outputs.logits, batch["labels"], 0.0), rtol=1e-5, atol=1e-6)
+    loss = trainer.compute_loss(model, dict(batch))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(loss, smoothed_ce(logits, batch["labels"], 0.0), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("loss_head", ["fused", "full"])
@@ -47,7 +48,8 @@ def test_penalties_are_added_with_their_weights_and_logged(tmp_path, loss_head):
     model.train()
     task, outputs = plain.compute_loss(model, dict(batch), return_outputs=True)
     total = trainer.compute_loss(model, dict(batch))
-    expected = task + 0.3 * kl.penalty(model, batch, outputs) + 0.05 * l2.penalty(model, batch, outputs)
+    kl_value = per_token_value(lambda base: kl.term(model, batch, base), model, batch, fused=False)
+    expected = task + 0.3 * kl_value + 0.05 * l2.term(model, batch, None)
     torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
     logs = {"loss": total.item()}
     trainer.log(logs)
@@ -76,8 +78,8 @@ def test_a_non_finite_term_stops_before_backward_naming_it(tmp_path):
     from workbench.errors import RunFailed
 
     class Scaled(DeltaL2):
-        def penalty(self, model, inputs, outputs):
-            return super().penalty(model, inputs, outputs) * float("inf")
+        def term(self, model, inputs, base):
+            return super().term(model, inputs, base) * float("inf")
 
     model = make_peft()
     trainer = trainer_for(model, tmp_path, penalties=[Scaled(PenaltyConfig(weight=1.0))])
@@ -87,12 +89,11 @@ def test_a_non_finite_term_stops_before_backward_naming_it(tmp_path):
     assert not trainer._terms  # nothing half-logged
 
 
-def test_fp16_trains_on_the_full_logits(tmp_path):
-    """The fused head works its gradients out in forward, before fp16's loss scale is applied:
-    unscaled, they would round to 0 in fp16. So fp16 runs take the full-logits path."""
-    assert trainer_for(make_peft(), tmp_path).loss_head == "fused"
+def test_fp16_trains_through_the_fused_head(tmp_path):
+    """fp16 is a precision of the loss engine (its head in fp32, its gradients kept fp32 until the
+    loss scale reaches them: tests/training/test_head.py), not a second path."""
     trainer = trainer_for(make_peft(), tmp_path, fp16=True)
-    assert trainer.loss_head == "full" and "fp16" in trainer._full_head_reason()
+    assert trainer.loss_head == "fused" and trainer._full_head_reason() is None
 
 
 def test_a_non_finite_gradient_is_refused_unless_a_loss_scaler_will_skip_the_step(tmp_path):

@@ -25,7 +25,6 @@ class KLConfig(PenaltyConfig):
     direction: Literal["forward", "reverse"] = "forward"
     temperature: float = Field(default=1.0, gt=0.0)
     warmup_steps: int = Field(default=0, ge=0, description="Ramp the weight linearly from 0.")
-    chunk_size: int = Field(default=1024, ge=1, description="Tokens per log-softmax chunk.")
     reference: Literal["model", "topk_cache"] = Field(
         default="model", description="model: the base's forward pass at every step (exact KL). topk_cache: "
         "the base's top-k log-probs on the training set, computed once and cached across epochs and "

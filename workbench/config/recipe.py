@@ -200,13 +200,13 @@ class TrainSection(Section):
     save_steps: int | None = Field(default=None, ge=1)
     early_stopping: EarlyStopping | None = None
     loss_head: Literal["fused", "full"] = Field(
-        default="fused", description="fused: the model's forward stops at its final hidden states and the LM "
-        "head, the task loss and every per-token penalty run a chunk of completion positions at a time, so no "
-        "[batch, seq, vocab] logits or gradient exist (kl_to_base.chunk_size is then unused). full: the "
-        "model's whole logits, as plain HF training; used anyway, with a line saying why, under FSDP or "
-        "DeepSpeed and for models that rescale their logits or have no separate head.")
-    head_chunk_size: int = Field(default=HEAD_CHUNK, ge=1, description="Positions per chunk of the fused "
-                                 "head: about five [chunk, vocab] fp32 tensors at a time (docs/benchmarks.md).")
+        default="fused", description="fused: the model's forward stops at its final hidden states and the loss "
+        "engine applies the LM head, the task loss and every per-token penalty a chunk of completion positions "
+        "at a time, so no [batch, seq, vocab] logits or gradient exist. full: the engine runs over the model's "
+        "own logits; used anyway, with a line saying why, under FSDP or DeepSpeed and for models whose "
+        "post-head steps the workbench does not reproduce or that have no separate head.")
+    head_chunk_size: int = Field(default=HEAD_CHUNK, ge=1, description="Positions per chunk of the loss "
+                                 "engine: about five [chunk, vocab] fp32 tensors at a time (docs/benchmarks.md).")
     retention_probe: RetentionProbe | None = None
     select: Select | None = Field(default=None, description="keep every checkpoint and write the best one "
                                   "within the budget to adapter/, not the last (needs retention_probe)")

@@ -250,12 +250,13 @@ def data_fingerprint(examples: list[dict]) -> str:
 
 
 EXAMPLE_INDEX = "index"  # an example's position in the training set, where a penalty needs it
-NOT_MODEL_INPUTS = (EXAMPLE_INDEX,)  # batch keys the trainer keeps from the model's forward
+EXAMPLE_WEIGHT = "example_weight"  # a weight on the example's task loss (train.example_weights)
+NOT_MODEL_INPUTS = (EXAMPLE_INDEX, EXAMPLE_WEIGHT)  # batch keys the trainer keeps from the model's forward
 
 
 class Collator:
     """Right-pads a batch to its longest example: input_ids with pad, attention_mask 0, labels -100.
-    An example's `index`, when it has one, is passed through as a [batch] tensor."""
+    An example's `index` and `example_weight`, when it has them, are passed through as [batch] tensors."""
 
     def __init__(self, pad_token_id: int):
         self.pads = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE}
@@ -265,4 +266,6 @@ class Collator:
         batch = {key: pad_rows([f[key] for f in features], pad)[0] for key, pad in self.pads.items()}
         if EXAMPLE_INDEX in features[0]:
             batch[EXAMPLE_INDEX] = torch.tensor([f[EXAMPLE_INDEX] for f in features], dtype=torch.long)
+        if EXAMPLE_WEIGHT in features[0]:
+            batch[EXAMPLE_WEIGHT] = torch.tensor([f[EXAMPLE_WEIGHT] for f in features], dtype=torch.float32)
         return batch

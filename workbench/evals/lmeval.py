@@ -21,7 +21,7 @@ import torch
 
 from workbench.config.suggest import did_you_mean
 from workbench.errors import UsageError
-from workbench.modeling.lora import as_base, unwrap_peft
+from workbench.modeling.lora import as_base, unwrap
 from workbench.scoring.scorer import ADAPTERS
 from workbench.evals.tasks import load_task_yaml, resolve_data_files
 
@@ -61,7 +61,7 @@ def run_lm_eval(model: torch.nn.Module, tokenizer, tasks: list[str], adapter: st
     lm_eval, HFLM, TaskManager = _import_lm_eval()
     manager = _task_manager(TaskManager, tasks, include_path)
     specs = [_task_spec(task, manager) for task in tasks]
-    peft_or_plain = _unwrap(model)
+    peft_or_plain = unwrap(model)
     lm = HFLM(pretrained=peft_or_plain, tokenizer=tokenizer, batch_size=batch_size)
     adapter_off = as_base(model) if adapter == "base" else contextlib.nullcontext()
     was_training = model.training
@@ -75,14 +75,6 @@ def run_lm_eval(model: torch.nn.Module, tokenizer, tasks: list[str], adapter: st
     finally:
         model.train(was_training)
     return _compact(output, samples)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The PEFT model inside DDP/compile wrappers, or the model itself when it has no adapter."""
-    try:
-        return unwrap_peft(model)
-    except TypeError:
-        return getattr(model, "module", model)
 
 
 def _is_yaml(task: str) -> bool:

@@ -17,10 +17,16 @@ from workbench.errors import UsageError
 BASE_PREFIX = "base_model.model."
 
 
-def unwrap_peft(model: torch.nn.Module) -> PeftModel:
-    """The PeftModel inside DDP/compile wrappers."""
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The PeftModel, or the plain model when it has no adapter, inside DDP/FSDP/compile wrappers."""
     while not isinstance(model, PeftModel) and hasattr(model, "module"):
         model = model.module
+    return model
+
+
+def unwrap_peft(model: torch.nn.Module) -> PeftModel:
+    """The PeftModel inside DDP/FSDP/compile wrappers."""
+    model = unwrap(model)
     if not isinstance(model, PeftModel):
         raise TypeError(f"expected a PEFT model, got {type(model).__name__}")
     return model

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from workbench.scoring.head import logits_at
+from workbench.modeling.head import logits_at
 from workbench.scoring.masks import pad_rows
 from workbench.distributed import is_main_process, shard_map
 from workbench.modeling.lora import adapter_scale, as_base

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from workbench.scoring.head import logits_at as head_logits_at
+from workbench.modeling.head import logits_at as head_logits_at
 from workbench.scoring.masks import IGNORE, pad_rows, scored_positions
 from workbench.distributed import is_main_process, shard_map
 
@@ -37,7 +37,7 @@ def scored_tokens(model, examples: list[dict], batch_size: int, pad_id: int,
                   ) -> list[tuple[torch.Tensor, list]]:
     """Per example (its label log-probs [n_i] float64, [summarize(i, start, logprobs) per chunk]).
 
-    The forward stops at the final hidden states (`scoring.head.logits_at`); only the positions
+    The forward stops at the final hidden states (`modeling.head.logits_at`); only the positions
     whose next token carries a label go through the LM head, SCORE_CHUNK of them at a time.
     summarize(i, start, logprobs) gets example i's log-softmax [n, V] (fp32) at its scored
     positions start:start + n, for KL and agreement, and returns what to keep of it, so no

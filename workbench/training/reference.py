@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from workbench.data.examples import Collator, data_fingerprint
 from workbench.distributed import is_main_process, shard_map
 from workbench.scoring.base_cache import BaseCache
-from workbench.scoring.head import logits_at as head_logits_at
+from workbench.modeling.head import logits_at as head_logits_at
 from workbench.scoring.tokens import SCORE_CHUNK
 from workbench.scoring.topk_kl import base_topk
 from workbench.io import cache_dir

@@ -32,8 +32,7 @@ from workbench.training.base_replay import pool_for, use_mixed_batches, with_bas
 from workbench.training.probe import RetentionProbeCallback, probe_chunks
 from workbench.training.regularizers import PENALTIES
 from workbench.training.select import choose, closest, copy_adapter
-from workbench.modeling.heads import check_head
-from workbench.modeling.lora import as_base, lora_factors
+from workbench.modeling.lora import lora_factors
 from workbench.training.trainer import RegularizedTrainer
 
 
@@ -148,6 +147,42 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_val: bool) -> Train
         **({"optim": "sgd"} if t.optimizer == "sgd" else {}))  # else the Trainer's default AdamW
 
 
+class PenaltyNeeds:
+    """What penalties ask for by name (`Penalty.needs`), each made once when first asked for, and
+    what run.json records of it (`records`). The training set gains each example's index when a
+    penalty looks examples up by it (the top-k reference cache)."""
+
+    def __init__(self, recipe: Recipe, model, tokenizer, train: list[dict], base_fingerprint: str):
+        self.recipe, self.model, self.tokenizer, self.base_fingerprint = recipe, model, tokenizer, base_fingerprint
+        self.train = train
+        self.made: dict[str, Any] = {}
+        self.records: dict[str, dict] = {}
+
+    def build(self, name: str, config):
+        """The penalty `name` with everything it needs."""
+        cls = PENALTIES[name]
+        return cls(config, **{need: self._made(need, config) for need in cls.needs(config)})
+
+    def _made(self, need: str, config):
+        if need not in self.made:
+            self.made[need], self.records[need] = getattr(self, need)(config)
+        return self.made[need]
+
+    def fisher(self, config):
+        return fisher_for(self.recipe, self.model, self.tokenizer, self.base_fingerprint)
+
+    def reference_cache(self, config):
+        cache, record = topk_reference_for(self.model, self.train, Collator(self.tokenizer.pad_token_id),
+                                           self.base_fingerprint, config.top_k, config.temperature,
+                                           self.recipe.train.batch_size)
+        self.train = [{**example, EXAMPLE_INDEX: i} for i, example in enumerate(self.train)]  # for its lookup
+        if is_main_process():
+            how = "cached" if record["cached"] else "computed"
+            print(f"kl reference: top-{record['top_k']} base log-probs at {record['positions']} "
+                  f"positions, {how}: {record['path']}")
+        return cache, record
+
+
 def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer, RunRecord]:
     """Everything up to `trainer.train()`: the trainer, and the run record to write."""
     tokenizer, data, model, base_fingerprint = prepare(recipe)
@@ -161,24 +196,9 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
             how = "cached" if br["cached"] else f"generated in {br['seconds']} s"
             print(f"base replay: {br['num_samples']} samples, {br['tokens']} tokens, {how}, "
                   f"{br['per_batch']} of every batch of {br['batch_size']}: {br['path']}")
-    context, fisher_meta, reference_meta = {}, None, None
-    collator, train = Collator(tokenizer.pad_token_id), data.train
-    if "ewc" in recipe.penalties():
-        context["fisher"], fisher_meta = fisher_for(recipe, model, tokenizer, base_fingerprint)
-    kl = recipe.penalties().get("kl_to_base")
-    if kl is not None and kl.reference == "topk_cache":
-        context["reference_cache"], reference_meta = topk_reference_for(
-            model, data.train, collator, base_fingerprint, kl.top_k, kl.temperature, recipe.train.batch_size)
-        train = [{**example, EXAMPLE_INDEX: i} for i, example in enumerate(data.train)]  # for its lookup
-        if is_main_process():
-            how = "cached" if reference_meta["cached"] else "computed"
-            print(f"kl reference: top-{reference_meta['top_k']} base log-probs at {reference_meta['positions']} "
-                  f"positions, {how}: {reference_meta['path']}")
-    penalties = [PENALTIES[name](cfg, **context) for name, cfg in recipe.penalties().items()]
+    needs = PenaltyNeeds(recipe, model, tokenizer, data.train, base_fingerprint)
+    penalties = [needs.build(name, cfg) for name, cfg in recipe.penalties().items()]
     probe = recipe.train.retention_probe
-    if (kl is not None and kl.reference == "model") or (probe and probe.train_kl and recipe.lora.enabled):
-        with as_base(model) as peft_model:  # the KL reference applies the base's head itself
-            check_head(peft_model.get_base_model(), recipe.model.name)
     chunks = probe_chunks(probe, tokenizer) if probe else None
     if recipe.train.select and recipe.train.select.metric == "eval_loss" and not data.val:
         raise UsageError("train.select.metric eval_loss needs validation data (data.val or data.val_fraction)")
@@ -188,8 +208,8 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
         es = recipe.train.early_stopping
         callbacks.append(EarlyStoppingCallback(es.patience, es.min_delta))
     trainer = RegularizedTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=data.val or None,
-        data_collator=collator, processing_class=tokenizer,
+        model=model, args=args, train_dataset=needs.train, eval_dataset=data.val or None,
+        data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
         penalties=penalties, callbacks=callbacks, train_kl=bool(probe and probe.train_kl),
         loss=recipe.train.loss, loss_head=recipe.train.loss_head, head_chunk_size=recipe.train.head_chunk_size)
     if recipe.regularizers.base_replay is not None:
@@ -203,7 +223,8 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
     record = RunRecord(recipe=resolved(recipe), versions=versions(), world_size=args.world_size,
                        command=sys.argv, model_fingerprint=base_fingerprint, parameters=count_parameters(model),
                        data={**data.stats, "train_fingerprint": data_fingerprint(data.train)},
-                       fisher=fisher_meta, reference_cache=reference_meta, penalties=[p.name for p in penalties])
+                       fisher=needs.records.get("fisher"), reference_cache=needs.records.get("reference_cache"),
+                       penalties=[p.name for p in penalties])
     return trainer, record
 
 

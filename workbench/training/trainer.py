@@ -14,17 +14,17 @@ from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from workbench.data.examples import NOT_MODEL_INPUTS
+from workbench.data.examples import EXAMPLE_WEIGHT, NOT_MODEL_INPUTS
 from workbench.distributed import gathered
 from workbench.errors import RunFailed, UsageError, WriteFailed
 from workbench.formats.integrity import write_manifest
 from workbench.io import read_json, write_json, writing
+from workbench.config.recipe import HEAD_CHUNK
+from workbench.modeling.head import causal_lm, check_head, hidden_states_out, lm_head, unsupported
 from workbench.scoring.masks import next_token_mask
-from workbench.training.losses import TaskLoss, causal_lm_loss
+from workbench.training.engine import base_reference, chunked_loss
 from workbench.training.regularizers import Penalty
-from workbench.scoring.head import hidden_states_out, lm_head, unsupported
-from workbench.training.head import HEAD_CHUNK, fused_loss, task_term
-from workbench.training.regularizers.kl import chunked_kl, exact_term, reference_hidden
+from workbench.training.terms import TRAIN_KL, TaskLoss, kl_term, task_term
 
 
 class TermsProgress(ProgressCallback):
@@ -42,7 +42,6 @@ class TermsProgress(ProgressCallback):
                                            for k, v in shown.items()}, refresh=False)
 
 
-TRAIN_KL = "retention_train_kl"
 PENALTY_STATE = "penalties.json"  # in each checkpoint that has a controlled weight
 
 
@@ -72,17 +71,17 @@ class RegularizedTrainer(Trainer):
     def __init__(self, *args, penalties: list[Penalty] = (), train_kl: bool = False, loss: TaskLoss = "nll",
                  loss_head: str = "fused", head_chunk_size: int = HEAD_CHUNK, **kwargs):
         """train_kl: log `retention_train_kl`, KL(base || tuned) per completion token of the training
-        batch, at every logged step (`_train_kl`). loss: the task loss (`losses.token_losses`).
-        loss_head: "fused" applies the LM head and every per-token term chunk by chunk
-        (`training.head`; head_chunk_size positions a chunk), "full" takes the model's whole
-        logits; fused falls back to full, saying why, where it cannot run."""
+        batch, at every logged step. loss: the task loss (`terms.task_term`). loss_head: "fused"
+        stops the model's forward at its final hidden states and applies the LM head inside the loss
+        engine, head_chunk_size positions at a time; "full" hands the engine the model's own logits.
+        Fused becomes full, saying why, where the forward cannot stop early."""
         super().__init__(*args, **kwargs)
         if self.pop_callback(ProgressCallback) is not None:
             self.add_callback(TermsProgress)
-        if self.label_smoother is not None or loss != "nll":
-            self.label_smoother = None
-            self.compute_loss_func = functools.partial(
-                causal_lm_loss, label_smoothing=self.args.label_smoothing_factor, loss=loss)
+        # the loss is computed here, normalised by the tokens of the accumulated batch, which the
+        # parent counts for a model that takes loss kwargs (and so does not divide by accumulation)
+        self.label_smoother, self.compute_loss_func, self.model_accepts_loss_kwargs = None, None, True
+        self.smoothing = self.args.label_smoothing_factor
         self.penalties = list(penalties)
         self.task_loss = loss
         self.run_identity: str | None = None  # the run's fingerprint, recorded in each checkpoint's manifest
@@ -93,7 +92,7 @@ class RegularizedTrainer(Trainer):
         self._step_steps: list[float] = []
         if self._controlled:
             self.add_callback(AfterOptimiserStep(self))
-        self.train_kl = train_kl
+        self.train_kl = train_kl and not any(TRAIN_KL in p.monitors for p in self.penalties)
         self._monitor_steps: list[float] = []  # step_scale of the micro-batches the monitor measured
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]  # parameter penalties read them
         self.head_chunk_size = head_chunk_size
@@ -105,52 +104,67 @@ class RegularizedTrainer(Trainer):
                 print(f"loss head: full logits, not fused: {why}")
 
     def _full_head_reason(self) -> str | None:
-        """Why the fused head cannot run here, or None."""
+        """Why the forward cannot stop at the final hidden states here, or None."""
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return "FSDP/DeepSpeed hold the LM head sharded, whole only inside the wrapped forward"
-        if self.args.fp16:
-            return "fp16 scales the loss only in backward, after the fused head has rounded its gradients to fp16"
-        no_chunks = [p.name for p in self.penalties if p.per_token and type(p).token_term is Penalty.token_term]
-        if no_chunks:
-            return f"{', '.join(no_chunks)} has no per-chunk form (Penalty.token_term)"
-        return unsupported(self.model)
+        why = unsupported(self.model)
+        if why is None:
+            try:
+                check_head(self.model, type(causal_lm(self.model)).__name__)
+            except UsageError as exc:
+                why = str(exc).split(": ", 1)[1]
+        return why
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The task loss plus the weighted penalties; with the fused head, `outputs.logits` holds the
-        final hidden states [B, T, H] instead of logits."""
-        batch = dict(inputs)  # a compute_loss_func pops "labels"; penalties need the mask
-        inputs = {k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS}
-        if not model.training:  # validation loss stays plain NLL (no smoothing, no DFT): comparable
-            with self._plain_nll():
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        """The task loss plus the weighted penalties, every per-token term in one pass of the loss
+        engine; with the fused head, `outputs.logits` holds the final hidden states [B, T, H]. In
+        evaluation, the plain NLL per label token (no smoothing, no DFT, no weights): comparable."""
+        batch = dict(inputs)
+        fused = self.loss_head == "fused"
+        with hidden_states_out(model) if fused else contextlib.nullcontext():
+            outputs = model(**{k: v for k, v in inputs.items() if k not in NOT_MODEL_INPUTS and k != "labels"})
+        head = lm_head(model) if fused else None
+        mask = next_token_mask(batch["labels"])
+        tokens = mask.sum().clamp(min=1)
+        if not model.training:
+            loss, _ = chunked_loss(outputs.logits, head, mask, [task_term(batch["labels"])], [1.0], self.head_chunk_size)
+            return (loss / tokens, outputs) if return_outputs else loss / tokens
         token_scale, step_scale = self._scales(batch, num_items_in_batch)
-        monitor = self.train_kl and (self.state.global_step + 1) % self.args.logging_steps == 0
-        if self.loss_head == "fused":
-            loss, outputs, measured = self._fused_forward(model, batch, inputs, token_scale, monitor)
-        else:
-            (loss, outputs), measured = super().compute_loss(model, inputs, True, num_items_in_batch), {}
-        terms = {"task_loss": measured.get("task_loss", loss.detach() / token_scale)}
-        scales = {"task_loss": token_scale}
+        per_token, step = token_scale / tokens, self.state.global_step
+        base = functools.cache(lambda: base_reference(model, batch, fused))
+        named = {"task_loss": (task_term(batch["labels"], self.task_loss, self.smoothing,
+                                         batch.get(EXAMPLE_WEIGHT)), per_token)}
+        monitor = self.train_kl and (step + 1) % self.args.logging_steps == 0
+        # the base's forward and both heads in the tuned pass's precision (train.bf16), so that at the
+        # base the two sides are the same computation and the KL is exactly 0
+        with self.accelerator.autocast():
+            for penalty in self.penalties:
+                if penalty.per_token:
+                    named[penalty.name] = (penalty.term(model, batch, base), penalty.weight(step) * per_token)
+            if monitor:
+                named[TRAIN_KL] = (kl_term(*base()), 0.0)  # measured, no gradient
+            loss, totals = chunked_loss(outputs.logits, head, mask, [t for t, _ in named.values()],
+                                        [c for _, c in named.values()], self.head_chunk_size)
+        measured = dict(zip(named, totals / tokens))
+        terms, scales = {"task_loss": measured["task_loss"]}, {"task_loss": token_scale}
         for penalty in self.penalties:
-            weight = penalty.weight(self.state.global_step)
+            weight = penalty.weight(step)
             scale = token_scale if penalty.per_token else step_scale
-            if penalty.name in measured:  # in the fused loss already
+            if penalty.per_token:
                 value = measured[penalty.name]
             else:  # in the tuned pass's precision (train.bf16); under ZeRO-3 with the LoRA factors gathered
-                gather = contextlib.nullcontext() if penalty.per_token else gathered(self._trainable)
-                with self.accelerator.autocast(), gather:
-                    value = penalty.penalty(model, batch, outputs)
+                with self.accelerator.autocast(), gathered(self._trainable):
+                    value = penalty.term(model, batch, base)
                 loss = loss + weight * value * scale
-            weighted = weight * value
-            for name, term in ((penalty.name, value), (f"{penalty.name}_weighted", weighted)):
+            for name, term in ((penalty.name, value), (f"{penalty.name}_weighted", weight * value)):
                 terms[name], scales[name] = term.detach(), scale
             if penalty.controlled:  # the same on every rank and micro-batch of the step
                 terms[f"{penalty.name}_weight"] = value.new_tensor(weight)
                 scales[f"{penalty.name}_weight"] = step_scale
                 self._step_terms[penalty.name].append(value.detach() * scale)
-        if monitor:
-            if TRAIN_KL not in measured:  # the fused head measured it on the way
-                measured[TRAIN_KL] = self._train_kl(model, batch, outputs, terms)
+            if TRAIN_KL in penalty.monitors and (step + 1) % self.args.logging_steps == 0:
+                measured[TRAIN_KL] = measured[penalty.name]
+        if TRAIN_KL in measured:
             terms[TRAIN_KL], scales[TRAIN_KL] = measured[TRAIN_KL], token_scale
             self._monitor_steps.append(step_scale)
         self._check_finite(terms)
@@ -160,49 +174,6 @@ class RegularizedTrainer(Trainer):
         if self._controlled:
             self._step_steps.append(step_scale)
         return (loss, outputs) if return_outputs else loss
-
-    def _fused_forward(self, model, batch: dict, inputs: dict, token_scale, monitor: bool):
-        """(loss, outputs, measured): the model's forward to its final hidden states, then the task
-        loss and every per-token penalty (and the KL monitor on logged steps) chunk by chunk
-        through the LM head (`training.head.fused_loss`), each normalised like the task loss;
-        measured: each such term's mean per completion token, detached."""
-        with hidden_states_out(model):
-            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
-        mask = next_token_mask(batch["labels"])
-        per_token = token_scale / mask.sum().clamp(min=1)
-        step = self.state.global_step
-        named = {"task_loss": (task_term(batch["labels"], self.task_loss, self.args.label_smoothing_factor),
-                               per_token)}
-        # the base's forward and both heads in the tuned pass's precision (train.bf16), so that at the
-        # base the two sides are the same computation and the KL is exactly 0
-        with self.accelerator.autocast():
-            for penalty in self.penalties:
-                if penalty.per_token:
-                    named[penalty.name] = (penalty.token_term(model, batch), penalty.weight(step) * per_token)
-            if monitor and not self._monitor_is_penalty():
-                named[TRAIN_KL] = (exact_term(*reference_hidden(model, batch)), 0.0)  # measured, no gradient
-            loss, totals = fused_loss(outputs["logits"], lm_head(model), mask, [t for t, _ in named.values()],
-                                      [c for _, c in named.values()], self.head_chunk_size)
-        return loss, outputs, dict(zip(named, totals / mask.sum().clamp(min=1)))
-
-    def _monitor_is_penalty(self) -> bool:
-        """Whether the KL-to-base penalty measures what the monitor does (forward, exact, temperature 1)."""
-        kl = next((p for p in self.penalties if p.name == "kl_to_base"), None)
-        cfg = kl.config if kl is not None else None
-        return cfg is not None and (cfg.reference, cfg.direction, cfg.temperature) == ("model", "forward", 1.0)
-
-    @torch.no_grad()
-    def _train_kl(self, model, batch: dict, outputs, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """KL(base || tuned) per completion token of this micro-batch, with no gradient: the
-        KL-to-base penalty's value when it measures exactly that (forward, exact, temperature 1),
-        else a base forward of the decoder and the KL chunk by chunk. Only on logged steps."""
-        if self._monitor_is_penalty():
-            return terms["kl_to_base"]
-        mask = next_token_mask(batch["labels"])
-        with self.accelerator.autocast():
-            hidden, head = reference_hidden(model, batch)
-            total, count = chunked_kl(outputs["logits"].detach(), hidden, head, mask)
-        return total / count.clamp(min=1)
 
     def _check_finite(self, terms: dict[str, torch.Tensor]) -> None:
         """Stop before backward when a term is NaN or inf, naming it: no step is taken on it, so
@@ -226,29 +197,17 @@ class RegularizedTrainer(Trainer):
         return grad_norm
 
     def _scales(self, batch: dict, num_items_in_batch) -> tuple[float | torch.Tensor, float]:
-        """How the parent scaled this micro-batch's loss, to scale penalties the same way.
-
-        token_scale turns a per-token mean over this micro-batch into the parent's normalisation
-        (local tokens / tokens in the accumulated batch, times world size when tokens are averaged
-        across devices). step_scale makes a parameter penalty count once per optimiser step.
-        """
-        normalised = self.model_accepts_loss_kwargs or self.compute_loss_func is not None
-        if not (normalised and num_items_in_batch is not None):
+        """How this micro-batch's terms are scaled. token_scale turns a per-token mean over this
+        micro-batch into its share of the mean over the accumulated, all-rank batch (local tokens /
+        tokens in the accumulated batch, times world size when tokens are averaged across devices,
+        as the parent then averages the loss over ranks). step_scale makes a parameter penalty count
+        once per optimiser step."""
+        if num_items_in_batch is None:
             return 1.0, 1.0  # the parent divides the whole loss by the accumulation steps
-        local = next_token_mask(batch["labels"]).sum()
-        token_scale = local / num_items_in_batch
+        token_scale = next_token_mask(batch["labels"]).sum() / num_items_in_batch
         if self.args.average_tokens_across_devices:
             token_scale = token_scale * self.accelerator.num_processes
         return token_scale, 1.0 / self.current_gradient_accumulation_steps
-
-    @contextlib.contextmanager
-    def _plain_nll(self):
-        """The model's own loss: plain next-token NLL, normalised the same way."""
-        loss_func, self.compute_loss_func = self.compute_loss_func, None
-        try:
-            yield
-        finally:
-            self.compute_loss_func = loss_func
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """Flush every term since the last log into the log record, reduced the way the parent

@@ -25,7 +25,7 @@ def random_fisher(model, estimator, seed=0):
 
 
 def ewc_value(model, fisher):
-    return EWC(EWCConfig(weight=1.0, fisher="unused"), fisher=fisher).penalty(model, {}, None)
+    return EWC(EWCConfig(weight=1.0, fisher="unused"), fisher=fisher).term(model, {}, None)
 
 
 def assert_value_and_gradient_match(model, ours, expected):
@@ -75,6 +75,6 @@ def test_ewc_gradient_reaches_both_factors():
 def test_delta_l2_equals_squared_frobenius_norm_of_delta():
     model = make_peft()
     expected = sum((dW**2).sum() for dW in dense_deltas(model).values())
-    value = DeltaL2(PenaltyConfig(weight=1.0)).penalty(model, {}, None)
+    value = DeltaL2(PenaltyConfig(weight=1.0)).term(model, {}, None)
     assert_value_and_gradient_match(model, value, expected)
-    assert DeltaL2(PenaltyConfig(weight=1.0)).penalty(make_peft(perturb=False), {}, None).item() == 0.0
+    assert DeltaL2(PenaltyConfig(weight=1.0)).term(make_peft(perturb=False), {}, None).item() == 0.0

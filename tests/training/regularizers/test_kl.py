@@ -2,10 +2,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import make_batch, make_peft
-from workbench.scoring.topk_kl import base_topk, kl_bounds
-from workbench.training.regularizers.kl import KLConfig, KLToBase, cached_topk_kl, chunked_kl
+from tests.helpers import make_batch, make_peft, per_token_value
 from workbench.modeling.lora import adapter_scale
+from workbench.scoring.topk_kl import base_topk, kl_bounds
+from workbench.training.engine import chunked_loss
+from workbench.training.regularizers.kl import KLConfig, KLToBase
+from workbench.training.terms import kl_term, topk_kl_term
+
+
+def chunked_kl(logits, ref, head, mask, direction="forward", temperature=1.0, chunk_size=1024):
+    """The KL summed over the mask, through the loss engine over whole logits, and the count."""
+    total, _ = chunked_loss(logits, None, mask, [kl_term(ref, head, direction, temperature)], [1.0], chunk_size)
+    return total, mask.sum()
+
+
+def cached_topk_kl(logits, values, ids, mask, temperature=1.0, chunk_size=1024):
+    total, _ = chunked_loss(logits, None, mask, [topk_kl_term(values, ids, temperature)], [1.0], chunk_size)
+    return total, mask.sum()
 
 
 def reference_kl(logits, ref_logits, mask, direction, temperature):
@@ -66,10 +79,9 @@ def test_all_masked_batch_is_zero():
     assert total.item() == 0 and count.item() == 0
 
 
-def _penalty(model, batch, **cfg):
-    model.train()
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return KLToBase(KLConfig(weight=1.0, **cfg)).penalty(model, batch, outputs)
+def _penalty(model, batch, fused=True, chunk_size=4, **cfg):
+    penalty = KLToBase(KLConfig(weight=1.0, **cfg))
+    return per_token_value(lambda base: penalty.term(model, batch, base), model, batch, fused, chunk_size)
 
 
 def test_penalty_is_zero_before_any_update():
@@ -84,11 +96,13 @@ def test_penalty_is_zero_at_adapter_scale_zero():
         assert _penalty(model, batch).item() == 0.0
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
-def test_penalty_equals_two_forward_passes(direction):
-    """Against the obvious implementation: full logits with and without the adapter."""
+def test_penalty_equals_two_forward_passes(direction, fused):
+    """Against the obvious implementation: full logits with and without the adapter; the engine
+    over final hidden states (fused) and over the model's logits alike."""
     model, batch = make_peft(targets=("q_proj", "v_proj", "lm_head"), perturb=True), make_batch()
-    value = _penalty(model, batch, direction=direction, temperature=1.5, chunk_size=4)
+    value = _penalty(model, batch, fused, direction=direction, temperature=1.5, chunk_size=4)
     with torch.no_grad():
         tuned = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         with model.disable_adapter():
@@ -98,13 +112,15 @@ def test_penalty_equals_two_forward_passes(direction):
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
-def test_penalty_gradient_matches_autograd_through_kl_div(direction):
+def test_penalty_gradient_matches_autograd_through_kl_div(direction, fused):
     """The closed-form gradient handed to the logits, taken on to every LoRA parameter (the head's
     included), against autograd through the obvious full-tensor implementation."""
     model, batch = make_peft(targets=("q_proj", "v_proj", "lm_head"), perturb=True), make_batch()
     params = [p for p in model.parameters() if p.requires_grad]
-    ours = torch.autograd.grad(_penalty(model, batch, direction=direction, temperature=0.7, chunk_size=3), params)
+    ours = torch.autograd.grad(_penalty(model, batch, fused, direction=direction, temperature=0.7, chunk_size=3),
+                               params)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad(), model.disable_adapter():
         base = model(**inputs).logits
@@ -161,7 +177,13 @@ def test_cached_topk_kl_with_the_whole_vocabulary_is_the_exact_kl():
     torch.testing.assert_close(g_ours, g_exact, rtol=1e-5, atol=1e-6)
 
 
-def test_cached_topk_kl_refuses_a_cache_of_the_wrong_length():
-    mask = torch.ones(1, 4, dtype=torch.bool)
-    with pytest.raises(ValueError, match="3 positions for this batch, the batch 4"):
-        cached_topk_kl(torch.randn(1, 4, 10), torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.long), mask)
+def test_cached_reference_of_the_wrong_length_is_refused():
+    class Cache:
+        def lookup(self, index, device):
+            return torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.long)
+
+    batch = make_batch(batch=1, seq=6, prompt=1)  # labels at 1 and 2 (3 to 5 are padding): 2 positions
+    batch["index"] = torch.tensor([0])
+    penalty = KLToBase(KLConfig(weight=1.0, reference="topk_cache"), reference_cache=Cache())
+    with pytest.raises(ValueError, match="3 positions for this batch, the batch 2"):
+        penalty.term(None, batch, lambda: None)

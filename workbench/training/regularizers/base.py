@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from workbench.config.penalties import PENALTY_CONFIGS, PenaltyConfig
+from workbench.training.engine import BaseReference
+from workbench.training.terms import TokenTerm
 
 PENALTIES: dict[str, type["Penalty"]] = {}
 
 
 class Penalty:
-    """A term added to the task loss: `loss = task + sum(weight(step) * penalty(...))`.
+    """A term added to the task loss: `loss = task + sum(weight(step) * term(...))`.
 
-    `per_token` penalties return a mean over completion tokens and are renormalised by the trainer
-    the same way as the task loss (so gradient accumulation and data parallelism count every
-    token once); parameter penalties return one value per optimisation step.
+    `per_token` penalties are summed over completion tokens and normalised by the trainer the same
+    way as the task loss (so gradient accumulation and data parallelism count every token once);
+    parameter penalties count once per optimisation step. `monitors`: the trainer's monitors whose
+    value this penalty's term equals, so they are not measured twice.
     """
 
     name: ClassVar[str]
@@ -28,6 +31,11 @@ class Penalty:
 
     def weight(self, step: int) -> float:
         return self.config.weight
+
+    @property
+    def monitors(self) -> frozenset[str]:
+        """The trainer's monitors (`training.terms.TRAIN_KL`) whose value this penalty's term equals."""
+        return frozenset()
 
     @property
     def controlled(self) -> bool:
@@ -46,16 +54,20 @@ class Penalty:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def penalty(self, model: torch.nn.Module, inputs: dict, outputs: Any) -> torch.Tensor:
-        raise NotImplementedError
+    @classmethod
+    def needs(cls, config: PenaltyConfig) -> tuple[str, ...]:
+        """What the penalty must be given to be built, by name, passed to `__init__` as keywords:
+        "fisher" (the EWC Fisher of the base), "reference_cache" (a top-k cache of the base's
+        log-probs over the training set). The run makes each once (`training.run`)."""
+        return ()
 
-    def token_term(self, model: torch.nn.Module, inputs: dict) -> Callable | None:
-        """A `per_token` penalty as a function over chunks of the tuned logits, for the fused loss
-        head (`training.head.TokenTerm`: term(z [n, V], start, index) -> (the term summed over the
-        chunk, its gradient in z)); the trainer divides the sum by the batch's completion tokens.
-        Called once per micro-batch, so per-batch work (a reference forward) happens here. None:
-        the penalty needs the whole logits, and training with it uses the full head."""
-        return None
+    def term(self, model: torch.nn.Module, inputs: dict, base: BaseReference) -> torch.Tensor | TokenTerm:
+        """The penalty on this micro-batch. A `per_token` penalty returns a per-chunk term of the
+        tuned logits (`training.terms.TokenTerm`), which the loss engine sums over the batch's
+        completion tokens and the trainer normalises like the task loss; it may call `base()` for
+        the base's side of this batch, computed once per micro-batch whoever asks. A parameter
+        penalty returns its value, counted once per optimiser step."""
+        raise NotImplementedError
 
 
 def register(cls: type[Penalty]) -> type[Penalty]:

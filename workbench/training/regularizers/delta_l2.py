@@ -16,5 +16,5 @@ class DeltaL2(Penalty):
     name = "delta_l2"
     Config = DeltaL2Config
 
-    def penalty(self, model, inputs, outputs) -> torch.Tensor:
+    def term(self, model, inputs, base) -> torch.Tensor:
         return torch.stack([(g.scale**2 * grouped_gram(g.A, g.B)).sum() for g in grouped_factors(model)]).sum()

@@ -19,6 +19,10 @@ class EWC(Penalty):
     name = "ewc"
     Config = EWCConfig
 
+    @classmethod
+    def needs(cls, config: EWCConfig) -> tuple[str, ...]:
+        return ("fisher",)
+
     def __init__(self, config: EWCConfig, fisher: dict[str, torch.Tensor] | None = None, **_):
         super().__init__(config)
         if fisher is None:
@@ -40,7 +44,7 @@ class EWC(Penalty):
         self._stacked[group.keys] = stacked
         return stacked
 
-    def penalty(self, model, inputs, outputs) -> torch.Tensor:
+    def term(self, model, inputs, base) -> torch.Tensor:
         terms = []
         for group in grouped_factors(model):
             fisher = self._stacked_fisher(group)
