@@ -22,10 +22,9 @@ from workbench.compare.analysis import (INDEPENDENT, Comparison, FamilyCompariso
 from workbench.compare.frontier import Z95, Difference, Estimate
 from workbench.compare.points import DEFAULT_LEARNING
 from workbench.errors import UsageError
+from workbench.formats.comparison import KIND, SCHEMA_VERSION
 from workbench.io import atomic_path, write_json
 
-KIND = "workbench.compare"
-SCHEMA_VERSION = 1
 NO_CI = "*"  # marks an estimate resting on a metric without a CI (its se taken as 0)
 
 

@@ -42,7 +42,7 @@ Sum = Callable[[str, str], np.ndarray]  # (component, column) -> sum over the (r
 
 def components(items) -> dict[str, dict]:
     """An entry's usable components (`formats.results.item_components`), columns as float arrays."""
-    return {name: {"key": record["key"], **{k: np.asarray(v, dtype=np.float64) for k, v in record.items() if k != "key"}}
+    return {name: {k: v if k == "key" else np.asarray(v, dtype=np.float64) for k, v in record.items()}
             for name, record in item_components(items).items()}
 
 

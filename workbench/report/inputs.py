@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from workbench.compare.command import KIND as COMPARE_KIND, SCHEMA_VERSION as COMPARE_SCHEMA
 from workbench.errors import UsageError
+from workbench.formats.comparison import KIND as COMPARE_KIND, Comparison, read_comparison
 from workbench.formats.results import KIND, Results, load_results
 from workbench.io import read_json
 from workbench.formats.run_record import FILENAME, RunRecord, read_run
@@ -31,7 +31,7 @@ class Inputs:
     entries: list[ReportEntry]       # merged across results files
     runs: list[Run]
     results: list[Path]              # the results files, each once, in the order given
-    comparisons: list[tuple[Path, dict]]   # compare.json files, each once
+    comparisons: list[tuple[Path, Comparison]]   # compare.json files, each once
     sources: list[dict]              # one summary per results or compare file, for the page
 
 
@@ -57,7 +57,7 @@ def load_inputs(inputs: list[str | Path]) -> Inputs:
     return Inputs(entries, runs.runs, [p for p, _ in results.values()], list(comparisons.values()), sources)
 
 
-def _read_input(path: Path) -> Results | dict | RunRecord:
+def _read_input(path: Path) -> Results | Comparison | RunRecord:
     """A results dict or a run record: which one, the file's JSON says."""
     if path.is_dir():
         if not (path / FILENAME).is_file():
@@ -69,10 +69,7 @@ def _read_input(path: Path) -> Results | dict | RunRecord:
     if isinstance(data, dict) and data.get("kind") == KIND:
         return load_results(path)
     if isinstance(data, dict) and data.get("kind") == COMPARE_KIND:
-        if data.get("schema_version") != COMPARE_SCHEMA:
-            raise UsageError(f"{path}: compare.json schema_version {data.get('schema_version')!r}; this "
-                             f"report reads {COMPARE_SCHEMA} (rerun workbench compare)")
-        return data
+        return read_comparison(path, "this report", data)
     if isinstance(data, dict) and isinstance(data.get("recipe"), dict):
         return read_run(path)
     raise UsageError(f"{path}: neither a run.json, a workbench results file nor a compare.json")
@@ -110,10 +107,9 @@ def _source(path: Path, results: Results) -> dict:
     return {"path": str(path), "meta": meta}
 
 
-def _compare_source(path: Path, data: dict) -> dict:
-    reference = (data.get("reference") or {}).get("family", "?")
-    meta = (f"matched-learning comparison against {reference}, {len(data.get('families') or [])} "
-            f"families, created {data.get('created') or '?'}")
+def _compare_source(path: Path, data: Comparison) -> dict:
+    meta = (f"matched-learning comparison against {data.reference.family}, {len(data.families)} "
+            f"families, created {data.created or '?'}")
     return {"path": str(path), "meta": meta}
 
 
