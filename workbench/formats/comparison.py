@@ -102,6 +102,12 @@ class Comparison(_Part):
     families: list[FamilyRows]
 
 
+def validated(data: dict) -> dict:
+    """The JSON `workbench compare --out` writes, checked against the schema its readers read
+    (a non-finite number is written as null)."""
+    return Comparison.model_validate(data).model_dump(mode="json")
+
+
 def read_comparison(path: str | Path, reader: str, data: dict | None = None) -> Comparison:
     """A compare.json (its JSON `data` when already read), or a one-line UsageError naming the
     file: another kind of file, another schema version, or a key missing or of the wrong type."""
