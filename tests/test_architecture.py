@@ -31,6 +31,9 @@ NO_TORCH = ("workbench.errors", "workbench.io", "workbench.config", "workbench.f
             "workbench.data.sources", "workbench.data.bigbench", "workbench.distributed",
             "workbench.gate", "workbench.compare", "workbench.tracking.names", "workbench.sweep.spec")
 MAX_LINES = 400
+# A results entry's own keys, and the file's list of entries: only formats/ reads them off raw JSON.
+RESULTS_KEYS = ("entries", "metrics", "scale", "light", "changes_model", "delta_norm", "curves", "items")
+JSON_READS = ("read_json", "load", "loads")
 
 
 def module_name(path: Path) -> str:
@@ -87,6 +90,46 @@ def test_the_rule_catches_an_upward_import_and_a_training_evals_one():
            "workbench.formats.results": [(5, "workbench.modeling.load")]}
     assert len(violations(bad)) == 3
     assert violations({"workbench.evals.runner": [(1, "workbench.scoring.masks")]}) == []
+
+
+def raw_results_reads(source: str) -> list[str]:
+    """Where code reads results.json around `formats.results`: a subscript or `.get` of an entry's
+    own keys (`entry["metrics"]`, `e.get("scale")`), or JSON reading of a results file."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        key = (node.slice if isinstance(node, ast.Subscript) else
+               node.args[0] if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+               and node.func.attr == "get" and node.args else None)
+        if isinstance(key, ast.Constant) and key.value in RESULTS_KEYS:
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in JSON_READS and "results" in ast.unparse(node):
+                found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_results_json_is_read_only_through_formats():
+    """Every reader asks the typed Entry (`entry.value(name)`, `entry.scale`), none the raw dict."""
+    found = {module_name(p): hits for p in sorted(PACKAGE.rglob("*.py"))
+             if not module_name(p).startswith("workbench.formats") and (hits := raw_results_reads(p.read_text()))}
+    assert found == {}
+
+
+def test_the_results_scan_catches_reads_of_the_raw_entry():
+    """Negative control: lines as gate, compare, the leaderboard and the report read results.json
+    before formats/results.py owned the entry are each caught; typed reads and other files'
+    keys (a run's history, a gate decision) are not."""
+    old = (
+        'record = entry["metrics"][metric]\n'
+        'chosen = [e for e in entries if e.get("scale", 1.0) == 1.0 and e.get("light") is not True]\n'
+        'entries = read_json(path, "results JSON file")["entries"]\n'
+        'items = entry.data.get("items")\n'
+        'data = json.loads(results_path.read_text())\n')
+    assert sorted(int(hit.split(":")[0]) for hit in raw_results_reads(old)) == [1, 2, 2, 3, 3, 4, 5]
+    typed = ('x = entry.value("retention.general.kl", "ci_low")\nchosen = [e for e in entries if e.scale == 1.0]\n'
+             'steps = [h["step"] for h in history]\npassed = outcome["checks"]\nrun = read_json(path, "run record")\n')
+    assert raw_results_reads(typed) == []
 
 
 def test_every_module_fits_on_a_few_screens():

@@ -31,12 +31,12 @@ from workbench.distributed import init_distributed, is_main_process
 from workbench.errors import RunFailed, UsageError
 from workbench.evals.evaluate import ADAPTER_FILES, Session, open_session
 from workbench.gate import OK_STATUSES, Check, Policy, check, load_policy
+from workbench.formats.calibration import Calibration
 from workbench.formats.integrity import write_manifest
+from workbench.formats.results import Entry, Results
 from workbench.io import write_json, writing
 from workbench.modeling.lora import scaled_magnitudes
 
-SCHEMA_VERSION = 1
-KIND = "workbench.calibration"
 # LoRA's B factors (and a B bias, with lora_bias): PEFT multiplies each by `scaling` at run time,
 # so B * s in the file is the adapter at scale s, whatever its alpha or rank pattern. DoRA's
 # magnitudes are replaced by their values at s (`modeling.lora.adapter_scale`).
@@ -52,7 +52,7 @@ class Step:
 
     scale: float
     checks: list[Check]
-    entry: dict = field(repr=False)
+    entry: Entry = field(repr=False)
 
     @property
     def passed(self) -> bool:
@@ -90,7 +90,7 @@ def _score(session: Session, policy: Policy, scale: float) -> Step:
     """The full suite at `scale` (never a light point: the gate may read any metric) and the
     policy's rules on it. The policy's `entries` do not apply: there is one candidate."""
     entry = session.entry(0, scale)
-    checks = check({"entries": [entry]}, policy, ["*"])
+    checks = check(Results(entries=[entry]), policy, ["*"])
     missing = [c for c in checks if c.status == "missing"]
     if missing:  # the same at every scale: no search can pass it
         raise UsageError(f"{policy.source}: rule '{missing[0].rule}' reads {missing[0].metric}, which the suite "
@@ -127,22 +127,20 @@ def _record(session: Session, policy: Policy, tolerance: float, steps: list[Step
     spec = session.specs[0]
     above = [s.scale for s in steps if not s.passed]
     header = session.results([])  # the suite and base as results.json names them
-    return {
-        "schema_version": SCHEMA_VERSION, "kind": KIND, "created": header["created"],
-        "adapter": str(spec.path), "run": str(spec.run_dir) if spec.run_dir else None, "name": spec.name,
-        "family": spec.family,
-        "suite": header["suite"],
-        "base": {key: header["base"][key] for key in ("model", "fingerprint")},
-        "policy": {"name": policy.name, "path": policy.source,
-                   "rules": [f"{r.label()} {r.threshold}" for r in policy.rules]},
-        "tolerance": tolerance,
-        "steps": [{"scale": s.scale, "passed": s.passed,
-                   "failing": [{"rule": c.rule, "metric": c.metric, "observed": c.observed, "status": c.status}
-                               for c in s.failing]}
-                  for s in steps],
-        "chosen_scale": chosen,
-        "fails_at": min(above) if above else None,  # the smallest scale scored above it that fails
-    }
+    return Calibration(
+        created=header.created, adapter=str(spec.path), run=str(spec.run_dir) if spec.run_dir else None,
+        name=spec.name, family=spec.family, suite=header.suite,
+        base={key: header.base[key] for key in ("model", "fingerprint")},
+        policy={"name": policy.name, "path": policy.source,
+                "rules": [f"{r.label()} {r.threshold}" for r in policy.rules]},
+        tolerance=tolerance,
+        steps=[{"scale": s.scale, "passed": s.passed,
+                "failing": [{"rule": c.rule, "metric": c.metric, "observed": c.observed, "status": c.status}
+                            for c in s.failing]}
+               for s in steps],
+        chosen_scale=chosen,
+        fails_at=min(above) if above else None,  # the smallest scale scored above it that fails
+    ).payload()
 
 
 def _no_scale_passes(policy: Policy, steps: list[Step]) -> str:
@@ -192,7 +190,7 @@ def run_calibrate(suite_path: str | Path, policy_path: str | Path, out: str | Pa
     step = next(s for s in steps if s.scale == chosen)
     if is_main_process():
         session.evaluator.peft.set_adapter("a0")
-        write_outputs(out, session.specs[0].path, chosen, session.results([step.entry]),
+        write_outputs(out, session.specs[0].path, chosen, session.results([step.entry]).payload(),
                       _record(session, policy, tolerance, steps, chosen),
                       scaled_magnitudes(session.evaluator.peft, chosen))
         print(f"calibrate: scale {chosen:g} passes gate {policy.name}; adapter: {out}")

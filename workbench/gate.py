@@ -20,7 +20,6 @@ The gate passes when every check is pass or skipped.
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -33,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from workbench.errors import UsageError
-from workbench.formats.results import load_results
+from workbench.formats.results import Entry, Results, load_results
 from workbench.config.suggest import did_you_mean
 from workbench.config.yamlfile import describe_error, read_yaml
 from workbench.formats import metrics as catalogue
@@ -171,52 +170,39 @@ def _check_catalogued(path: Path, index: int, metric: str) -> None:
 # ---------------------------------------------------------------- checking
 
 
-def select_entries(results: dict, policy: Policy, names: list[str] | None = None) -> list[dict]:
+def select_entries(results: Results, policy: Policy, names: list[str] | None = None) -> list[Entry]:
     """The entries to gate: `names` (e.g. from --entry) if given, else the policy's `entries`,
     else those with scale == 1.0 that are not light (the tuned adapters, not the scale sweep or
     the checkpoints scored on learning and general text only). Names may be globs; one that
     matches nothing is a UsageError."""
-    entries = results["entries"]
+    entries = results.entries
     patterns, origin = (names, "--entry") if names else (policy.entries, f"{policy.source}: entries")
     if patterns is None:
-        chosen = [e for e in entries if e.get("scale", 1.0) == 1.0 and e.get("light") is not True]
+        chosen = [e for e in entries if e.scale == 1.0 and not e.light]
         if not chosen:
             raise UsageError(f"{policy.source}: no entry has scale 1.0 and the whole suite; name entries in the "
                              "policy's `entries:` or with --entry")
         return chosen
-    known = ", ".join(e["name"] for e in entries)
+    known = ", ".join(e.name for e in entries)
     for pattern in patterns:
-        if not any(fnmatchcase(e["name"], pattern) for e in entries):
+        if not any(fnmatchcase(e.name, pattern) for e in entries):
             raise UsageError(f"{origin}: no entry matches {pattern!r} (results have: {known})")
-    return [e for e in entries if any(fnmatchcase(e["name"], p) for p in patterns)]
+    return [e for e in entries if any(fnmatchcase(e.name, p) for p in patterns)]
 
 
-def _observed(entry: dict, metric: str, rule: Rule, index: int, policy: Policy) -> float | None:
+def _observed(entry: Entry, metric: str, rule: Rule, index: int, policy: Policy) -> float | None:
     """The number the rule reads: the value or a CI bound; None when non-finite."""
-    record = entry["metrics"][metric]
-    if not isinstance(record, dict) or "value" not in record:
-        raise UsageError(f"results entry {entry['name']!r}: metric {metric} is not "
-                         '{"value": number, ...}')
-    if rule.at == "value":
-        x = record["value"]
-    else:
-        ci = record.get("ci")
-        if ci is None:
-            raise UsageError(f"{policy.source}: rules[{index}].at: {rule.at} needs a confidence "
-                             f"interval, but {metric} has none (entry {entry['name']!r})")
-        if not isinstance(ci, list) or len(ci) != 2:
-            raise UsageError(f"results entry {entry['name']!r}: metric {metric}: ci is not [low, high]")
-        x = ci[0] if rule.at == "ci_low" else ci[1]
-    if x is None or isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-        return None
-    return float(x)
+    if rule.at != "value" and entry.metrics[metric].ci is None:
+        raise UsageError(f"{policy.source}: rules[{index}].at: {rule.at} needs a confidence "
+                         f"interval, but {metric} has none (entry {entry.name!r})")
+    return entry.value(metric, rule.at)
 
 
-def _check_rule(entry: dict, rule: Rule, index: int, policy: Policy) -> list[Check]:
+def _check_rule(entry: Entry, rule: Rule, index: int, policy: Policy) -> list[Check]:
     """The checks of one rule on one entry: one per matching metric, or one missing/skipped."""
-    common = dict(entry=entry["name"], rule=f"{rule.label()} {rule.threshold}", at=rule.at,
+    common = dict(entry=entry.name, rule=f"{rule.label()} {rule.threshold}", at=rule.at,
                   threshold=rule.threshold, why=rule.why)
-    metrics = [m for m in entry["metrics"] if fnmatchcase(m, rule.metric)]
+    metrics = [m for m in entry.metrics if fnmatchcase(m, rule.metric)]
     if not metrics:
         status = "missing" if rule.missing == "fail" else "skipped"
         return [Check(metric=rule.metric, observed=None, status=status, **common)]
@@ -228,9 +214,10 @@ def _check_rule(entry: dict, rule: Rule, index: int, policy: Policy) -> list[Che
     return checks
 
 
-def check(results: dict, policy: Policy, entries: list[str] | None = None) -> list[Check]:
-    """Every rule of `policy` on every selected entry of `results` (see `select_entries`)."""
-    return [c for entry in select_entries(results, policy, entries)
+def check(results: Results | dict, policy: Policy, entries: list[str] | None = None) -> list[Check]:
+    """Every rule of `policy` on every selected entry of `results` (a results file or its
+    payload; see `select_entries`)."""
+    return [c for entry in select_entries(Results.of(results), policy, entries)
             for i, rule in enumerate(policy.rules)
             for c in _check_rule(entry, rule, i, policy)]
 

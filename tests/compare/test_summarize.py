@@ -172,7 +172,7 @@ def _with_metric(tmp_path, path, metric):
 @pytest.mark.parametrize("case, expected", [
     ("missing", "compare.json not found"),
     ("results file", "not a compare.json (kind 'workbench.eval'"),
-    ("broken", "not a valid compare.json (KeyError"),
+    ("broken", "not a workbench.compare file of schema 1 (learning"),
     ("no shared metric", "no forgetting metric is in every cell"),
     ("unknown metric", "--metric: 'retention.general.kll' is not compared in cell 'a' (did you mean"),
     ("no equals sign", "give a cell as NAME=compare.json"),

@@ -279,7 +279,7 @@ def test_entries_carry_per_item_scores_that_reproduce_their_metrics(workspace, c
     (workspace / "items.yaml").write_text(yaml.safe_dump(suite))
     out = tmp_path / "results.json"
     results = run_eval(workspace / "items.yaml", runs=[make_run(workspace, "itemised", seed=8)], out=out)
-    assert results["schema_version"] == SCHEMA_VERSION == 2 and load_results(out)["entries"]
+    assert results["schema_version"] == SCHEMA_VERSION == 2 and load_results(out).entries
     full, light = results["entries"]
     assert set(full["items"]) == {"general", "mc", "target"} and set(light["items"]) == {"general", "target"}
     assert len(full["items"]["general"]["kl"]) == SUITE["general"]["num_chunks"]

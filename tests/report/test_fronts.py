@@ -13,9 +13,9 @@ from tests.report.study import point, results, study
 from workbench.compare.analysis import compare
 from workbench.compare.command import run_compare, to_json
 from workbench.errors import UsageError
+from workbench.formats.results import Entry
 from workbench.io import write_json
 from workbench.report.build import build_report
-from workbench.compare.points import family_of
 from workbench.report.inputs import load_inputs
 from workbench.report.matched import compute
 from workbench.report.plots import ReportEntry
@@ -124,8 +124,12 @@ def test_a_bad_compare_json_is_one_usage_error(tmp_path, capsys, change, message
 # ---------------------------------------------------------------- the plot
 
 
+def shown(data: dict) -> ReportEntry:
+    return ReportEntry(data["name"], Entry.model_validate(data))
+
+
 def entries() -> list[ReportEntry]:
-    return [ReportEntry(e["name"], e) for e in study()]
+    return [shown(e) for e in study()]
 
 
 def frontier_labels(ax) -> list[str]:
@@ -161,7 +165,7 @@ def test_the_front_skips_dominated_points_and_every_point_is_drawn():
     line has one vertex fewer than the family has points, and the point is still drawn."""
     data = study()
     dominated = point("baseline", 0.6, learns=1.0, forgets=0.5)  # val loss 2.4 but ratio 1.18
-    rows = [ReportEntry(e["name"], e) for e in [*data, dominated]]
+    rows = [shown(e) for e in [*data, dominated]]
     ax = tradeoff_figure(rows, FORGETTING[0], reference="baseline").axes[0]
     (line,) = [line for line in ax.lines if line.get_label() == "baseline (reference)"]
     assert len(line.get_xdata()) == 5  # the five scales; not the dominated sixth point
@@ -175,8 +179,8 @@ def test_without_a_reference_nothing_is_shaded():
 
 
 def test_family_falls_back_to_the_name_before_at_or_colon():
-    assert [family_of({"name": n}) for n in ("kl@0.5", "kl:step20", "kl")] == ["kl"] * 3
-    assert family_of({"name": "x@0.5", "family": "ewc"}) == "ewc"
+    assert [Entry(name=n, metrics={}).family for n in ("kl@0.5", "kl:step20", "kl")] == ["kl"] * 3
+    assert Entry(name="x@0.5", family="ewc", metrics={}).family == "ewc"
 
 
 def test_a_distant_base_adds_a_panel_up_close_on_the_fine_tunes():
@@ -189,7 +193,7 @@ def test_a_distant_base_adds_a_panel_up_close_on_the_fine_tunes():
         e["metrics"]["learning.val_loss.base"] = {"value": 11.8}
         e["metrics"]["retention.general.ppl.ratio"] = {"value": ratio, "ci": [ratio * 0.9, ratio * 1.1]}
         del e["metrics"]["learning.exact_match.tuned"]
-        return ReportEntry(name, e)
+        return shown(e)
     rows = [near("b1", "baseline", 3.8, 4.0), near("b2", "baseline", 4.6, 1.2), near("k1", "kl", 4.2, 1.5)]
     fig = tradeoff_figure(rows, FORGETTING[0], reference="baseline")
     assert len(fig.axes) == 2 and "up close" in fig.axes[1].get_xlabel()
@@ -200,7 +204,7 @@ def test_a_distant_base_adds_a_panel_up_close_on_the_fine_tunes():
     pad = (4.4 / 1.08) ** 0.06
     assert (low, high) == pytest.approx((1.08 / pad, 4.4 * pad))
     for row in rows:  # without the distant base: one panel
-        row.data["metrics"]["learning.val_loss.base"] = {"value": 5.0}
+        row.entry.metrics["learning.val_loss.base"].value = 5.0
     assert len(tradeoff_figure(rows, FORGETTING[0], reference="baseline").axes) == 1
 
 

@@ -142,7 +142,8 @@ def fake_run(directory: Path, eval_loss: float | None, ppl_ratio: float | None) 
     metrics = {"retention.general.ppl.ratio": {"value": ppl_ratio}, "learning.val_loss.tuned": {"value": 1.0}}
     entries = [{"name": "x", "scale": 0.5, "metrics": {"retention.general.ppl.ratio": {"value": 0.0}}},
                {"name": "x", "scale": 1.0, "metrics": metrics}]
-    (directory / "results.json").write_text(json.dumps({"entries": entries}))
+    (directory / "results.json").write_text(json.dumps({"kind": "workbench.eval", "schema_version": 2,
+                                                        "entries": entries}))
 
 
 def test_leaderboard_ranks_feasible_runs_first_by_the_objective(tmp_path):

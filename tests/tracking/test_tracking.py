@@ -15,6 +15,7 @@ from workbench.cli import main
 from workbench.errors import UsageError
 from workbench.config.recipe import WandbSection, load_recipe, resolved
 from workbench.formats.metrics import wandb_key
+from workbench.formats.results import Entry
 from workbench.tracking.evals import TABLE_COLUMNS, log_eval, metric_rows
 from workbench.tracking.names import (
     enable, family, flatten, has_api_key, recipe_hash, resolve_mode, run_config, run_name, trainer_key
@@ -336,7 +337,7 @@ def test_metric_rows_put_base_tuned_and_the_change_with_its_ci_on_one_row():
         "retention.general.kl": {"value": 0.01, "ci": [0.0, 0.02]},
         "learning.val_loss.delta": {"value": -0.3, "ci": [-0.4, -0.2]},
         "overfitting.loss_gap": {"value": 0.2}, "calibration.arith.ece.tuned": {"value": None}}}
-    tables = metric_rows(entry)
+    tables = metric_rows(Entry.model_validate(entry))
     assert ["r", 1.0, "arith", "acc", 0.5, 0.4, -0.1, -0.2, 0.0] in tables["retention"]
     assert ["r", 1.0, "general", "kl", None, None, 0.01, 0.0, 0.02] in tables["retention"]
     assert ["r", 1.0, "target", "val_loss", None, None, -0.3, -0.4, -0.2] in tables["learning"]

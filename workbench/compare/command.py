@@ -22,10 +22,9 @@ from workbench.compare.analysis import (INDEPENDENT, Comparison, FamilyCompariso
 from workbench.compare.frontier import Z95, Difference, Estimate
 from workbench.compare.points import DEFAULT_LEARNING
 from workbench.errors import UsageError
+from workbench.formats.comparison import KIND, SCHEMA_VERSION, validated
 from workbench.io import atomic_path, write_json
 
-KIND = "workbench.compare"
-SCHEMA_VERSION = 1
 NO_CI = "*"  # marks an estimate resting on a metric without a CI (its se taken as 0)
 
 
@@ -186,7 +185,7 @@ def to_json(c: Comparison) -> dict:
                     "ci": sorted((in_units(d.lo, higher), in_units(d.hi, higher)))},
                 "verdict": d.verdict if d else None, "note": r.note or None}
 
-    return {
+    return validated({
         "kind": KIND, "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "inputs": [str(p) for p in c.inputs],
@@ -205,7 +204,7 @@ def to_json(c: Comparison) -> dict:
                          "summary": m.text, "method": m.method, "rows": [row(r, m.higher) for r in m.rows]}
                         for m in f.metrics],
         } for f in c.families],
-    }
+    })
 
 
 def writable(path: Path | None, flag: str, example: str) -> None:

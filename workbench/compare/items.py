@@ -25,11 +25,12 @@ in a difference. Different keys (a run's own held-out split, which follows its s
 
 from __future__ import annotations
 
-import math
 import zlib
 from typing import Callable, Sequence
 
 import numpy as np
+
+from workbench.formats.results import item_components
 
 GENERAL = ("tokens", "base_nll", "tuned_nll", "kl", "kl_upper", "top1_agreement")
 TARGET = ("tokens", "base_nll", "tuned_nll")
@@ -40,28 +41,9 @@ Sum = Callable[[str, str], np.ndarray]  # (component, column) -> sum over the (r
 
 
 def components(items) -> dict[str, dict]:
-    """An entry's usable components by name ("general", "target", "mc.<task>"): each a record with
-    a string key and equal-length numeric columns, no null. Anything else is left out (its metrics
-    are then not resampled), so a damaged or partial record never raises."""
-    if not isinstance(items, dict):
-        return {}
-    flat = {name: items.get(name) for name in ("general", "target")}
-    mc = items.get("mc")
-    if isinstance(mc, dict):
-        flat.update({f"mc.{task}": record for task, record in mc.items()})
-    out = {}
-    for name, record in flat.items():
-        if not isinstance(record, dict) or not isinstance(record.get("key"), str):
-            continue
-        columns = {k: v for k, v in record.items() if k != "key"}
-        if columns and all(isinstance(v, list) and v and all(_number(x) for x in v) for v in columns.values()) \
-                and len({len(v) for v in columns.values()}) == 1:
-            out[name] = {"key": record["key"], **{k: np.asarray(v, dtype=np.float64) for k, v in columns.items()}}
-    return out
-
-
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """An entry's usable components (`formats.results.item_components`), columns as float arrays."""
+    return {name: {k: v if k == "key" else np.asarray(v, dtype=np.float64) for k, v in record.items()}
+            for name, record in item_components(items).items()}
 
 
 def needs(metric: str, present: dict[str, dict]) -> list[tuple[str, tuple[str, ...]]] | None:

@@ -88,7 +88,8 @@ class Bootstrap:
     def cost(self, entry: pts.Entry, metric: str, higher: bool) -> np.ndarray | None:
         """[B] the entry's cost in `metric` (negated when higher is better) on every replicate."""
         i = self.index[id(entry)]
-        found = self.resample.base_values(i, metric) if entry.base else self.resample.values(i, metric)
+        base = isinstance(entry, pts.BasePoint)
+        found = self.resample.base_values(i, metric) if base else self.resample.values(i, metric)
         return None if found is None else (-found if higher else found)
 
     def supports(self, metric: str, tolerance: float = 1e-4) -> bool:
@@ -101,7 +102,7 @@ class Bootstrap:
     def _check(self, metric: str, tolerance: float) -> bool:
         for e in self.entries:
             for m in dict.fromkeys([self.learning, *([metric] if pts.reading(e, metric) else [])]):
-                if e.base:
+                if isinstance(e, pts.BasePoint):
                     if self.cost(e, m, False) is None:
                         return False
                     continue

@@ -13,9 +13,7 @@ is a point only for the metrics it carries.
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -23,7 +21,7 @@ from workbench.compare.frontier import Point, se_from_ci
 from workbench.config.suggest import did_you_mean
 from workbench.errors import UsageError
 from workbench.formats import metrics as catalogue
-from workbench.formats.results import load_results
+from workbench.formats.results import Entry, load_results
 
 DEFAULT_LEARNING = "learning.val_loss.tuned"
 DEFAULT_FORGETTING = ("retention.general.ppl.ratio", "retention.general.kl")
@@ -32,26 +30,8 @@ DEFAULT_REFERENCE = "baseline"
 SHOWN = 5  # names listed in an error line before "and N more"
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One results.json entry and the file it came from."""
-
-    source: Path
-    name: str
-    family: str
-    seed: int
-    step: int | None
-    scale: float | None
-    metrics: dict
-    light: bool = False  # a trajectory point scored on learning and general text only
-    items: dict | None = field(default=None, compare=False, repr=False)  # per-item scores (schema 2)
-    base: bool = False  # the base model (adapter scale 0), added to every family by with_base_point
-
-
-def family_of(entry: dict) -> str:
-    """entry["family"], else the name before "@" (a scale, `kl@0.5`) or ":" (a checkpoint,
-    `kl:step20`): files written before the family field hold only names."""
-    return entry.get("family") or re.split(r"[@:]", entry["name"], maxsplit=1)[0]
+class BasePoint(Entry):
+    """The base model (adapter scale 0) as a point of a family: see `with_base_point`."""
 
 
 def _listed(names: Sequence[str]) -> str:
@@ -61,7 +41,7 @@ def _listed(names: Sequence[str]) -> str:
 
 def files(entries: Sequence[Entry]) -> str:
     """The distinct files the entries came from, for the start of an error line."""
-    return ", ".join(dict.fromkeys(str(e.source) for e in entries))
+    return ", ".join(dict.fromkeys(str(e.source or "-") for e in entries))
 
 
 def read_entries(paths: Sequence[str | Path]) -> list[Entry]:
@@ -72,21 +52,14 @@ def read_entries(paths: Sequence[str | Path]) -> list[Entry]:
     for path in map(Path, paths):
         results = load_results(path)
         for key, section in (("suite", "suite"), ("base", "base model")):
-            mark = (results.get(key) or {}).get("fingerprint")
+            mark = results.fingerprint(key)
             if mark is None:
                 continue
             first = seen.setdefault(key, (path, mark))
             if first[1] != mark:
                 raise UsageError(f"{path}: {section} fingerprint {mark} differs from {first[0]}'s "
                                  f"{first[1]}; compare reads results of one suite on one base")
-        for entry in results["entries"]:
-            name = entry["name"]
-            seed = entry.get("seed")
-            seed = 0 if seed is None else seed  # files before seeds, or a null: one seed
-            if isinstance(seed, bool) or not isinstance(seed, int):
-                raise UsageError(f"{path}: entry {name!r}: seed {seed!r} is not an integer")
-            entries.append(Entry(path, name, family_of(entry), seed, entry.get("step"), entry.get("scale"),
-                                 entry["metrics"], entry.get("light") is True, entry.get("items")))
+        entries += results.entries
     return entries
 
 
@@ -106,20 +79,10 @@ def direction(metric: str, flag: str) -> bool:
 def reading(entry: Entry, metric: str) -> tuple[float, float, bool] | None:
     """(value, se, value_only) of a metric in an entry, or None when it is absent or non-finite.
     se comes from the CI (`se_from_ci`); a value with no CI has se 0 and value_only True."""
-    record = entry.metrics.get(metric)
-    if not isinstance(record, dict):
+    value, ci = entry.value(metric), entry.interval(metric)
+    if value is None:
         return None
-    value = record.get("value")
-    if not _finite(value):
-        return None
-    ci = record.get("ci")
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_finite(c) for c in ci):
-        return float(value), se_from_ci(float(ci[0]), float(ci[1])), False
-    return float(value), 0.0, True
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return (value, se_from_ci(*ci), False) if ci else (value, 0.0, True)
 
 
 def full(entries: Sequence[Entry]) -> list[Entry]:
@@ -158,10 +121,11 @@ def default_forgetting(entries: Sequence[Entry]) -> tuple[list[str], list[str]]:
 
 
 def families(entries: Sequence[Entry]) -> dict[str, dict[int, list[Entry]]]:
-    """family -> seed -> entries, in the order they first appear."""
+    """family -> seed -> entries, in the order they first appear; an entry without a seed (a file
+    before seeds, a bare adapter) is seed 0."""
     grouped: dict[str, dict[int, list[Entry]]] = {}
     for e in entries:
-        grouped.setdefault(e.family, {}).setdefault(e.seed, []).append(e)
+        grouped.setdefault(e.family, {}).setdefault(e.seed or 0, []).append(e)
     return grouped
 
 
@@ -200,11 +164,7 @@ def base_reading(entry: Entry, metric: str) -> float | None:
     """The base model's value of `metric` (adapter scale 0), read from an entry of its eval: a
     `.tuned` metric's `.base` sibling, 1 for a ratio, 0 for a change or a KL; None when unknown."""
     stem, _, last = metric.rpartition(".")
-    if last == "tuned":
-        record = entry.metrics.get(f"{stem}.base")
-        value = record.get("value") if isinstance(record, dict) else None
-        return float(value) if _finite(value) else None
-    return _SELF.get(last)
+    return entry.value(f"{stem}.base") if last == "tuned" else _SELF.get(last)
 
 
 def with_base_point(grouped: dict[str, dict[int, list[Entry]]], metrics: Sequence[str]
@@ -219,9 +179,9 @@ def with_base_point(grouped: dict[str, dict[int, list[Entry]]], metrics: Sequenc
         out[family] = {}
         for seed, members in seeds.items():
             values = {m: base_reading(members[0], m) for m in metrics}
-            base = [] if None in values.values() else [Entry(
-                members[0].source, "base", family, seed, 0, 0.0,
-                {m: {"value": v, "ci": [v, v]} for m, v in values.items()}, items=members[0].items, base=True)]
+            base = [] if None in values.values() else [BasePoint(
+                name="base", family=family, seed=seed, step=0, scale=0.0, items=members[0].items,
+                metrics={m: {"value": v, "ci": [v, v]} for m, v in values.items()}).read_from(members[0].source)]
             out[family][seed] = [*members, *base]
     return out
 

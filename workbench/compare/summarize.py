@@ -29,11 +29,11 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from workbench.compare.command import KIND as COMPARE_KIND, SCHEMA_VERSION as COMPARE_SCHEMA, writable, write_outputs
+from workbench.compare.command import writable, write_outputs
 from workbench.compare.pooling import Pooled, dersimonian_laird
 from workbench.config.suggest import did_you_mean
 from workbench.errors import UsageError
-from workbench.io import read_json
+from workbench.formats.comparison import MetricRows, read_comparison
 
 KIND = "workbench.summary"
 SCHEMA_VERSION = 1
@@ -108,43 +108,32 @@ def parse_cells(specs: Sequence[str]) -> list[tuple[str, Path]]:
     return cells
 
 
-def _outcome(m: dict) -> Outcome:
+def _outcome(m: MetricRows) -> Outcome:
     """A family's metric record of compare.json as an Outcome at its last compared level."""
-    row = next((r for r in reversed(m["rows"]) if r["difference"] is not None), None)
-    label, summary = str(m["verdict"]), str(m["summary"])
+    row = next((r for r in reversed(m.rows) if r.difference is not None), None)
     if row is None:
-        return Outcome(NO_COMPARISON, label, summary)
-    d = row["difference"]
-    value, se, (lo, hi) = float(d["value"]), float(d["se"]), map(float, d["ci"])
-    if not all(map(math.isfinite, (value, se, lo, hi))):
-        raise ValueError(f"a non-finite difference at {row['level']}")
-    return Outcome(COMPARED, label, summary, str(row["level"]), row["learning"], value, se, (lo, hi),
-                   str(row["verdict"]))
+        return Outcome(NO_COMPARISON, m.verdict, m.summary)
+    d = row.difference
+    if not all(map(math.isfinite, (d.value, d.se, *d.ci))):
+        raise ValueError(f"a non-finite difference at {row.level}")
+    return Outcome(COMPARED, m.verdict, m.summary, row.level, row.learning, d.value, d.se, d.ci, str(row.verdict))
 
 
 def read_cell(name: str, path: Path) -> Cell:
     """One compare.json as a Cell, or a one-line UsageError naming the cell and the file."""
     try:
-        data = read_json(path, "compare.json")
+        data = read_comparison(path, "summarize")
     except UsageError as exc:
         raise UsageError(f"cell {name!r}: {exc}") from None
-    kind = data.get("kind") if isinstance(data, dict) else None
-    if kind != COMPARE_KIND:
-        hint = ("; it is a results file: run `workbench compare` on it with --out, and name that file"
-                if kind == "workbench.eval" else "")
-        raise UsageError(f"cell {name!r}: {path}: not a compare.json (kind {kind!r}, not {COMPARE_KIND!r}){hint}")
-    if data.get("schema_version") != COMPARE_SCHEMA:
-        raise UsageError(f"cell {name!r}: {path}: compare.json schema_version {data.get('schema_version')!r}; "
-                         f"summarize reads {COMPARE_SCHEMA} (rerun workbench compare)")
+    cell = Cell(name, path, data.reference.family, data.learning.metric,
+                [(f.metric, f.higher_is_better) for f in data.forgetting], {})
     try:
-        cell = Cell(name, path, str(data["reference"]["family"]), str(data["learning"]["metric"]),
-                    [(str(f["metric"]), bool(f["higher_is_better"])) for f in data["forgetting"]], {})
-        for fam in data["families"]:
-            for m in fam["metrics"]:
-                cell.methods.setdefault(m["metric"], m.get("method", ""))
-                cell.outcomes.setdefault(str(fam["family"]), {})[m["metric"]] = _outcome(m)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise UsageError(f"cell {name!r}: {path}: not a valid compare.json ({type(exc).__name__}: {exc})") from None
+        for fam in data.families:
+            for m in fam.metrics:
+                cell.methods.setdefault(m.metric, m.method)
+                cell.outcomes.setdefault(fam.family, {})[m.metric] = _outcome(m)
+    except ValueError as exc:
+        raise UsageError(f"cell {name!r}: {path}: not a valid compare.json ({exc})") from None
     return cell
 
 

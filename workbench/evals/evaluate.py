@@ -23,15 +23,14 @@ from workbench.data.examples import data_fingerprint, format_example, general_te
 from workbench.data.sources import is_named_source, read_records
 from workbench.distributed import init_distributed, is_main_process, local_device
 from workbench.errors import UsageError
-from workbench.io import atomic_path
 from workbench.modeling.load import load_model, load_tokenizer, model_fingerprint
 from workbench.config.recipe import ModelSection, Recipe, describe_error
 from workbench.formats.integrity import check_folder
 from workbench.formats.run_record import RunRecord, describe_state, read_run, run_path, versions
 from workbench.modeling.lora import check_adapter_fits, recorded_base, scaled_delta_norm
 from workbench.scoring.base_cache import BaseCache
-from workbench.formats.results import KIND, SCHEMA_VERSION, dumps
-from workbench.evals.runner import Entry, EvalData, Evaluator, TargetData
+from workbench.formats.results import Entry, Results
+from workbench.evals.runner import EvalData, Evaluator, Subject, TargetData
 from workbench.assets.bigbench import fetch_bigbench
 from workbench.evals.suite import Suite, bigbench_task, load_suite
 
@@ -278,29 +277,25 @@ class Session:
     targets: dict[str, TargetData | None]
     norms: dict[tuple[int, float], float] = field(default_factory=dict)
 
-    def entry(self, i: int, scale: float = 1.0, light: bool = False) -> dict:
+    def entry(self, i: int, scale: float = 1.0, light: bool = False) -> Entry:
         """The results entry of adapter i at `scale`, scored on the loaded model."""
         spec = self.specs[i]
         if (i, scale) not in self.norms:
             self.evaluator.peft.set_adapter(f"a{i}")  # the weight change's norm at this scale
             self.norms[i, scale] = scaled_delta_norm(self.evaluator.peft, scale)
-        return _evaluate_entry(self.evaluator, Entry(_entry_name(spec, scale), f"a{i}", scale, light),
+        return _evaluate_entry(self.evaluator, Subject(_entry_name(spec, scale), f"a{i}", scale, light),
                                spec, self.norms[i, scale], self.shared, self.targets[spec.name])
 
-    def results(self, entries: list[dict]) -> dict:
-        """The results.json payload (docs/results.md) for these entries."""
+    def results(self, entries: list[Entry]) -> Results:
+        """The results file (docs/results.md) of these entries."""
         cache = self.evaluator.cache
-        return {
-            "schema_version": SCHEMA_VERSION, "kind": KIND,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "suite": {"name": self.suite.name, "path": str(self.suite_path),
-                      "fingerprint": self.suite.base_fingerprint()},
-            "base": {"model": self.section.name, "fingerprint": self.base_fp,
-                     "cache": {"hits": sorted(set(cache.hits)), "misses": sorted(set(cache.misses))},
-                     "forward_calls": dict(self.evaluator.forward_calls)},
-            "versions": versions(),
-            "entries": entries,
-        }
+        return Results(
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            suite={"name": self.suite.name, "path": str(self.suite_path), "fingerprint": self.suite.base_fingerprint()},
+            base={"model": self.section.name, "fingerprint": self.base_fp,
+                  "cache": {"hits": sorted(set(cache.hits)), "misses": sorted(set(cache.misses))},
+                  "forward_calls": dict(self.evaluator.forward_calls)},
+            versions=versions(), entries=entries)
 
 
 def open_session(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path] = (), base: str | None = None,
@@ -343,7 +338,7 @@ def open_session(suite_path: str | Path, runs: list[Path] = (), adapters: list[P
 
 def run_eval(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path] = (), base: str | None = None,
              out: str | Path | None = None, use_cache: bool = True, train_data: str | None = None) -> dict:
-    """Evaluate every run/adapter against the base under the suite; returns the results dict.
+    """Evaluate every run/adapter against the base under the suite; returns the results.json payload.
 
     Under `accelerate launch` with several processes every rank loads the model on its own device
     and scores a share of each component's items; every rank then holds all the scores and
@@ -359,29 +354,27 @@ def run_eval(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path]
             entries.append(session.entry(i, scale, light=suite.light_points and (not final or scale != 1.0)))
     results = session.results(entries)
     if suite.lm_eval is not None:
-        results["lm_eval"] = _lm_eval(session.evaluator, session.specs, suite, session.suite_dir)
+        results.lm_eval = _lm_eval(session.evaluator, session.specs, suite, session.suite_dir)
     if out is not None and is_main_process():
-        with atomic_path(out) as tmp:
-            tmp.write_text(dumps(results))
-    return results
+        results.write(out)
+    return results.payload()
 
 
 def _entry_name(spec: AdapterSpec, scale: float) -> str:
     return spec.name if scale == 1.0 else f"{spec.name}@{scale:g}"
 
 
-def _evaluate_entry(evaluator: Evaluator, entry: Entry, spec: AdapterSpec, norm: float,
-                    shared: EvalData, target: TargetData | None) -> dict:
+def _evaluate_entry(evaluator: Evaluator, entry: Subject, spec: AdapterSpec, norm: float,
+                    shared: EvalData, target: TargetData | None) -> Entry:
     start = time.perf_counter()
     data = EvalData(shared.general, shared.multiple_choice, target)
     metrics, curves, items = evaluator.evaluate_items(entry, data)
     if is_main_process():
         print(f"eval: {entry.name}: {len(metrics)} metrics in {time.perf_counter() - start:.1f} s", flush=True)
-    scale = entry.scale
-    return {"name": entry.name, "adapter": str(spec.path), "run": str(spec.run_dir) if spec.run_dir else None,
-            "family": spec.family, "seed": spec.recipe.train.seed if spec.recipe else None, "step": spec.step,
-            "scale": scale, "light": entry.light, "changes_model": norm > 0.0, "delta_norm": norm,
-            "metrics": metrics, "curves": curves, "items": items}
+    return Entry(name=entry.name, adapter=str(spec.path), run=str(spec.run_dir) if spec.run_dir else None,
+                 family=spec.family, seed=spec.recipe.train.seed if spec.recipe else None, step=spec.step,
+                 scale=entry.scale, light=entry.light, changes_model=norm > 0.0, delta_norm=norm,
+                 metrics=metrics, curves=curves, items=items)
 
 
 def _lm_eval(evaluator: Evaluator, specs: list[AdapterSpec], suite: Suite, suite_dir: Path) -> dict:

@@ -46,7 +46,9 @@ class EvalData:
 
 
 @dataclass
-class Entry:
+class Subject:
+    """What one results entry scores: an adapter loaded on the model, at a scale."""
+
     name: str
     adapter: str  # the PEFT adapter name loaded on the model
     scale: float = 1.0
@@ -78,19 +80,19 @@ class Evaluator:
             self.side = "tuned"
 
     @contextlib.contextmanager
-    def tuned(self, entry: Entry) -> Iterator[None]:
+    def tuned(self, entry: Subject) -> Iterator[None]:
         self.peft.set_adapter(entry.adapter)
         with adapter_scale(self.peft, entry.scale), torch.no_grad():
             yield
 
     # --- one entry ---------------------------------------------------------------------------
 
-    def evaluate(self, entry: Entry, data: EvalData) -> tuple[dict, dict]:
+    def evaluate(self, entry: Subject, data: EvalData) -> tuple[dict, dict]:
         """(metrics, curves) for one adapter at one scale."""
         metrics, curves, _ = self.evaluate_items(entry, data)
         return metrics, curves
 
-    def evaluate_items(self, entry: Entry, data: EvalData) -> tuple[dict, dict, dict]:
+    def evaluate_items(self, entry: Subject, data: EvalData) -> tuple[dict, dict, dict]:
         """(metrics, curves, items) for one adapter at one scale. items: the per-item scores every
         resampled metric is recomputed from (`workbench.compare.items`; docs/results.md):
         {"general": ..., "mc": {task: ...}, "target": ...}, each with its items' fingerprint."""
@@ -112,7 +114,7 @@ class Evaluator:
 
     # --- general text: perplexity, KL and agreement -------------------------------------------
 
-    def _general(self, entry: Entry, chunks: list[dict]) -> dict:
+    def _general(self, entry: Subject, chunks: list[dict]) -> dict:
         g = self.suite.general
         base = general.base_side(self.model, chunks, g.top_k, self.suite.batch_size, self.pad_id, self.cache,
                                  (g.model_dump(), data_fingerprint(chunks)), self.base)
@@ -146,7 +148,7 @@ class Evaluator:
             rows = self._choice_logprobs(items, f"base: {task}")
         return ragged([torch.from_numpy(r) for r in rows])
 
-    def _multiple_choice(self, entry: Entry, tasks: dict[str, list]) -> tuple[dict, dict]:
+    def _multiple_choice(self, entry: Subject, tasks: dict[str, list]) -> tuple[dict, dict]:
         outcomes: dict[str, dict[str, list]] = {}
         for task, items in tasks.items():
             stored = self.cache.get(f"mc:{task}", (items_key(items),), lambda: self._mc_base(task, items))
@@ -221,7 +223,7 @@ class Evaluator:
                 "member_nll": torch.from_numpy(nll_rows(member_rows).reshape(-1, 2)),
                 "exact_match": torch.from_numpy(matches)}
 
-    def _target(self, entry: Entry, target: TargetData) -> tuple[dict, dict]:
+    def _target(self, entry: Subject, target: TargetData) -> tuple[dict, dict]:
         t = self.suite.target
         base = self.cache.get("target", (t.model_dump(), target.key), lambda: self._target_base(target))
         n_learn = min(t.num_examples, len(target.heldout))

@@ -1,1 +1,2 @@
-"""The file formats other commands read: run.json (RunRecord) and results.json with its metric catalogue. No torch."""
+"""The file formats other commands read: run.json (RunRecord), results.json (Results, Entry) with its
+metric catalogue, compare.json and calibration.json. No torch."""

@@ -28,7 +28,7 @@ from workbench.formats.run_record import describe_state
 from workbench.io import atomic_path
 from workbench.report.inputs import Run, load_inputs
 from workbench.report.matched import matched
-from workbench.report.plots import ReportEntry, loss_figure, reliability_figure, roc_figure, save, value
+from workbench.report.plots import ReportEntry, loss_figure, reliability_figure, roc_figure, save
 from workbench.report.tables import MISSING, NOTHING, ci_cell, fmt, fmt_scale, metric_cell, summary_rows
 from workbench.report.tradeoff import FORGETTING, MC_RETENTION, tradeoff_figure
 
@@ -59,7 +59,7 @@ def build_report(inputs: list[str | Path], out: str | Path, policy: str | Path |
         "title": "Workbench report", "sources": loaded.sources, "nothing": NOTHING, "gate": gate,
         "why": "the adapter's delta is exactly zero, so its scores are the base's",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "flagged": [e.name for e in entries if e.data.get("changes_model") is False],
+        "flagged": [e.name for e in entries if e.entry.changes_model is False],
         "matched": comparison, "summary": summary_rows(entries),
         "tradeoff": _tradeoff_plots(entries, comparison.reference, plots),
         "runs": [_run_context(run, plots) for run in loaded.runs],
@@ -128,7 +128,7 @@ class PlotDir:
 
 
 def _tradeoff_plots(entries: list[ReportEntry], reference: str | None, plots: PlotDir) -> list[Plot]:
-    forgetting = next((x for x in FORGETTING if any(value(e, x[0]) is not None for e in entries)), None)
+    forgetting = next((x for x in FORGETTING if any(e.value(x[0]) is not None for e in entries)), None)
     shaded = f"; shaded: forgets more than {reference} (training less) at that learning" if reference else ""
     made = [plots.save(tradeoff_figure(entries, forgetting, reference), "tradeoff",
                        f"Learning vs forgetting: each family's Pareto front{shaded}") if forgetting else None,
@@ -150,24 +150,23 @@ def _run_context(run: Run, plots: PlotDir) -> dict:
 
 
 def _entry_context(entry: ReportEntry, plots: PlotDir) -> dict:
-    metrics = entry.data["metrics"]
     rows = [(name, metric_cell(entry, name, with_ci=False), ci_cell(entry, name))
-            for name in sorted(metrics)]
-    meta = (f"adapter {entry.data.get('adapter') or '?'}; scale {fmt_scale(entry)}; "
-            f"run {entry.run or entry.data.get('run') or MISSING}; from {entry.source or '?'}")
+            for name in sorted(entry.entry.metrics)]
+    meta = (f"adapter {entry.entry.adapter or '?'}; scale {fmt_scale(entry)}; "
+            f"run {entry.run or entry.entry.run or MISSING}; from {entry.source or '?'}")
     return {"name": entry.name, "meta": meta,
-            "nothing": entry.data.get("changes_model") is False, "metrics": rows,
+            "nothing": entry.entry.changes_model is False, "metrics": rows,
             "plots": [p for p in _entry_plots(entry, plots) if p]}
 
 
 def _entry_plots(entry: ReportEntry, plots: PlotDir) -> list[Plot | None]:
-    curves = entry.data.get("curves") if isinstance(entry.data.get("curves"), dict) else {}
+    curves = entry.entry.curves
     tasks = [k.split(".")[1] for k in curves
              if k.startswith("calibration.") and k.endswith(".reliability")]
     task = "all" if "all" in tasks else (tasks[0] if tasks else None)
     made = []
     if task:
-        ece = {s: value(entry, f"calibration.{task}.ece.{s}") for s in ("base", "tuned")}
+        ece = {s: entry.value(f"calibration.{task}.ece.{s}") for s in ("base", "tuned")}
         title = f"Reliability ({task}): {entry.name}"
         made.append(plots.save(reliability_figure(title, curves[f"calibration.{task}.reliability"], ece),
                                f"reliability-{entry.name}", title))
@@ -175,7 +174,7 @@ def _entry_plots(entry: ReportEntry, plots: PlotDir) -> list[Plot | None]:
     rocs = {k[len(prefix):-len(suffix)]: c for k, c in curves.items()
             if k.startswith(prefix) and k.endswith(suffix)}
     if rocs:
-        aucs = {s: value(entry, f"{prefix}{s}.auc") for s in rocs}
+        aucs = {s: entry.value(f"{prefix}{s}.auc") for s in rocs}
         title = f"Membership inference ROC: {entry.name}"
         made.append(plots.save(roc_figure(title, rocs, aucs), f"roc-{entry.name}", title))
     return made

@@ -5,13 +5,12 @@ two grouped or oriented points differently, a curve could contradict the verdict
 So the grouping (`points.families`), the directions (`points.direction`, `points.to_points`
 negating a higher-is-better metric into a cost), the front (`frontier.pareto_front`) and the
 seed mean (`frontier.front_at`) all come from workbench.compare; this module only adapts a
-ReportEntry to compare's Entry and turns costs back into each metric's units.
+ReportEntry to the point compare sees and turns costs back into each metric's units.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from workbench.compare import points as pts
 from workbench.compare.analysis import in_units
@@ -22,13 +21,8 @@ DEFAULT_REFERENCE = pts.DEFAULT_REFERENCE  # "baseline": the unregularized recip
 
 
 def as_point(entry: ReportEntry) -> pts.Entry:
-    """compare's Entry for a report entry; a missing or non-integer seed is seed 0, as compare
-    reads files from before seeds."""
-    seed = entry.data.get("seed")
-    seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
-    return pts.Entry(entry.source or Path("-"), entry.name, pts.family_of(entry.data), seed,
-                     entry.data.get("step"), entry.data.get("scale"), entry.data["metrics"],
-                     entry.data.get("light") is True, entry.data.get("items"))
+    """The entry under its display name, which the plot's fronts list their members by."""
+    return entry.entry.model_copy(update={"name": entry.name})
 
 
 def grouped(entries: list[ReportEntry], *metrics: str) -> dict[str, dict[int, list[pts.Entry]]]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from workbench.compare.command import KIND as COMPARE_KIND, SCHEMA_VERSION as COMPARE_SCHEMA
 from workbench.errors import UsageError
-from workbench.formats.results import KIND, load_results
+from workbench.formats.comparison import KIND as COMPARE_KIND, Comparison, read_comparison
+from workbench.formats.results import KIND, Results, load_results
 from workbench.io import read_json
 from workbench.formats.run_record import FILENAME, RunRecord, read_run
 from workbench.report.plots import ReportEntry
@@ -31,7 +31,7 @@ class Inputs:
     entries: list[ReportEntry]       # merged across results files
     runs: list[Run]
     results: list[Path]              # the results files, each once, in the order given
-    comparisons: list[tuple[Path, dict]]   # compare.json files, each once
+    comparisons: list[tuple[Path, Comparison]]   # compare.json files, each once
     sources: list[dict]              # one summary per results or compare file, for the page
 
 
@@ -45,10 +45,10 @@ def load_inputs(inputs: list[str | Path]) -> Inputs:
         payload = _read_input(path)
         if isinstance(payload, RunRecord):
             runs.add(path if path.is_dir() else path.parent, payload)
-        elif payload.get("kind") == COMPARE_KIND:
-            comparisons.setdefault(path.resolve(), (path, payload))
-        else:
+        elif isinstance(payload, Results):
             results.setdefault(path.resolve(), (path, payload))  # the same file twice counts once
+        else:
+            comparisons.setdefault(path.resolve(), (path, payload))
     entries = merge_entries(list(results.values()))
     for entry in entries:
         entry.run = runs.find(entry)
@@ -57,7 +57,7 @@ def load_inputs(inputs: list[str | Path]) -> Inputs:
     return Inputs(entries, runs.runs, [p for p, _ in results.values()], list(comparisons.values()), sources)
 
 
-def _read_input(path: Path) -> dict | RunRecord:
+def _read_input(path: Path) -> Results | Comparison | RunRecord:
     """A results dict or a run record: which one, the file's JSON says."""
     if path.is_dir():
         if not (path / FILENAME).is_file():
@@ -69,10 +69,7 @@ def _read_input(path: Path) -> dict | RunRecord:
     if isinstance(data, dict) and data.get("kind") == KIND:
         return load_results(path)
     if isinstance(data, dict) and data.get("kind") == COMPARE_KIND:
-        if data.get("schema_version") != COMPARE_SCHEMA:
-            raise UsageError(f"{path}: compare.json schema_version {data.get('schema_version')!r}; this "
-                             f"report reads {COMPARE_SCHEMA} (rerun workbench compare)")
-        return data
+        return read_comparison(path, "this report", data)
     if isinstance(data, dict) and isinstance(data.get("recipe"), dict):
         return read_run(path)
     raise UsageError(f"{path}: neither a run.json, a workbench results file nor a compare.json")
@@ -82,16 +79,16 @@ def _read_json(path: Path):
     return read_json(path, "JSON file")
 
 
-def merge_entries(results: list[tuple[Path, dict]]) -> list[ReportEntry]:
+def merge_entries(results: list[tuple[Path, Results]]) -> list[ReportEntry]:
     """Entries of every file in order; a name already taken is prefixed with its file's stem."""
     entries, taken = [], set()
     for path, result in results:
-        for data in result["entries"]:
-            name = data["name"]
+        for entry in result.entries:
+            name = entry.name
             if name in taken:
                 name = _unique(f"{path.stem}:{name}", taken)
             taken.add(name)
-            entries.append(ReportEntry(name, data, source=path))
+            entries.append(ReportEntry(name, entry))
     return entries
 
 
@@ -103,19 +100,16 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def _source(path: Path, results: dict) -> dict:
-    suite, base = results.get("suite"), results.get("base")
-    suite = suite.get("name") if isinstance(suite, dict) else None
-    base = base.get("model") if isinstance(base, dict) else None
-    meta = (f"suite {suite or '?'}, base {base or '?'}, {len(results['entries'])} entries, "
-            f"created {results.get('created') or '?'}")
+def _source(path: Path, results: Results) -> dict:
+    suite, base = results.suite.get("name"), results.base.get("model")
+    meta = (f"suite {suite or '?'}, base {base or '?'}, {len(results.entries)} entries, "
+            f"created {results.created or '?'}")
     return {"path": str(path), "meta": meta}
 
 
-def _compare_source(path: Path, data: dict) -> dict:
-    reference = (data.get("reference") or {}).get("family", "?")
-    meta = (f"matched-learning comparison against {reference}, {len(data.get('families') or [])} "
-            f"families, created {data.get('created') or '?'}")
+def _compare_source(path: Path, data: Comparison) -> dict:
+    meta = (f"matched-learning comparison against {data.reference.family}, {len(data.families)} "
+            f"families, created {data.created or '?'}")
     return {"path": str(path), "meta": meta}
 
 
@@ -138,7 +132,7 @@ class Runs:
     def find(self, entry: ReportEntry) -> str | None:
         """The label of the entry's run, loading it when its run.json exists (quietly skipped
         when it does not or does not parse: the report is still useful without its curves)."""
-        named = entry.data.get("run")
+        named = entry.entry.run
         if not isinstance(named, str) or not named:
             return None
         candidates = [Path(named)] + ([entry.source.parent / named] if entry.source else [])

@@ -23,6 +23,7 @@ from workbench.compare.paired import Bootstrap
 from workbench.compare.command import to_json
 from workbench.compare.frontier import Z95, overlap
 from workbench.errors import UsageError
+from workbench.formats import comparison as cmp
 from workbench.report.families import DEFAULT_REFERENCE, grouped
 from workbench.report.plots import ReportEntry
 from workbench.report.tables import MISSING
@@ -40,11 +41,11 @@ class Matched:
     reference: str | None = None  # the family the plots shade as training less; None: none with a front
 
 
-def matched(entries: list[ReportEntry], results: Sequence[Path], given: Sequence[tuple[Path, dict]]) -> Matched:
+def matched(entries: list[ReportEntry], results: Sequence[Path],
+            given: Sequence[tuple[Path, cmp.Comparison]]) -> Matched:
     """The tables of the compare.json files given, else one computed from the entries."""
     if given:
-        return Matched([table(data, str(path)) for path, data in given], None,
-                       given[0][1]["reference"]["family"])
+        return Matched([table(data, str(path)) for path, data in given], None, given[0][1].reference.family)
     seeds = grouped(entries).get(DEFAULT_REFERENCE, {})
     reference = DEFAULT_REFERENCE if seeds and all(len(m) > 1 for m in seeds.values()) else None
     if not entries:
@@ -53,11 +54,12 @@ def matched(entries: list[ReportEntry], results: Sequence[Path], given: Sequence
         data, notes = compute(entries, results)
     except UsageError as why:
         return Matched(note=f"No matched-learning comparison: {why}.", reference=reference)
-    return Matched([table(data, COMPUTED, notes)], None, data["reference"]["family"])
+    data = cmp.Comparison.model_validate(data)
+    return Matched([table(data, COMPUTED, notes)], None, data.reference.family)
 
 
 def compute(entries: list[ReportEntry], results: Sequence[Path]) -> tuple[dict, list[str]]:
-    """(compare.json dict, notes on what was left out); UsageError says why there is none."""
+    """(compare.json payload, notes on what was left out); UsageError says why there is none."""
     pts.read_entries(results)  # compare's check that the files come from one suite and base model
     learning = pts.DEFAULT_LEARNING
     learning_higher = pts.direction(learning, "learning")
@@ -104,54 +106,48 @@ def _span(seeds: dict, learning: str, higher: bool) -> tuple[float, float] | Non
     return overlap(*(pts.learning_span(m, learning, higher) for m in seeds.values()))
 
 
-def table(data: dict, source: str, notes: Sequence[str] = ()) -> dict:
+def table(data: cmp.Comparison, source: str, notes: Sequence[str] = ()) -> dict:
     """The templates' view of one compare.json: a row per family and forgetting metric (verdict,
     where, over which learning), and a row per level for the fold below it."""
-    try:
-        return _table(data, source, list(notes))
-    except (KeyError, TypeError, IndexError, ValueError) as exc:
-        raise UsageError(f"{source}: not a workbench.compare file of schema 1 (missing or bad {exc})") from None
-
-
-def _table(data: dict, source: str, notes: list[str]) -> dict:
-    learning, ref, z = data["learning"], data["reference"], data.get("z") or Z95
+    notes, z = list(notes), data.z or Z95
     rows, detail = [], []
-    for fam in data["families"]:
-        levels = fam["levels"]
-        span = f"{levels[0]['learning']:.4g} → {levels[-1]['learning']:.4g}" if levels else MISSING
-        for m in fam["metrics"]:
-            rows.append({"family": fam["family"], "metric": m["metric"], "verdict": m["verdict"],
-                         "where": m["summary"], "levels": span})
-            detail += [{"family": fam["family"], "metric": m["metric"], "level": r["level"],
-                        "learning": f"{r['learning']:.4g}", "reference": _estimate(r["reference"], z),
-                        "value": _estimate(r["family"], z), "difference": _difference(r["difference"]),
-                        "verdict": r["verdict"] or f"no comparison ({r['note'] or 'not reached'})"}
-                       for r in m["rows"]]
-    if any(e.get("value_only") for e in _estimates(data)):
+    for fam in data.families:
+        levels = fam.levels
+        span = f"{levels[0].learning:.4g} → {levels[-1].learning:.4g}" if levels else MISSING
+        for m in fam.metrics:
+            rows.append({"family": fam.family, "metric": m.metric, "verdict": m.verdict,
+                         "where": m.summary, "levels": span})
+            detail += [{"family": fam.family, "metric": m.metric, "level": r.level,
+                        "learning": _number(r.learning), "reference": _estimate(r.reference, z),
+                        "value": _estimate(r.family, z), "difference": _difference(r.difference),
+                        "verdict": r.verdict or f"no comparison ({r.note or 'not reached'})"}
+                       for r in m.rows]
+    if any(e.value_only for fam in data.families for m in fam.metrics for r in m.rows
+           for e in (r.reference, r.family) if e):
         notes.append("* rests on a metric with no CI in results.json: its se is taken as 0")
-    if data.get("forgetting_left_out"):
-        notes.append(f"left out, missing from some entries: {', '.join(data['forgetting_left_out'])}")
-    better = "higher" if learning["higher_is_better"] else "lower"
-    return {"source": source, "learning": learning["metric"], "better": better,
-            "reference": ref["family"], "reference_points": ref["points"],
-            "reference_seeds": ", ".join(map(str, ref["seeds"])), "rows": rows, "detail": detail,
+    if data.forgetting_left_out:
+        notes.append(f"left out, missing from some entries: {', '.join(data.forgetting_left_out)}")
+    ref = data.reference
+    return {"source": source, "learning": data.learning.metric,
+            "better": "higher" if data.learning.higher_is_better else "lower",
+            "reference": ref.family, "reference_points": ref.points,
+            "reference_seeds": ", ".join(map(str, ref.seeds)), "rows": rows, "detail": detail,
             "notes": notes}
 
 
-def _estimates(data: dict) -> list[dict]:
-    return [e for fam in data["families"] for m in fam["metrics"] for r in m["rows"]
-            for e in (r["reference"], r["family"]) if e]
+def _number(x: float | None) -> str:
+    return MISSING if x is None else f"{x:.4g}"
 
 
-def _estimate(e: dict | None, z: float) -> str:
+def _estimate(e: cmp.Estimate | None, z: float) -> str:
     """'1.043 ± 0.0039' (the 95% half-width), '*' when it rests on a value without a CI."""
     if e is None:
         return MISSING
-    return f"{e['value']:.4g} ± {z * e['se']:.2g}" + ("*" if e.get("value_only") else "")
+    return f"{e.value:.4g} ± {z * e.se:.2g}" + ("*" if e.value_only else "")
 
 
-def _difference(d: dict | None) -> str:
+def _difference(d: cmp.Difference | None) -> str:
     if d is None:
         return MISSING
-    lo, hi = d["ci"]
-    return f"{d['value']:+.3g} [{lo:+.3g}, {hi:+.3g}]"
+    lo, hi = d.ci
+    return f"{d.value:+.3g} [{lo:+.3g}, {hi:+.3g}]"

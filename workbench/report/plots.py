@@ -7,13 +7,13 @@ learning-vs-forgetting figure, which needs compare's fronts, is workbench.report
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from workbench.formats.results import Entry, is_finite as finite
 from workbench.formats.run_record import RunRecord
 from workbench.io import atomic_path
 
@@ -21,31 +21,21 @@ from workbench.io import atomic_path
 @dataclass
 class ReportEntry:
     """One results entry as the report sees it: a unique display name (a name two files share
-    is prefixed with its file's stem) and the entry as stored."""
+    is prefixed with its file's stem) and the entry as read."""
 
     name: str
-    data: dict
-    source: Path | None = None
+    entry: Entry
     run: str | None = None  # label of its run in the report, when that run was found
 
+    @property
+    def source(self) -> Path | None:
+        return self.entry.source
 
-def finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    def value(self, metric: str) -> float | None:
+        return self.entry.value(metric)
 
-
-def value(entry: ReportEntry, name: str) -> float | None:
-    """A metric's value, or None when missing, null or not finite."""
-    record = entry.data["metrics"].get(name)
-    v = record.get("value") if isinstance(record, dict) else None
-    return float(v) if finite(v) else None
-
-
-def interval(entry: ReportEntry, name: str) -> tuple[float, float] | None:
-    record = entry.data["metrics"].get(name)
-    ci = record.get("ci") if isinstance(record, dict) else None
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(finite(c) for c in ci):
-        return float(ci[0]), float(ci[1])
-    return None
+    def interval(self, metric: str) -> tuple[float, float] | None:
+        return self.entry.interval(metric)
 
 
 def save(fig: Figure, path: Path) -> None:

@@ -6,7 +6,8 @@ report.md show the same rows.
 
 from __future__ import annotations
 
-from workbench.report.plots import ReportEntry, finite, interval, value
+from workbench.formats.results import Results, is_finite
+from workbench.report.plots import ReportEntry
 
 MISSING = "—"
 NOTHING = "adapter changes nothing"
@@ -22,9 +23,9 @@ SUMMARY = [
 ]
 
 
-def summary_table(results: dict) -> str:
-    """The summary table of one results dict as fixed-width text, for a terminal."""
-    entries = [ReportEntry(e["name"], e) for e in results["entries"]]
+def summary_table(results: Results | dict) -> str:
+    """The summary table of one results file (or its payload) as fixed-width text, for a terminal."""
+    entries = [ReportEntry(e.name, e) for e in Results.of(results).entries]
     headers, rows = summary_rows(entries)
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
 
@@ -46,30 +47,30 @@ def summary_rows(entries: list[ReportEntry]) -> tuple[list[str], list[list[str]]
 
 def fmt(v, signed: bool = False) -> str:
     """3 decimals in the usual range, 3 significant digits outside it; None or NaN is a dash."""
-    if not finite(v):
+    if not is_finite(v):
         return MISSING
     spec = ".3f" if v == 0 or 1e-3 <= abs(v) < 1e4 else ".3g"
     return format(v, ("+" if signed else "") + spec)
 
 
 def metric_cell(entry: ReportEntry, name: str, signed: bool = False, with_ci: bool = True) -> str:
-    v = value(entry, name)
+    v = entry.value(name)
     if v is None:
         return MISSING
-    ci = interval(entry, name) if with_ci else None
+    ci = entry.interval(name) if with_ci else None
     return fmt(v, signed) + (f" [{fmt(ci[0], signed)}, {fmt(ci[1], signed)}]" if ci else "")
 
 
 def ci_cell(entry: ReportEntry, name: str) -> str:
-    ci = interval(entry, name)
+    ci = entry.interval(name)
     return f"[{fmt(ci[0])}, {fmt(ci[1])}]" if ci else MISSING
 
 
 def fmt_scale(entry: ReportEntry) -> str:
-    scale = entry.data.get("scale")
-    return f"{scale:g}" if finite(scale) else MISSING
+    scale = entry.entry.scale
+    return f"{scale:g}" if is_finite(scale) else MISSING
 
 
 def _changes(entry: ReportEntry) -> str:
-    changes = entry.data.get("changes_model")
+    changes = entry.entry.changes_model
     return {True: "yes", False: f"NO: {NOTHING}"}.get(changes, MISSING)

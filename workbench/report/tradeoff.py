@@ -23,7 +23,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
 from workbench.formats.metrics import higher_is_better
 from workbench.report.families import Front, family_front, grouped
-from workbench.report.plots import ReportEntry, interval, value
+from workbench.report.plots import ReportEntry
 
 PPL_RATIO = "retention.general.ppl.ratio"
 # (metric, its value at the base, axis label in two lines, each shorter than the axis is tall):
@@ -88,7 +88,7 @@ def _constant(entries: list[ReportEntry], prefix: str) -> bool:
     everywhere on a model that never completes the task): a panel of one vertical line says
     nothing, so it is dropped."""
     seen = {round(v, 12) for e in entries for side in ("tuned", "base")
-            if (v := value(e, f"{prefix}.{side}")) is not None}
+            if (v := e.value(f"{prefix}.{side}")) is not None}
     return len(seen) <= 1
 
 
@@ -97,9 +97,9 @@ def _zoom(entries: list[ReportEntry], prefix: str, y_name: str
     """(x limits, y limits) around the fine-tuned points when the base sits further from them
     than they spread (a base val loss of 11.8 and fine-tunes between 3.8 and 4.6 leave the
     fine-tunes in a sliver of the panel); None when they already fill it."""
-    points = [(value(e, f"{prefix}.tuned"), value(e, y_name), interval(e, y_name)) for e in entries]
+    points = [(e.value(f"{prefix}.tuned"), e.value(y_name), e.interval(y_name)) for e in entries]
     points = [p for p in points if p[0] is not None and p[1] is not None]
-    bases = [b for e in entries if (b := value(e, f"{prefix}.base")) is not None]
+    bases = [b for e in entries if (b := e.value(f"{prefix}.base")) is not None]
     if len(points) < 2 or not bases:
         return None
     xs = [x for x, _, _ in points]
@@ -131,7 +131,7 @@ def _panel(ax, entries: list[ReportEntry], prefix: str, y_axis: tuple[str, float
     x_name = f"{prefix}.tuned"
     if y_name == PPL_RATIO:
         ax.set_yscale("log")
-    bases = sorted({round(b, 12) for e in entries if (b := value(e, f"{prefix}.base")) is not None})
+    bases = sorted({round(b, 12) for e in entries if (b := e.value(f"{prefix}.base")) is not None})
     for i, base in enumerate(bases):
         # under the points (zorder 2): a scale near 0 sits on the base and must still show
         ax.plot([base], [y_base], "*", color="black", markersize=15, zorder=2,
@@ -166,8 +166,8 @@ def _point(ax, entry: ReportEntry, names: tuple[str, str], color: str, on_front:
     marker), hollow when its family's front passes it by (dominated). `tag` writes its scale or
     step beside it; only the reference's are tagged, since every family meets at the base and
     tags of several families there overprint each other."""
-    (x, y), (x_name, y_name) = (value(entry, n) for n in names), names
-    ax.errorbar([x], [y], xerr=_err(x, interval(entry, x_name)), yerr=_err(y, interval(entry, y_name)),
+    (x, y), (x_name, y_name) = (entry.value(n) for n in names), names
+    ax.errorbar([x], [y], xerr=_err(x, entry.interval(x_name)), yerr=_err(y, entry.interval(y_name)),
                 fmt="o", color=color, markerfacecolor=color if on_front else "white", markersize=5.5,
                 elinewidth=0.9, alpha=0.9, zorder=4)
     text = _tag(entry) if tag else ""
@@ -178,11 +178,11 @@ def _point(ax, entry: ReportEntry, names: tuple[str, str], color: str, on_front:
 def _tag(entry: ReportEntry) -> str:
     """What tells an entry from its family's others: its scale (×0.5) or checkpoint step; none
     at scale 0, which is the base's star."""
-    scale, step = entry.data.get("scale"), entry.data.get("step")
+    scale, step = entry.entry.scale, entry.entry.step
     if scale == 0:
         return ""
-    parts = ([f"×{scale:g}"] if isinstance(scale, (int, float)) and scale != 1 else []) + \
-            ([f"step {step}"] if ":step" in entry.data["name"] and step is not None else [])
+    parts = ([f"×{scale:g}"] if scale != 1 else []) + \
+            ([f"step {step}"] if ":step" in entry.entry.name and step is not None else [])
     return " ".join(parts)
 
 

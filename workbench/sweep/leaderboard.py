@@ -7,12 +7,11 @@ the metrics of its scale-1 results entry.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
 from workbench.errors import UsageError
-from workbench.io import read_json
+from workbench.formats.results import is_finite, load_results
 from workbench.formats.run_record import RunRecord, read_run
 from workbench.sweep.spec import SweepSpec, Trial
 
@@ -50,23 +49,19 @@ def _record(run_dir: Path) -> RunRecord | None:
 
 def run_metrics(run_dir: Path, record: RunRecord | None) -> dict[str, float]:
     """What a run can be ranked on: `final` of its record and its scale-1 results entry's metrics."""
-    metrics = {k: float(v) for k, v in ((record.final or {}) if record else {}).items() if _finite(v)}
+    metrics = {k: float(v) for k, v in ((record.final or {}) if record else {}).items() if is_finite(v)}
     path = run_dir / "results.json"
     if not path.is_file():
         return metrics
     try:
-        entries = read_json(path, "results JSON file")["entries"]
+        entries = load_results(path).entries
     except UsageError as exc:
         print(f"leaderboard: {exc}; {run_dir.name} is ranked on its training metrics only")
         return metrics
-    with contextlib.suppress(TypeError, ValueError, KeyError, AttributeError, StopIteration):
-        entry = next(e for e in entries if float(e.get("scale", 1.0)) == 1.0)
-        metrics.update({k: float(m["value"]) for k, m in entry["metrics"].items() if _finite(m.get("value"))})
+    entry = next((e for e in entries if e.scale == 1.0), None)
+    if entry is not None:
+        metrics.update({k: v for k in entry.metrics if (v := entry.value(k)) is not None})
     return metrics
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def format_leaderboard(spec: SweepSpec, rows: list[dict]) -> str:

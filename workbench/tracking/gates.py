@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from workbench.config.recipe import WandbSection
+from workbench.formats.results import Results
 from workbench.tracking.runs import beside, note_run, training_record
 from workbench.tracking.wandb_run import Tracker, warn
 
@@ -42,7 +43,7 @@ def check_rows(outcome: dict) -> list[list]:
     return [[check[column] for column in CHECK_COLUMNS] for check in outcome["checks"]]
 
 
-def log_gate(results: dict, results_path: str | Path, policy, checks: list, force: bool | None = None) -> None:
+def log_gate(results: Results, results_path: str | Path, policy, checks: list, force: bool | None = None) -> None:
     """Log the gate's outcome per fine-tune (see the module docstring); force=False logs nothing.
     Never raises and never writes to standard output."""
     if force is False:
@@ -54,10 +55,10 @@ def log_gate(results: dict, results_path: str | Path, policy, checks: list, forc
         warn("gate logging", exc)
 
 
-def _log_gate(results: dict, results_path: Path, policy, checks: list, force: bool | None) -> None:
+def _log_gate(results: Results, results_path: Path, policy, checks: list, force: bool | None) -> None:
     from workbench.gate import decision
 
-    run_of = {entry["name"]: entry.get("run") for entry in results["entries"]}
+    run_of = {entry.name: entry.run for entry in results.entries}
     by_run: dict[str | None, list] = defaultdict(list)
     for check in checks:
         by_run[run_of.get(check.entry)].append(check)
