@@ -2,7 +2,8 @@
 
 A recipe is YAML. `extends: other.yaml` inherits from another recipe (paths relative to the file),
 and `key.path=value` overrides from the command line are merged last. Every key is checked by a
-pydantic schema that forbids unknown keys; mistakes come back as one line with a suggestion.
+pydantic schema that forbids unknown keys; mistakes come back as one line with a suggestion. The
+sections are in `config.sections`; here they are assembled with the regularizers and loaded.
 """
 
 from __future__ import annotations
