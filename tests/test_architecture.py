@@ -166,7 +166,7 @@ def _command(argv: list[str]) -> str:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["gate", "--help"], ["calibrate", "--help"], ["recipes"],
-                                  ["recipes", "recipes/tiny.yaml"]],
+                                  ["recipes", "recipes/tiny.yaml"], ["recipes", "--keys"]],
                          ids=" ".join)
 def test_reading_commands_load_no_torch(argv):
     assert _fresh(_command(argv)) == {"code": 0, "torch": False}

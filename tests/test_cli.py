@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -181,6 +182,28 @@ def test_recipes_shows_one_recipe_resolved_as_yaml(capsys):
 def test_recipes_applies_overrides_to_the_resolved_view(capsys):
     assert main(["recipes", repo("recipes/tiny_all.yaml"), "regularizers.ewc.estimator=diag"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["regularizers"]["ewc"]["estimator"] == "diag"
+
+
+def test_recipes_keys_prints_each_key_with_type_default_and_description(capsys):
+    assert main(["recipes", "--keys"]) == 0
+    rows = {line.split()[0]: re.split(r"\s{2,}", line) for line in capsys.readouterr().out.splitlines()}
+    assert "regularizers.kl_to_base.target_gain" in rows and "wandb.mode" in rows
+    assert rows["train.learning_rate"] == [
+        "train.learning_rate", "float > 0", "0.0002", "The peak learning rate, after warmup."]
+    assert rows["data.train"][1:3] == ["str", "required"]
+    assert main(["recipes", "--keys", "train.early_stopping"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == [
+        "train.early_stopping", "train.early_stopping.patience", "train.early_stopping.min_delta"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["recipes", "--keys", "trian"], "error: recipes --keys: no key 'trian' (did you mean 'train'?)"),
+    (["recipes", "--keys", "train.early"], "error: recipes --keys: no key 'train.early'"),
+    (["recipes", "recipes/tiny.yaml", "--keys"], "error: recipes --keys lists the schema's keys"),
+])
+def test_recipes_keys_refuses_an_unknown_section_in_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    assert one_error_line(capsys).startswith(message)
 
 
 # ---------------------------------------------------------------- fisher, then train with it

@@ -152,8 +152,15 @@ def cmd_assets(args) -> int:
 def cmd_recipes(args) -> int:
     import yaml
 
-    from workbench.config.recipe import load_recipe, resolved
+    from workbench.config.recipe import Recipe, load_recipe, resolved
 
+    if args.keys is not None:
+        if args.recipe:
+            raise UsageError("recipes --keys lists the schema's keys, not a recipe's: give no recipe")
+        from workbench.config.keys import keys, text_table, under
+
+        print(text_table(under(keys(Recipe), args.keys, "recipes --keys")), end="")
+        return 0
     if args.recipe:
         recipe = load_recipe(args.recipe, args.overrides)
         print(yaml.safe_dump(resolved(recipe), sort_keys=False), end="")

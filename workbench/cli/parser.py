@@ -149,8 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="validate, list the runs and write the wandb sweep YAML; train nothing")
     sweep.set_defaults(func=cmd_sweep)
 
-    recipes = sub.add_parser("recipes", help="list the recipes, or show one fully resolved")
+    recipes = sub.add_parser("recipes", help="list the recipes, show one fully resolved, or list every key")
     recipes.add_argument("recipe", nargs="?")
     recipes.add_argument("overrides", nargs="*", metavar="key.path=value")
+    recipes.add_argument("--keys", nargs="?", const="", metavar="SECTION",
+                         help="every recipe key (or those under SECTION, e.g. train or regularizers.kl_to_base) "
+                         "with its type, default and description")
     recipes.set_defaults(func=cmd_recipes)
     return parser

@@ -13,18 +13,27 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class PenaltyConfig(BaseModel):
-    """Fields every penalty has. Subclasses add their own knobs."""
+    """Fields every penalty has. Subclasses add their own knobs, and their docstring is the
+    description of their key in the recipe's `regularizers` section."""
 
     model_config = ConfigDict(extra="forbid")
-    weight: float = Field(default=0.0, ge=0.0, description="Multiplier of the penalty in the loss.")
+    weight: float = Field(default=0.0, ge=0.0, description="Multiplier of the penalty in the loss; 0 switches "
+                          "it off, as leaving its section out does.")
 
 
 class KLConfig(PenaltyConfig):
+    """KL between the base's and the tuned model's next-token distributions, the mean per completion
+    token; the base is the same model with the adapter switched off."""
+
     weight: float = Field(default=0.1, ge=0.0, description="Multiplier of the KL in the loss; with `target` "
                           "set, the controller's starting value.")
-    direction: Literal["forward", "reverse"] = "forward"
-    temperature: float = Field(default=1.0, gt=0.0)
-    warmup_steps: int = Field(default=0, ge=0, description="Ramp the weight linearly from 0.")
+    direction: Literal["forward", "reverse"] = Field(
+        default="forward", description="forward: KL(base || tuned), the base's distribution weighting each token; "
+        "reverse: KL(tuned || base), which needs reference: model.")
+    temperature: float = Field(default=1.0, gt=0.0, description="Divides both sides' logits before the softmax; "
+                               "1 compares the distributions the models sample from.")
+    warmup_steps: int = Field(default=0, ge=0, description="Optimiser steps over which the weight ramps "
+                              "linearly from 0; 0 starts at full weight. Excludes `target`.")
     reference: Literal["model", "topk_cache"] = Field(
         default="model", description="model: the base's forward pass at every step (exact KL). topk_cache: "
         "the base's top-k log-probs on the training set, computed once and cached across epochs and "
@@ -60,13 +69,22 @@ class KLConfig(PenaltyConfig):
 
 
 class EWCConfig(PenaltyConfig):
-    weight: float = Field(default=100.0, ge=0.0, description="lambda in lambda/2 * sum(F dW^2).")
-    fisher: str | None = Field(default=None, description="A saved Fisher (.safetensors).")
-    estimator: Literal["kfac_diag", "diag"] = "kfac_diag"
-    reference: str | None = Field(default=None, description="Data to estimate the Fisher on.")
-    num_examples: int = Field(default=64, ge=1)
-    max_length: int = Field(default=256, ge=8)
-    batch_size: int = Field(default=4, ge=1)
+    """Elastic weight consolidation on the LoRA delta: weight/2 * sum(F * dW^2), F the Fisher of the
+    LoRA-targeted base weights."""
+
+    weight: float = Field(default=100.0, ge=0.0, description="lambda in lambda/2 * sum(F * dW^2), dW = scale * "
+                          "B @ A the LoRA delta.")
+    fisher: str | None = Field(default=None, description="A Fisher saved by `workbench fisher` (.safetensors), "
+                               "refused if its base or target modules differ; default: estimated from `reference`.")
+    estimator: Literal["kfac_diag", "diag"] = Field(
+        default="kfac_diag", description="kfac_diag: F_ij = G_i * A_j, two vectors a module (output-gradient and "
+        "input second moments); diag: the exact per-example diagonal, for small models and checks.")
+    reference: str | None = Field(default=None, description="Data the Fisher is estimated on when `fisher` is "
+                                  "unset (e.g. builtin:pydoc), once, then cached by fingerprint.")
+    num_examples: int = Field(default=64, ge=1, description="Reference examples the Fisher averages over.")
+    max_length: int = Field(default=256, ge=8, description="Tokens per reference example (longer ones are cut).")
+    batch_size: int = Field(default=4, ge=1, description="Reference examples per forward pass while estimating; "
+                            "the Fisher is per-example either way.")
 
 
 class DeltaL2Config(PenaltyConfig):

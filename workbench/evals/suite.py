@@ -30,13 +30,15 @@ from workbench.config.recipe import GeneralText, Section, read_yaml, describe_er
 class MultipleChoiceTask(Section):
     """A BIG-bench task by name, or a local lm-evaluation-harness task YAML; `limit` caps items."""
 
-    bigbench: str | None = None
-    local: str | None = None
-    limit: int | None = Field(default=None, ge=1)
+    bigbench: str | None = Field(default=None, description="A BIG-bench task's name (its multiple-choice items); "
+                                 "give this or local.")
+    local: str | None = Field(default=None, description="An lm-evaluation-harness task YAML, relative to the suite "
+                              "file; give this or bigbench.")
+    limit: int | None = Field(default=None, ge=1, description="Score only the first N items; default all.")
     prompt: Literal["qa", "chat"] = Field(
-        default="qa", description="a BIG-bench item's format: qa is `Q: {input}\nA:` with each choice after a "
+        default="qa", description="A BIG-bench item's format: qa is `Q: {input}\\nA:` with each choice after a "
         "space; chat is the input as a user turn in the model's chat template, each choice the start of the "
-        "assistant's reply (a format a fine-tune on plain `Q:/A:` prompts does not train)")
+        "assistant's reply (a format a fine-tune on plain `Q:/A:` prompts does not train).")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -54,48 +56,57 @@ class MultipleChoiceTask(Section):
 class Target(Section):
     """Learning on the target task. With `--run`, the run's own split is used unless files are given."""
 
-    train: str | None = Field(default=None, description="training examples (members), when there is no run")
-    heldout: str | None = Field(default=None, description="held-out examples, e.g. a test split")
-    format: Literal["auto", "messages", "prompt_completion"] = "auto"
-    max_length: int = Field(default=512, ge=8)
-    num_examples: int = Field(default=64, ge=2)
-    max_new_tokens: int = Field(default=64, ge=1, description="generation cap for exact match")
+    train: str | None = Field(default=None, description="Training examples (members), when there is no run.")
+    heldout: str | None = Field(default=None, description="Held-out examples, e.g. a test split.")
+    format: Literal["auto", "messages", "prompt_completion"] = Field(
+        default="auto", description="Record layout of the files, as a recipe's data.format.")
+    max_length: int = Field(default=512, ge=8, description="Tokens per example of the files; longer ones are cut.")
+    num_examples: int = Field(default=64, ge=2, description="Held-out examples scored for loss and exact match.")
+    max_new_tokens: int = Field(default=64, ge=1, description="Generation cap for exact match.")
 
 
 class Overfitting(Section):
     """Train vs held-out: loss gap, extraction, membership inference."""
 
-    num_examples: int = Field(default=64, ge=2, description="members and non-members, each")
-    min_k: float = Field(default=0.2, gt=0.0, le=1.0)
+    num_examples: int = Field(default=64, ge=2, description="Members and non-members, each.")
+    min_k: float = Field(default=0.2, gt=0.0, le=1.0, description="Min-K% Prob's share: an example's score is "
+                         "the mean of its lowest ceil(k * n) token log-probs.")
 
 
 class LmEval(Section):
     """Named lm-evaluation-harness tasks run on base and tuned (needs the lmeval extra)."""
 
-    tasks: list[str] = Field(min_length=1)
-    include_path: str | None = None
-    limit: int | None = Field(default=None, ge=1)
+    tasks: list[str] = Field(min_length=1, description="lm-eval task names, built in or found under "
+                             "include_path, or task YAML files.")
+    include_path: str | None = Field(default=None, description="A directory of task YAMLs, relative to the suite "
+                                     "file; default lm-eval's built-in tasks.")
+    limit: int | None = Field(default=None, ge=1, description="Items per task; default all.")
 
 
 class Suite(Section):
-    name: str
-    description: str = ""
-    batch_size: int = Field(default=8, ge=1)
-    max_length: int = Field(default=1024, ge=8, description="scorer window in tokens")
-    bootstrap: int = Field(default=1000, ge=10, description="paired bootstrap resamples for CIs")
-    ece_bins: int = Field(default=10, ge=1)
-    general: GeneralText | None = GeneralText()
-    multiple_choice: list[MultipleChoiceTask] = []
-    target: Target | None = Target()
-    overfitting: Overfitting | None = Overfitting()
-    scales: list[float] = Field(default=[], description="extra adapter scales to evaluate, in [0, 1]")
+    name: str = Field(description="The suite's name, recorded in results.json.")
+    description: str = Field(default="", description="Free text.")
+    batch_size: int = Field(default=8, ge=1, description="Sequences per forward pass, base and tuned.")
+    max_length: int = Field(default=1024, ge=8, description="Scorer window in tokens.")
+    bootstrap: int = Field(default=1000, ge=10, description="Paired bootstrap resamples for CIs.")
+    ece_bins: int = Field(default=10, ge=1, description="Bins of the multiple-choice calibration error (ECE).")
+    general: GeneralText | None = Field(default=GeneralText(), description="Retention on held-out general text: "
+                                        "perplexity ratio, KL(base || tuned), top-1 agreement.")
+    multiple_choice: list[MultipleChoiceTask] = Field(default=[], description="Retention on multiple-choice "
+                                                      "tasks: accuracy and calibration, base vs tuned.")
+    target: Target | None = Field(default=Target(), description="Learning on the target task: held-out loss and "
+                                  "exact match of greedy generations.")
+    overfitting: Overfitting | None = Field(default=Overfitting(), description="Train vs held-out: loss gap, "
+                                            "extraction, membership inference.")
+    scales: list[float] = Field(default=[], description="Extra adapter scales to evaluate, in [0, 1].")
     checkpoints: Literal["all"] | list[int] = Field(
-        default=[], description="a run's saved checkpoints to score as entries NAME:stepN besides its final "
-        "adapter: 'all', or a list of steps; the base side is shared, so each costs only its tuned side")
+        default=[], description="A run's saved checkpoints to score as entries NAME:stepN besides its final "
+        "adapter: 'all', or a list of steps; the base side is shared, so each costs only its tuned side.")
     light_points: bool = Field(
-        default=False, description="scale and checkpoint entries measure only learning (the target held-out "
-        "loss) and general text, the axes of `workbench compare`; the final adapters get the whole suite")
-    lm_eval: LmEval | None = None
+        default=False, description="Scale and checkpoint entries measure only learning (the target held-out "
+        "loss) and general text, the axes of `workbench compare`; the final adapters get the whole suite.")
+    lm_eval: LmEval | None = Field(default=None, description="Named lm-evaluation-harness tasks on base and "
+                                   "tuned (the lmeval extra); default none.")
 
     @model_validator(mode="after")
     def _check(self):
