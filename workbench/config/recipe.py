@@ -17,6 +17,7 @@ from workbench.config.yamlfile import describe_error as describe_yaml_error
 from workbench.config.yamlfile import read_yaml
 from workbench.errors import UsageError
 from workbench.config.penalties import PENALTY_CONFIGS, PenaltyConfig
+from workbench.config.self_distill import SelfDistill
 
 # Positions per chunk of the fused loss head. Measured on a 128k head at 4,096 tokens: 512 takes
 # 796 MB and 1.11x the head time of 1,024 (1,559 MB); 256 takes 414 MB and 1.23x (docs/benchmarks.md).
@@ -122,6 +123,8 @@ class DataSection(Section):
     max_examples: int | None = Field(default=None, ge=1)
     max_val_examples: int | None = Field(default=None, ge=1, description="Caps the validation set.")
     replay: ReplaySection | None = None
+    self_distill: SelfDistill | None = Field(default=None, description="The base rewrites each training "
+                                             "completion in its own words before training (docs/regularizers.md).")
 
 
 class GeneralText(Section):
@@ -290,6 +293,9 @@ class Recipe(Section):
                 raise ValueError(f"lora.init {self.lora.init} with {', '.join(clash)}: the adapter holds a "
                                  "frozen copy of the base's components that weight decay would shrink, "
                                  "dropout would drop and a 4-bit base cannot be restored under")
+        if self.data.self_distill is not None and self.data.format == "messages":
+            raise ValueError("data.self_distill rewrites each record's completion, and data.format messages has "
+                             "none: give prompt/completion records")
         replay, batch = self.regularizers.base_replay, self.train.batch_size
         if replay is not None and not 0 < round(replay.ratio * batch) < batch:
             raise ValueError(f"regularizers.base_replay.ratio {replay.ratio}: round({replay.ratio} * train.batch_size "
