@@ -80,6 +80,10 @@ def test_dotted_overrides_are_typed_and_validated():
     (["regularizers.kl_to_base.target=0"], "regularizers.kl_to_base.target: Input should be greater than 0"),
     (["regularizers.kl_to_base.target=0.1", "regularizers.kl_to_base.weight_min=2",
       "regularizers.kl_to_base.weight_max=1"], "regularizers.kl_to_base: weight_min 2 is above weight_max 1"),
+    (["data.format=messages", "data.self_distill.rejected=original"],
+     "data.self_distill rewrites each record's completion, and data.format messages has none"),
+    (["data.self_distill.template=Say {prompt} again"], "data.self_distill.template needs {reference}"),
+    (["data.self_distill.rejected=skip"], "data.self_distill.rejected: Input should be 'original' or 'drop'"),
 ])
 def test_bad_recipes_give_one_line_naming_the_key(overrides, message):
     with pytest.raises(UsageError) as info:

@@ -10,7 +10,8 @@ from workbench.config.recipe import BaseReplay, load_recipe
 from workbench.modeling.load import apply_lora, load_model, load_tokenizer
 from workbench.scoring.masks import IGNORE
 from workbench.training import base_replay
-from workbench.training.base_replay import chunk_seed, generate_pool, start_ids
+from workbench.training.base_generation import chunk_seed
+from workbench.training.base_replay import generate_pool, start_ids
 from workbench.training.run import build_trainer
 
 # 20 samples: a chunk of 16 and one of 4. batch 10 at ratio 0.3: 3 replay + 7 task examples a batch
@@ -49,7 +50,7 @@ def pool_of(trainer, record):
 def direct_samples(model, tokenizer, cfg: BaseReplay, chunk: int, n: int) -> list[list[int]]:
     """model.generate called by hand under the chunk's seed, rows cut after their first eos."""
     start = start_ids(tokenizer, cfg.prefix)
-    torch.manual_seed(chunk_seed(cfg.seed, chunk))
+    torch.manual_seed(chunk_seed("base_replay", cfg.seed, chunk))
     out = model.generate(input_ids=torch.tensor([start] * n), attention_mask=torch.ones(n, len(start), dtype=torch.long),
                          do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                          max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,

@@ -173,6 +173,7 @@ def cmd_recipes(args) -> int:
               if getattr(recipe.regularizers, name)] + list(recipe.penalties())
         on += ["replay"] if recipe.data.replay else []
         on += ["base_replay"] if recipe.regularizers.base_replay else []
+        on += ["self_distill"] if recipe.data.self_distill else []
         on += [f"loss {recipe.train.loss}"] if recipe.train.loss != "nll" else []
         lora = recipe.lora
         on += [f"init {lora.init}"] if lora.init != "default" else []

@@ -145,5 +145,5 @@ def _default(field: FieldInfo) -> str:
     if isinstance(value, BaseModel):
         return "{}"  # the section with every default: what `key: {}` gives
     if isinstance(value, str):
-        return value or '""'
+        return json.dumps(value) if "\n" in value or not value else value  # one line: newlines escaped
     return json.dumps(value)

@@ -93,6 +93,9 @@ class Recipe(Section):
                 raise ValueError(f"lora.init {self.lora.init} with {', '.join(clash)}: the adapter holds a "
                                  "frozen copy of the base's components that weight decay would shrink, "
                                  "dropout would drop and a 4-bit base cannot be restored under")
+        if self.data.self_distill is not None and self.data.format == "messages":
+            raise ValueError("data.self_distill rewrites each record's completion, and data.format messages has "
+                             "none: give prompt/completion records")
         replay, batch = self.regularizers.base_replay, self.train.batch_size
         if replay is not None and not 0 < round(replay.ratio * batch) < batch:
             raise ValueError(f"regularizers.base_replay.ratio {replay.ratio}: round({replay.ratio} * train.batch_size "

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from workbench.config.self_distill import SelfDistill
+
 # Positions per chunk of the fused loss head. Measured on a 128k head at 4,096 tokens: 512 takes
 # 796 MB and 1.11x the head time of 1,024 (1,559 MB); 256 takes 414 MB and 1.23x (docs/benchmarks.md).
 HEAD_CHUNK = 512
@@ -135,6 +137,8 @@ class DataSection(Section):
     max_val_examples: int | None = Field(default=None, ge=1, description="Caps the validation set.")
     replay: ReplaySection | None = Field(default=None, description="General text mixed into the training set at "
                                          "a ratio; default none.")
+    self_distill: SelfDistill | None = Field(default=None, description="The base rewrites each training "
+                                             "completion in its own words before training (docs/regularizers.md).")
 
 
 class GeneralText(Section):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import TYPE_CHECKING, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterable, NamedTuple
 
 import torch
 
@@ -37,7 +37,7 @@ def _field(record: dict, name: str, where: str, kind: type = str):
     return value
 
 
-def _text_ids(tokenizer, text: str) -> list[int]:
+def text_ids(tokenizer, text: str) -> list[int]:
     # verbose=False: long general-text documents are chunked later, the length warning is noise.
     return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
@@ -52,8 +52,8 @@ def leading_bos(tokenizer) -> list[int]:
 def _prompt_completion(record: dict, tokenizer, where: str) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for prompt + completion + eos, loss on the completion and eos."""
     # Tokenised separately and concatenated so the prompt/completion boundary is exact.
-    prompt = leading_bos(tokenizer) + _text_ids(tokenizer, _field(record, "prompt", where))
-    completion = _text_ids(tokenizer, _field(record, "completion", where)) + [tokenizer.eos_token_id]
+    prompt = leading_bos(tokenizer) + text_ids(tokenizer, _field(record, "prompt", where))
+    completion = text_ids(tokenizer, _field(record, "completion", where)) + [tokenizer.eos_token_id]
     return prompt + completion, [IGNORE] * len(prompt) + completion
 
 
@@ -69,7 +69,7 @@ def _checked_messages(record: dict, where: str) -> list[dict]:
     return messages
 
 
-def _render(tokenizer, messages: list[dict], where: str, generation_prompt: bool = False) -> list[int]:
+def render_chat(tokenizer, messages: list[dict], where: str, generation_prompt: bool = False) -> list[int]:
     try:
         encoded = tokenizer.apply_chat_template(
             messages, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt)
@@ -97,13 +97,13 @@ def _messages(record: dict, tokenizer, where: str) -> tuple[list[int], list[int]
     renders prefixes consistently, which is checked rather than assumed.
     """
     messages = _checked_messages(record, where)
-    full = _render(tokenizer, messages, where)
+    full = render_chat(tokenizer, messages, where)
     labels = [IGNORE] * len(full)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], where, generation_prompt=True)
-        upto = _render(tokenizer, messages[:i + 1], where)
+        before = render_chat(tokenizer, messages[:i], where, generation_prompt=True)
+        upto = render_chat(tokenizer, messages[:i + 1], where)
         if upto[:len(before)] != before or full[:len(upto)] != upto:
             raise UsageError(f"{where}: the chat template does not render conversation prefixes "
                              "consistently, so assistant turns cannot be located")
@@ -144,7 +144,7 @@ def _token_stream(source: str, tokenizer) -> list[int]:
     """Every record's text tokenised, each followed by eos so documents do not run together."""
     stream: list[int] = []
     for i, record in enumerate(read_records(source), start=1):
-        stream += _text_ids(tokenizer, _record_text(record, tokenizer, f"{source} record {i}"))
+        stream += text_ids(tokenizer, _record_text(record, tokenizer, f"{source} record {i}"))
         stream.append(tokenizer.eos_token_id)
     return stream
 
@@ -201,9 +201,15 @@ def _format_all(records: list[dict], indices: Iterable[int], data: "DataSection"
     return examples
 
 
-def task_splits(data: "DataSection", tokenizer, seed: int, counts: dict | None = None
-                ) -> tuple[list[dict], list[dict]]:
-    """(train, val) task examples exactly as training sees them, without replay."""
+# data.self_distill: (train records, their names in errors) -> each record as the base rewrote it, or
+# None for one that leaves the training set
+Rewrite = Callable[[list[dict], list[str]], list["dict | None"]]
+
+
+def task_splits(data: "DataSection", tokenizer, seed: int, counts: dict | None = None,
+                rewrite: Rewrite | None = None) -> tuple[list[dict], list[dict]]:
+    """(train, val) task examples exactly as training sees them, without replay; `rewrite`
+    replaces the training records before they are formatted (validation keeps its own)."""
     counts = {"n_truncated": 0, "n_dropped_all_masked": 0} if counts is None else counts
     records = read_records(data.train)
     if data.val:
@@ -216,6 +222,17 @@ def task_splits(data: "DataSection", tokenizer, seed: int, counts: dict | None =
         val_idx = val_idx[:data.max_val_examples]
         val = _format_all(records, val_idx, data, tokenizer, data.train, counts)
     train_idx = train_idx[:data.max_examples]
+    if data.self_distill is not None and data.format == "auto":  # before a model loads
+        chat = next((i for i in train_idx if "messages" in records[i]), None)
+        if chat is not None:
+            raise UsageError(f"{data.train} record {chat + 1}: data.self_distill rewrites a completion, and "
+                             "this record is a chat (messages); give prompt/completion records")
+    if rewrite is not None:
+        names = [f"{data.train} record {i + 1}" for i in train_idx]
+        records = list(records)
+        for i, record in zip(train_idx, rewrite([records[i] for i in train_idx], names)):
+            records[i] = record
+        train_idx = [i for i in train_idx if records[i] is not None]
     train = _format_all(records, train_idx, data, tokenizer, data.train, counts)
     if not train:
         raise UsageError(f"{data.train}: no training examples left: all {len(train_idx)} have nothing to "
@@ -224,14 +241,14 @@ def task_splits(data: "DataSection", tokenizer, seed: int, counts: dict | None =
     return train, val
 
 
-def build_datasets(data: "DataSection", tokenizer, seed: int) -> TrainData:
+def build_datasets(data: "DataSection", tokenizer, seed: int, rewrite: Rewrite | None = None) -> TrainData:
     """Train and val examples for a recipe's data section, plus stats for the run record.
 
     stats: n_train is the final mix (task + n_replay); n_truncated and n_dropped_all_masked count
     all task examples (train and val); n_completion_tokens the loss-carrying tokens of task train.
     """
     counts = {"n_truncated": 0, "n_dropped_all_masked": 0}
-    train, val = task_splits(data, tokenizer, seed, counts)
+    train, val = task_splits(data, tokenizer, seed, counts, rewrite)
     n_completion = sum(label != IGNORE for ex in train for label in ex["labels"])
     replay = []
     if data.replay is not None:

@@ -56,7 +56,8 @@ class RunRecord(BaseModel):
     parameters: dict[str, int] = Field(default_factory=dict, description="trainable and total counts")
     data: dict[str, Any] = Field(default_factory=dict,
                                  description="n_train, n_val, n_replay, n_truncated, n_dropped_all_masked, "
-                                 "n_completion_tokens, max_length, train_fingerprint")
+                                 "n_completion_tokens, max_length, train_fingerprint; base_replay and "
+                                 "self_distill (rewrites kept and dropped, the cache entry) when on")
     fisher: dict[str, Any] | None = Field(default=None, description="The Fisher's metadata, when EWC is on.")
     reference_cache: dict[str, Any] | None = Field(
         default=None, description="The KL top-k reference cache entry: path, top_k, positions, bytes, cached.")

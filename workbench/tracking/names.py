@@ -123,6 +123,7 @@ def run_tags(recipe: dict) -> list[str]:
     regs = recipe.get("regularizers") or {}
     on = [name for name in PENALTY_CONFIGS if (regs.get(name) or {}).get("weight", 0) > 0]
     on += ["base_replay"] if regs.get("base_replay") else []  # a data-side regularizer, no weight
+    on += ["self_distill"] if (recipe.get("data") or {}).get("self_distill") else []
     model = str((recipe.get("model") or {}).get("name") or "")
     model = model if model.count("/") <= 1 and not model.startswith((".", "/")) else Path(model).name
     tags = [*((recipe.get("wandb") or {}).get("tags") or []), f"family:{recipe_family(recipe)}",

@@ -7,30 +7,21 @@ on the base's own distribution, estimated by sampling; no general-domain data is
 
 The pool is generated once, before LoRA is applied (the same weights as `as_base` sees), in chunks
 of GENERATE_BATCH samples, chunk c seeded from (seed, c) alone: the pool is the same whatever the
-number of processes. Under a multi-process launch each rank generates a contiguous share of the
-chunks and the pool is gathered on every rank (`shard_map`). Entries are cached under
-`<cache>/base_replay/`, keyed by the base fingerprint, the sampling settings and the tokenizer,
-sealed and written under a file lock (`scoring.base_cache`); a damaged entry is generated again,
-said in one line.
+number of processes (`training.base_generation`, shared with self-distillation). Entries are cached
+under `<cache>/base_replay/`, keyed by the base fingerprint, the sampling settings and the tokenizer.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
-
 import torch
-from peft import PeftModel
-from tqdm.auto import tqdm
 
 from workbench.config.recipe import BaseReplay
 from workbench.data.examples import TrainData
 from workbench.data.mixing import MixedBatchSampler, replay_per_batch
-from workbench.distributed import is_main_process, local_device, shard_map
-from workbench.io import cache_dir, fingerprint
-from workbench.modeling.lora import as_base
-from workbench.scoring.base_cache import BaseCache, ragged, unragged
 from workbench.scoring.masks import IGNORE
+from workbench.training.base_generation import (
+    cached_rows, chunk_seed, cut_after_stop, generate_chunks, tokenizer_fingerprint
+)
 
 # Samples per generate call. Part of the cache key: a chunk's samples share one RNG stream, so
 # another size draws other samples. 16 rows of 128 new tokens keep a 135M model's KV cache at
@@ -47,89 +38,39 @@ def start_ids(tokenizer, prefix: str) -> list[int]:
     return [start] + list(tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else [start]
 
 
-def chunk_seed(seed: int, chunk: int) -> int:
-    """The torch seed chunk `chunk` is generated under: a hash of (seed, chunk), below 2**63."""
-    return int(fingerprint("base_replay", seed, chunk), 16) % 2 ** 63
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """The vocabulary and special tokens: another tokenizer maps the same ids to other text."""
-    return fingerprint(sorted(tokenizer.get_vocab().items()), tokenizer.bos_token_id, tokenizer.eos_token_id)
-
-
 def sampling_settings(cfg: BaseReplay) -> dict:
     """What the pool depends on beside the base and the tokenizer (recorded in run.json)."""
     return {**cfg.model_dump(exclude={"ratio"}), "top_k": 0, "generate_batch": GENERATE_BATCH}
 
 
-@contextlib.contextmanager
-def _base_for_generation(model):
-    """The base model in eval mode with no grad, on this process's accelerator: a PEFT model
-    under `as_base` (adapter off), a plain one as it is. Its mode and device are restored after."""
-    if isinstance(model, PeftModel):
-        with as_base(model) as peft_model:
-            yield peft_model
-        return
-    device, training = next(model.parameters()).device, model.training
-    moved = device.type == "cpu" and local_device().type != "cpu"  # a 4-bit model is on its GPU already
-    if moved:  # 135M parameters: 0.5 GB each way, against minutes of sampling on a CPU
-        model.to(local_device())
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        if moved:
-            model.to(device)
-        model.train(training)
-
-
-def _cut(row: list[int], eos: int) -> list[int]:
-    """A generated row up to and including its first eos (generate pads finished rows after it)."""
-    return row[:row.index(eos) + 1] if eos in row else row
-
-
 def generate_chunk(model, tokenizer, cfg: BaseReplay, chunk: int, n: int) -> list[list[int]]:
-    """`n` samples (start ids + new tokens, cut after eos) of chunk `chunk`, seeded by chunk_seed."""
+    """`n` samples (start ids + new tokens, cut after eos) of chunk `chunk`, under its chunk_seed."""
     start = start_ids(tokenizer, cfg.prefix)
     device = next(model.parameters()).device
     input_ids = torch.tensor([start] * n, device=device)
-    torch.manual_seed(chunk_seed(cfg.seed, chunk))  # seeds CUDA too
+    torch.manual_seed(chunk_seed("base_replay", cfg.seed, chunk))  # seeds CUDA too
     # top_k=0: the generation config's default (50) would cut the base's tail off
     out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
                          temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return [start + _cut(row[len(start):], tokenizer.eos_token_id) for row in out.cpu().tolist()]
+    return [start + cut_after_stop(row[len(start):], [tokenizer.eos_token_id]) for row in out.cpu().tolist()]
 
 
 def generate_pool(model, tokenizer, cfg: BaseReplay) -> list[list[int]]:
     """Every sample of the pool, in chunk order, on every rank (each rank generates its share)."""
     chunks = [(c, min(GENERATE_BATCH, cfg.num_samples - c * GENERATE_BATCH))
               for c in range(-(-cfg.num_samples // GENERATE_BATCH))]
-
-    def share(mine: list[tuple[int, int]]) -> list[list[list[int]]]:
-        with _base_for_generation(model) as base:
-            return [generate_chunk(base, tokenizer, cfg, c, n)
-                    for c, n in tqdm(mine, desc="base samples", disable=not is_main_process())]
-
-    return [row for rows in shard_map(share, chunks) for row in rows]
+    return generate_chunks(model, chunks, lambda base, c: generate_chunk(base, tokenizer, cfg, *c), "base samples")
 
 
 def pool_for(model, tokenizer, cfg: BaseReplay, base_fingerprint: str) -> tuple[list[list[int]], dict]:
     """The pool from the cache or generated now and cached, and its record for run.json."""
-    cache = BaseCache(base_fingerprint, root=cache_dir() / "base_replay")
-    key = (sampling_settings(cfg), tokenizer_fingerprint(tokenizer))
-    began = time.perf_counter()
-
-    def compute() -> dict[str, torch.Tensor]:
-        return ragged([torch.tensor(row, dtype=torch.int32) for row in generate_pool(model, tokenizer, cfg)])
-
-    tensors = cache.get(COMPONENT, key, compute)
-    rows = [r.tolist() for r in unragged(tensors["values"], tensors["offsets"])]
+    rows, entry = cached_rows("base_replay", COMPONENT, base_fingerprint,
+                              (sampling_settings(cfg), tokenizer_fingerprint(tokenizer)),
+                              lambda: generate_pool(model, tokenizer, cfg))
     n_start = len(start_ids(tokenizer, cfg.prefix))
-    record = {"num_samples": len(rows), "tokens": sum(len(r) - n_start for r in rows),
-              "cached": bool(cache.hits), "path": str(cache.path(COMPONENT, *key)),
-              "seconds": round(time.perf_counter() - began, 2), "settings": sampling_settings(cfg)}
+    record = {"num_samples": len(rows), "tokens": sum(len(r) - n_start for r in rows), **entry,
+              "settings": sampling_settings(cfg)}
     return rows, record
 
 

@@ -29,6 +29,7 @@ from workbench.formats.integrity import write_manifest
 from workbench.formats.run_record import RunRecord, versions
 from workbench.training.reference import topk_reference_for
 from workbench.training.base_replay import pool_for, use_mixed_batches, with_base_replay
+from workbench.training.self_distill import self_distilled
 from workbench.training.probe import RetentionProbeCallback, probe_chunks
 from workbench.training.regularizers import PENALTIES
 from workbench.training.select import choose, closest, copy_adapter
@@ -48,6 +49,8 @@ def prepare(recipe: Recipe):
     replay = recipe.regularizers.base_replay
     if replay is not None:  # sampled before LoRA exists: the base, whatever the init does to its weights
         rows, record = pool_for(model, tokenizer, replay, base_fingerprint)
+    if recipe.data.self_distill is not None:  # rewritten before LoRA exists, as base replay is sampled
+        data = self_distilled(recipe, tokenizer, model, base_fingerprint)
     if recipe.lora.enabled:
         batches, cache = lora_init_data(recipe, tokenizer, data.train, base_fingerprint)
         model = apply_lora(model, recipe.lora, recipe.regularizers.lora_dropout, batches, cache)
