@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model, model_vali
 from workbench.config.yamlfile import describe_error as describe_yaml_error
 from workbench.config.yamlfile import read_yaml
 from workbench.errors import UsageError
+from workbench.config.adapters import osf_clashes
 from workbench.config.penalties import PENALTY_CONFIGS, PenaltyConfig
 from workbench.config.sections import (  # noqa: F401 (the sections are imported from here too)
     HEAD_CHUNK, INITS_NEEDING_DATA, INITS_REWRITING_BASE, LORA_INITS, TRAIN_DATA, BaseReplay, DataSection,
@@ -96,6 +97,8 @@ class Recipe(Section):
         if self.data.self_distill is not None and self.data.format == "messages":
             raise ValueError("data.self_distill rewrites each record's completion, and data.format messages has "
                              "none: give prompt/completion records")
+        if self.lora.enabled and self.lora.method == "osf" and osf_clashes(self):
+            raise ValueError(f"lora.method osf with {osf_clashes(self)}")
         replay, batch = self.regularizers.base_replay, self.train.batch_size
         if replay is not None and not 0 < round(replay.ratio * batch) < batch:
             raise ValueError(f"regularizers.base_replay.ratio {replay.ratio}: round({replay.ratio} * train.batch_size "

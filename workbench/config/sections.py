@@ -65,6 +65,8 @@ TRAIN_DATA = "train"  # lora.init_data: the recipe's own training examples
 class LoraSection(Section):
     enabled: bool = Field(default=True, description="Train a LoRA adapter; false fine-tunes every weight, and "
                           "the penalties, lora_dropout and the retention probe are refused.")
+    method: Literal["lora", "osf"] = Field(default="lora", description="lora: B @ A added to each target. osf: PEFT's "
+        "Orthogonal Subspace Fine-tuning: the r smallest singular directions of each target train, the rest frozen.")
     r: int = Field(default=16, ge=1, description="The rank of each adapter, B @ A with B [out, r], A [r, in].")
     alpha: float = Field(default=32.0, gt=0, description="The adapter's scale is alpha / r: the delta added to a "
                          "weight is (alpha / r) * B @ A.")
@@ -235,6 +237,9 @@ class TrainSection(Section):
         "post-head steps the workbench does not reproduce or that have no separate head.")
     head_chunk_size: int = Field(default=HEAD_CHUNK, ge=1, description="Positions per chunk of the loss "
                                  "engine: about five [chunk, vocab] fp32 tensors at a time (docs/benchmarks.md).")
+    example_weights: Literal["none", "flow"] = Field(default="none", description="flow: each example's task loss "
+        "times exp(-L / tau), L the base's mean loss per completion token on it, mean 1 (docs/regularizers.md).")
+    flow_temperature: float | None = Field(default=None, gt=0.0, description="tau of flow; default the median L.")
     retention_probe: RetentionProbe | None = Field(default=None, description="General-text retention measured "
                                                    "during training (docs/budgets.md); default off.")
     select: Select | None = Field(default=None, description="Keep every checkpoint and write the best one "
@@ -246,6 +251,8 @@ class TrainSection(Section):
             raise ValueError("train.select needs train.retention_probe: the budget is on what the probe measures")
         if self.select is not None and self.early_stopping is not None:
             raise ValueError("train.select and train.early_stopping both choose the adapter: give one")
+        if self.flow_temperature is not None and self.example_weights != "flow":
+            raise ValueError(f"train.flow_temperature is for example_weights flow, not {self.example_weights}")
         return self
 
 

@@ -29,6 +29,7 @@ from workbench.formats.integrity import write_manifest
 from workbench.formats.run_record import RunRecord, versions
 from workbench.training.reference import topk_reference_for
 from workbench.training.base_replay import pool_for, use_mixed_batches, with_base_replay
+from workbench.training.example_weights import with_example_weights
 from workbench.training.self_distill import self_distilled
 from workbench.training.probe import RetentionProbeCallback, probe_chunks
 from workbench.training.regularizers import PENALTIES
@@ -51,13 +52,16 @@ def prepare(recipe: Recipe):
         rows, record = pool_for(model, tokenizer, replay, base_fingerprint)
     if recipe.data.self_distill is not None:  # rewritten before LoRA exists, as base replay is sampled
         data = self_distilled(recipe, tokenizer, model, base_fingerprint)
-    if recipe.lora.enabled:
-        batches, cache = lora_init_data(recipe, tokenizer, data.train, base_fingerprint)
-        model = apply_lora(model, recipe.lora, recipe.regularizers.lora_dropout, batches, cache)
-        model.peft_config["default"].base_model_name_or_path = public_name(recipe.model.name)  # saved as given
-    if replay is not None:  # after the init: a data-driven init sees the task examples only
+    task_train = data.train  # what a data-driven init sees: the task examples only
+    if replay is not None:
         data = with_base_replay(data, rows, record, tokenizer, replay, recipe.data.max_length,
                                 recipe.train.batch_size)
+    # the base's losses, before LoRA too; on the whole set the trainer draws from, replay included
+    data = with_example_weights(data, model, recipe.train, base_fingerprint, tokenizer.pad_token_id)
+    if recipe.lora.enabled:
+        batches, cache = lora_init_data(recipe, tokenizer, task_train, base_fingerprint)
+        model = apply_lora(model, recipe.lora, recipe.regularizers.lora_dropout, batches, cache)
+        model.peft_config["default"].base_model_name_or_path = public_name(recipe.model.name)  # saved as given
     return tokenizer, data, model, base_fingerprint
 
 
@@ -199,6 +203,11 @@ def build_trainer(recipe: Recipe, output_dir: Path) -> tuple[RegularizedTrainer,
             how = "cached" if br["cached"] else f"generated in {br['seconds']} s"
             print(f"base replay: {br['num_samples']} samples, {br['tokens']} tokens, {how}, "
                   f"{br['per_batch']} of every batch of {br['batch_size']}: {br['path']}")
+        if "example_weights" in st:
+            ew, w = st["example_weights"], st["example_weights"]["weight"]
+            print(f"example weights: {ew['rule']}, tau {ew['temperature']:.4g} ({ew['temperature_from']}), weights "
+                  f"{w['min']:.3g} to {w['max']:.3g} (median {w['median']:.3g}), base losses "
+                  f"{'cached' if ew['cached'] else 'computed'}: {ew['path']}")
     needs = PenaltyNeeds(recipe, model, tokenizer, data.train, base_fingerprint)
     penalties = [needs.build(name, cfg) for name, cfg in recipe.penalties().items()]
     probe = recipe.train.retention_probe
