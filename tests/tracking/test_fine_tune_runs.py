@@ -149,6 +149,8 @@ def test_config_and_tags_of_a_recipe_without_tracking_or_penalties():
     assert run_tags(replaying)[-1] == "base_replay"  # a data-side regularizer is no baseline
     distilling = {**recipe, "data": {"train": "t.jsonl", "self_distill": {"temperature": 0.0}}}
     assert run_tags(distilling)[-1] == "self_distill"
+    assert run_tags({**recipe, "train": {**recipe["train"], "example_weights": "flow"}})[-1] == "flow"
+    assert run_tags({**recipe, "lora": {"method": "osf"}})[-1] == "osf"
 
 
 def test_gate_summary_counts_and_passes():

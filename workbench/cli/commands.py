@@ -175,7 +175,9 @@ def cmd_recipes(args) -> int:
         on += ["base_replay"] if recipe.regularizers.base_replay else []
         on += ["self_distill"] if recipe.data.self_distill else []
         on += [f"loss {recipe.train.loss}"] if recipe.train.loss != "nll" else []
+        on += [f"example_weights {recipe.train.example_weights}"] if recipe.train.example_weights != "none" else []
         lora = recipe.lora
+        on += [f"method {lora.method}"] if lora.method != "lora" else []
         on += [f"init {lora.init}"] if lora.init != "default" else []
         on += [f"targets {lora.target_modules}"] if lora.target_modules != "all-linear" else []
         on += [f"layers {lora.layers}"] if lora.layers else []

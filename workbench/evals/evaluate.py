@@ -27,7 +27,7 @@ from workbench.modeling.load import load_model, load_tokenizer, model_fingerprin
 from workbench.config.recipe import ModelSection, Recipe, describe_error
 from workbench.formats.integrity import check_folder
 from workbench.formats.run_record import RunRecord, describe_state, read_run, run_path, versions
-from workbench.modeling.lora import check_adapter_fits, recorded_base, scaled_delta_norm
+from workbench.modeling.lora import adapter_method, check_adapter_fits, check_one_method, recorded_base, scaled_delta_norm
 from workbench.scoring.base_cache import BaseCache
 from workbench.formats.results import Entry, Results
 from workbench.evals.runner import EvalData, Evaluator, Subject, TargetData
@@ -232,7 +232,7 @@ def general_data(suite: Suite, tokenizer) -> list[dict] | None:
 def load_adapters(model, specs: list[AdapterSpec]):
     """The PEFT model with every adapter loaded under the name a0, a1, ...; checks each one landed."""
     from peft import PeftModel
-
+    check_one_method([spec.path for spec in specs])
     peft_model = None
     for i, spec in enumerate(specs):
         name = f"a{i}"
@@ -247,13 +247,12 @@ def load_adapters(model, specs: list[AdapterSpec]):
 
 
 def _check_loaded(peft_model, name: str, path: Path) -> None:
-    """Every LoRA tensor in the file must have a module to land on; else scoring the "tuned" model
-    would silently score the base."""
+    """Every adapted module in the file (LoRA's A, OSF's U_low) must land, or "tuned" scores the base."""
     with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
-        saved = sum(1 for key in f.keys() if "lora_A" in key)
-    loaded = sum(1 for m in peft_model.modules() if name in getattr(m, "lora_A", {}))
+        saved = sum(1 for key in f.keys() if "lora_A" in key or key.endswith("osf_svd_params.U_low"))
+    loaded = sum(1 for m in peft_model.modules() if name in getattr(m, "lora_A", getattr(m, "osf_svd_params", {})))
     if saved == 0 or loaded != saved:
-        raise UsageError(f"{path}: {saved} LoRA modules in the file, {loaded} found in the base model: "
+        raise UsageError(f"{path}: {saved} adapted modules in the file, {loaded} found in the base model: "
                          "the adapter does not fit this base")
 
 
@@ -349,7 +348,8 @@ def run_eval(suite_path: str | Path, runs: list[Path] = (), adapters: list[Path]
     entries = []
     for i in range(len(session.specs)):
         final = i < session.finals
-        scales = [1.0] + [s for s in suite.scales if s != 1.0] if final else [1.0]  # checkpoints: 1 only
+        scalable = adapter_method(session.evaluator.peft, f"a{i}") == "LORA"  # OSF has no alpha / r to scale
+        scales = [1.0] + [s for s in suite.scales if s != 1.0] if final and scalable else [1.0]  # checkpoints: 1
         for scale in scales:
             entries.append(session.entry(i, scale, light=suite.light_points and (not final or scale != 1.0)))
     results = session.results(entries)

@@ -39,6 +39,7 @@ from workbench.errors import UsageError, first_line
 from workbench.io import cache_dir, fingerprint
 from workbench.config.recipe import LoraSection, ModelSection
 from workbench.modeling.lora_init import Batches, initialised_lora
+from workbench.modeling.osf import apply_osf
 from workbench.modeling.targets import check_layers, resolve_targets
 from workbench.modeling.tiny import ARCHITECTURES, architecture, tiny_model, tiny_tokenizer
 
@@ -341,7 +342,9 @@ def apply_lora(model: PreTrainedModel, lora: LoraSection, dropout: float, init_b
                init_cache: Path | None = None) -> PeftModel:
     """Wrap `model` (in place) in a LoRA adapter named 'default', initialised as `lora.init` says
     (`lora_init`; the data-driven inits run on `init_batches()` and keep their result in
-    `init_cache`); only lora_ weights train."""
+    `init_cache`); only lora_ weights train. `lora.method: osf` wraps it in PEFT's OSF instead (`osf`)."""
+    if lora.method == "osf":
+        return apply_osf(model, lora)
     layers = lora.layer_indices()
     check_layers(model, layers)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=dropout,
@@ -372,7 +375,7 @@ def _base_parameters(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     params = []
     for name, param in model.named_parameters():
         parts = name.split(".")
-        if any(p.startswith("lora_") for p in parts):
+        if any(p.startswith(("lora_", "osf_")) for p in parts):  # the adapter's own, LoRA's or OSF's
             continue
         params.append((".".join(p for p in parts if p != "base_layer"), param))
     return params

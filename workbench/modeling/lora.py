@@ -81,16 +81,33 @@ def check_adapter_fits(base: torch.nn.Module, adapter_file: str | Path) -> None:
                     "was trained on another base")
 
 
-def recorded_base(adapter_dir: str | Path) -> str | None:
-    """The base an adapter's `adapter_config.json` names (`base_model_name_or_path`), or None when
-    it names none or the file does not parse (the adapter's own check says why)."""
+def _adapter_config(adapter_dir: str | Path) -> dict:
+    """The adapter's `adapter_config.json`, or {} when it does not parse (the adapter's own check says why)."""
     import json
 
     try:
-        name = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return None
+        config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def recorded_base(adapter_dir: str | Path) -> str | None:
+    """The base an adapter's `adapter_config.json` names (`base_model_name_or_path`), or None when
+    it names none or the file does not parse."""
+    name = _adapter_config(adapter_dir).get("base_model_name_or_path")
     return name if isinstance(name, str) and name else None
+
+
+def check_one_method(adapter_dirs: list[Path]) -> None:
+    """A UsageError when the adapters are of more than one PEFT method (LoRA and OSF): PEFT holds
+    adapters of one method on a model, where it would stop with a ValueError."""
+    methods: dict[str, Path] = {}
+    for path in adapter_dirs:
+        methods.setdefault(str(_adapter_config(path).get("peft_type", "LORA")), path)
+    if len(methods) > 1:
+        raise UsageError(f"{', '.join(f'{p} is {m}' for m, p in methods.items())}: PEFT holds adapters of one "
+                         "method on a model; evaluate each method's runs in a call of their own")
 
 
 def gram(A: torch.Tensor, B: torch.Tensor, g: torch.Tensor | None = None,
@@ -155,6 +172,12 @@ def as_base(model: torch.nn.Module, grad: bool = False) -> Iterator[PeftModel]:
         peft_model.train(was_training)
 
 
+def adapter_method(model: torch.nn.Module, adapter: str) -> str:
+    """PEFT's name of the adapter's method: 'LORA' (DoRA included), 'OSF', ..."""
+    kind = unwrap_peft(model).peft_config[adapter].peft_type
+    return getattr(kind, "value", kind)  # PEFT's PeftType, a str enum
+
+
 @contextlib.contextmanager
 def adapter_scale(model: torch.nn.Module, factor: float) -> Iterator[None]:
     """Temporarily scale the active adapter toward the base: 0 = base, 1 = tuned.
@@ -168,6 +191,10 @@ def adapter_scale(model: torch.nn.Module, factor: float) -> Iterator[None]:
     space (docs/evals.md, "Adapter scales")."""
     peft_model = unwrap_peft(model)
     adapter = peft_model.active_adapter
+    if factor != 1.0 and adapter_method(peft_model, adapter) != "LORA":
+        raise UsageError(f"adapter scale {factor:g}: a {adapter_method(peft_model, adapter)} adapter has no scale "
+                         "alpha / r to move it toward the base (OSF's change is U_low S_low V_low minus its "
+                         "start); score it at scale 1 only")
     layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and adapter in m.scaling]
     saved = [m.scaling[adapter] for m in layers]
     magnitudes = [(m.lora_magnitude_vector[adapter].weight, base_row_norms(m, adapter)) for m in layers
@@ -206,11 +233,16 @@ def base_row_norms(layer: LoraLayer, adapter: str) -> torch.Tensor:
 def scaled_delta_norm(model: torch.nn.Module, factor: float = 1.0) -> float:
     """Frobenius norm of the active adapter's whole weight change at scale `factor` (in float64):
     ||t * s * B @ A|| for LoRA (an r-by-r contraction), and for DoRA the change of its materialised
-    weight m_t * V / ||V|| (`adapter_scale`), which is not linear in t."""
+    weight m_t * V / ||V|| (`adapter_scale`), which is not linear in t; for OSF, t times the norm of
+    PEFT's own `get_delta_weight` (U_low S_low V_low minus its start)."""
+    from peft.tuners.osf import OSFLayer
+
     peft_model = unwrap_peft(model)
     adapter, total = peft_model.active_adapter, 0.0
     with torch.no_grad():
         for module in peft_model.modules():
+            if isinstance(module, OSFLayer) and adapter in module.osf_svd_params:
+                total += float((module.get_delta_weight(adapter).double() ** 2).sum()) * factor ** 2
             if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
                 continue
             A = module.lora_A[adapter].weight.double()

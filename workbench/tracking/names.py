@@ -124,6 +124,8 @@ def run_tags(recipe: dict) -> list[str]:
     on = [name for name in PENALTY_CONFIGS if (regs.get(name) or {}).get("weight", 0) > 0]
     on += ["base_replay"] if regs.get("base_replay") else []  # a data-side regularizer, no weight
     on += ["self_distill"] if (recipe.get("data") or {}).get("self_distill") else []
+    on += ["flow"] if (recipe.get("train") or {}).get("example_weights") == "flow" else []  # weights the data
+    on += ["osf"] if (recipe.get("lora") or {}).get("method") == "osf" else []  # another adapter, not LoRA
     model = str((recipe.get("model") or {}).get("name") or "")
     model = model if model.count("/") <= 1 and not model.startswith((".", "/")) else Path(model).name
     tags = [*((recipe.get("wandb") or {}).get("tags") or []), f"family:{recipe_family(recipe)}",
