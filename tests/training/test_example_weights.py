@@ -132,3 +132,26 @@ def test_no_weights_under_none(tmp_path):
     trainer, record = build_trainer(load_recipe(repo("recipes/tiny.yaml"), FLOW[1:]), tmp_path / "run")
     assert "example_weights" not in record.data
     assert all(EXAMPLE_WEIGHT not in example for example in trainer.train_dataset)
+
+
+@pytest.mark.parametrize("loss_head", ["fused", "full"])
+def test_the_trainer_weights_each_examples_task_loss_as_the_reference_does(tmp_path, loss_head):
+    """The trainer's loss on a batch carrying `example_weight` equals `weighted_token_mean` of the
+    per-token NLL of the model's own logits; weights of 1 give the plain loss bit for bit, and
+    unequal weights another loss (the negative control)."""
+    from tests.helpers import make_batch, make_peft
+    from tests.training.test_trainer import trainer_for
+
+    model, batch = make_peft(), make_batch()
+    trainer = trainer_for(model, tmp_path, loss_head=loss_head)
+    model.train()
+    plain = trainer.compute_loss(model, dict(batch))
+    weight = torch.tensor([0.5, 1.0, 2.0])
+    weighted = trainer.compute_loss(model, {**batch, EXAMPLE_WEIGHT: weight})
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = shifted_labels(batch["labels"])
+    per_token = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+    mask = next_token_mask(batch["labels"])
+    torch.testing.assert_close(weighted, weighted_token_mean(per_token, mask, weight, mask.sum()), rtol=1e-5, atol=1e-6)
+    assert trainer.compute_loss(model, {**batch, EXAMPLE_WEIGHT: torch.ones(3)}).item() == plain.item()
+    assert abs(weighted.item() - plain.item()) > 1e-3
