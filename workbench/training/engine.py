@@ -4,9 +4,9 @@ completion positions at a time, so training never holds a [batch, seq, vocab] te
 The model's forward stops at its final hidden states (`modeling.head.hidden_states_out`).
 `chunked_loss` then, for each chunk of positions whose next token carries a label, projects the
 chunk's hidden states through the head (its LoRA branch and post-head steps included) under
-autograd on detached copies, hands the fp32 logits z [n, V] to each per-token term
-(`training.terms`), which returns its value summed over the chunk and its gradient in z in closed
-form, and pushes the weighted sum of those gradients back through the head at once: the chunk's
+autograd on detached copies, hands the fp32 logits z [n, V] and their log-softmax, computed once,
+to each per-token term (`training.terms`), which returns its value summed over the chunk and its
+gradient in z in closed form, and pushes the weighted sum of those gradients back through the head at once: the chunk's
 gradient in its hidden states is written into one [B*T, H] buffer and the head's trainable
 parameters accumulate theirs. The backward of the whole returns those stored gradients times the
 upstream gradient, so nothing is recomputed, and the gradients reach the real parameters only in
@@ -34,7 +34,7 @@ from torch.func import functional_call
 
 from workbench.modeling.head import Head, lm_head, sharded_head
 from workbench.modeling.lora import as_base, unwrap_peft
-from workbench.training.terms import TokenTerm
+from workbench.training.terms import Chunk, TokenTerm
 
 # The base's side of a KL for the current micro-batch (`base_reference`), made once when first asked for.
 BaseReference = Callable[[], tuple[torch.Tensor, Head | None]]
@@ -65,8 +65,9 @@ def chunked_loss(source: torch.Tensor, head: Head | None, mask: torch.Tensor, te
     """(loss, totals): loss = sum_k coefs[k] * totals[k], differentiable in source and in the head's
     trainable parameters; totals [K] (no gradient): each term summed over the positions where
     mask [B, T] is True. source: final hidden states [B, T, H] with their head, or logits
-    [B, T, V] with head None. A term whose coef is the float 0.0 is measured only (a monitor)."""
+    [B, T, V] with head None. A term whose coef is 0 is measured only (a monitor)."""
     positions = mask.reshape(-1).nonzero().squeeze(1)
+    coefs = [float(c) for c in coefs]  # one read per call; a term weighted 0.0 is measured only
     named = [] if head is None else [(n, p) for n, p in head.named_parameters() if p.requires_grad]
     fp32 = source.dtype == torch.float16
     frozen = {} if head is None or not fp32 else {
@@ -93,16 +94,16 @@ def chunked_loss(source: torch.Tensor, head: Head | None, mask: torch.Tensor, te
             rows = flat.index_select(0, index)
             rows = (rows.float() if fp32 and head is not None else rows).requires_grad_(want_grad and head is not None)
             logits, through_head = project(rows, copies)
-            # the terms may overwrite z: a soft-cap's tanh saves its output for backward, so it gets a
-            # copy; a linear head's output (its backward never reads it) and the rows are handed on
-            z = logits.detach().to(torch.float32, copy=through_head and head.softcap is not None)
+            # the terms read z and never write it (a soft-cap's tanh keeps its output for backward)
+            chunk = Chunk(logits.detach().to(torch.float32), start, index)
             grad = None
             for k, (term, coef) in enumerate(zip(terms, coefs)):
-                value, term_grad = term(z if k == len(terms) - 1 else z.clone(), start, index)
+                chunk.last = k == len(terms) - 1
+                value, term_grad = term(chunk)
                 totals[k] += value.detach()
                 loss += coef * value.detach()
-                if want_grad and not (isinstance(coef, float) and coef == 0.0):
-                    grad = term_grad.mul_(coef) if grad is None else grad.add_(term_grad.mul_(coef))
+                if want_grad and coef != 0.0:
+                    grad = term_grad.mul_(coef) if grad is None else grad.add_(term_grad, alpha=coef)
             if not want_grad or grad is None:
                 continue
             if through_head:
