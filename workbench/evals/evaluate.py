@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 from pydantic import ValidationError
 from safetensors import safe_open
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from workbench.errors import UsageError
+from workbench.formats.schema import parsed
 from workbench.io import read_json
 
 KIND = "workbench.calibration"
@@ -71,8 +72,4 @@ def read_calibration(path: str | Path) -> Calibration:
     if data.get("schema_version") != SCHEMA_VERSION:
         raise UsageError(f"{path}: calibration.json schema_version {data.get('schema_version')!r}; "
                          f"this workbench reads {SCHEMA_VERSION}")
-    try:
-        return Calibration.model_validate(data)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        raise UsageError(f"{path}: {'.'.join(map(str, error['loc']))}: {error['msg']}") from None
+    return parsed(Calibration, data, path)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from workbench.errors import UsageError
+from workbench.formats.schema import parsed
 from workbench.io import read_json
 
 KIND = "workbench.compare"
@@ -121,10 +122,4 @@ def read_comparison(path: str | Path, reader: str, data: dict | None = None) -> 
     if data.get("schema_version") != SCHEMA_VERSION:
         raise UsageError(f"{path}: compare.json schema_version {data.get('schema_version')!r}; "
                          f"{reader} reads {SCHEMA_VERSION} (rerun workbench compare)")
-    try:
-        return Comparison.model_validate(data)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        key = ".".join(map(str, error["loc"]))
-        raise UsageError(f"{path}: not a workbench.compare file of schema {SCHEMA_VERSION} "
-                         f"({key}: {error['msg']})") from None
+    return parsed(Comparison, data, path, f"not a workbench.compare file of schema {SCHEMA_VERSION}")

@@ -20,9 +20,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from workbench.errors import UsageError, first_line
+from workbench.errors import UsageError
+from workbench.formats.schema import parsed
 from workbench.io import fingerprint, read_json, write_json, writing
 
 SCHEMA_VERSION = 1
@@ -126,12 +127,7 @@ def read_run(path: str | Path) -> RunRecord:
     if data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
         raise UsageError(f"{path}: schema_version {data.get('schema_version')!r}, this workbench reads "
                          f"{SCHEMA_VERSION}")
-    try:
-        return RunRecord.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise UsageError(f"{path}: {key}: {err['msg']}") from None
+    return parsed(RunRecord, data, path)
 
 
 @contextlib.contextmanager
