@@ -130,6 +130,7 @@ def base_reference(model: torch.nn.Module, inputs: dict, fused: bool) -> tuple[t
     with torch.no_grad(), as_base(model) as peft_model:
         if not fused or sharded_head(model):
             return model(**inputs).logits, None
-        base = peft_model.get_base_model()
-        return base.get_decoder()(**inputs).last_hidden_state, lm_head(unwrap_peft(model), base=True)
+        with torch.inference_mode():  # no version counters: about 5% of the base forward on 2 CPU cores
+            hidden = peft_model.get_base_model().get_decoder()(**inputs).last_hidden_state
+        return hidden, lm_head(unwrap_peft(model), base=True)
 
