@@ -89,13 +89,15 @@ def task_term(labels: torch.Tensor, loss: TaskLoss = "nll", smoothing: float = 0
     return term
 
 
-def _exact_chunk(chunk, ref_logits, direction, temperature):
+def _exact_chunk(chunk, ref_rows, ref_head, direction, temperature):
     """KL summed over a chunk, and its gradient in the tuned logits z [n, V]. With q = softmax(z/t)
     the tuned distribution and p the base's:
       forward, KL(p || q):  (q - p) / t
       reverse, KL(q || p):  q * (log q - log p - KL(q || p)) / t"""
     log_q = chunk.log_q(temperature)
-    log_p = F.log_softmax(ref_logits.float() if temperature == 1.0 else ref_logits.float() / temperature, dim=-1)
+    # the base's logits live only inside this expression: held in a name, they would be one more
+    # [n, V] tensor at the chunk's peak
+    log_p = F.log_softmax(_scaled(ref_rows if ref_head is None else ref_head(ref_rows), temperature), dim=-1)
     if direction == "forward":  # log_p becomes the log ratio in place: 3 [n, V] tensors live, not 5
         p = log_p.exp()
         value = torch.dot(p.reshape(-1), log_p.sub_(log_q).reshape(-1))
@@ -108,6 +110,10 @@ def _exact_chunk(chunk, ref_logits, direction, temperature):
     return value, grad if temperature == 1.0 else grad.div_(temperature)
 
 
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits.float() if temperature == 1.0 else logits.float() / temperature
+
+
 def kl_term(ref: torch.Tensor, ref_head: Callable | None, direction: str = "forward",
             temperature: float = 1.0) -> TokenTerm:
     """KL between the tuned model and the base per chunk: the chunk's base logits are ref_head
@@ -116,8 +122,7 @@ def kl_term(ref: torch.Tensor, ref_head: Callable | None, direction: str = "forw
     flat = ref.reshape(-1, ref.shape[-1])
 
     def term(chunk):
-        rows = flat.index_select(0, chunk.index)
-        return _exact_chunk(chunk, rows if ref_head is None else ref_head(rows), direction, temperature)
+        return _exact_chunk(chunk, flat.index_select(0, chunk.index), ref_head, direction, temperature)
 
     return term
 
