@@ -3,7 +3,8 @@
 # each regularizer at two strengths, and the baseline at two learning rates and two seeds; score
 # every run's final adapter, its adapter scales and its checkpoints against the base; compare each
 # recipe with the front that training less gives for free (workbench compare); gate; report.
-#   PROFILE=full   every regularizer at two strengths, seeds for baseline, KL and EWC (make study)
+#   PROFILE=full   every regularizer at two strengths, seeds for baseline, KL and EWC (the first
+#                  study; `make study` now runs the grid across models and tasks, scripts/grid.py)
 #   PROFILE=demo   the baseline at two learning rates, KL-to-base and EWC at one strength (make demo)
 #   PROFILE=quick  baseline and KL-to-base, 20 steps, a smaller suite (make demo QUICK=1)
 #   OUT=dir        where runs, results and the report go (default runs/study-PROFILE)
