@@ -1,7 +1,8 @@
 """Run the study's grid cell by cell (`make study`; the grid is scripts/grid_cells.py).
 
 For each cell: train its rows (a run whose run.json says "completed" is kept), score them all with
-the cell's suite, compare every family with training less, and copy results.json, compare.json,
+the cell's suite (OSF's runs in a call of their own, into results_osf.json: PEFT holds adapters of
+one method on a model), compare every family with training less, and copy results.json, compare.json,
 compare.md and plan.json (the rows, the estimate and the time taken) into KEEP/<cell>/, the
 folder the repository keeps; the runs themselves (adapters, checkpoints) stay under OUT. A cell
 whose KEEP/<cell>/ holds a compare.json made from all its runnable rows is skipped, so a killed
@@ -34,7 +35,6 @@ from workbench.config.recipe import load_recipe
 from workbench.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
-KEPT_FILES = ("results.json", "compare.json", "compare.md")
 SUMMARY_METRICS = ("retention.general.ppl.ratio", "retention.general.kl")  # every cell has both
 
 
@@ -48,6 +48,10 @@ def workbench(*args: str) -> None:
     code = subprocess.call([sys.executable, "-m", "workbench", *args], cwd=ROOT)
     if code != 0:
         sys.exit(code)
+
+
+def osf(row: Row) -> bool:
+    return "lora.method=osf" in row.overrides
 
 
 def completed(run_dir: Path) -> bool:
@@ -110,13 +114,17 @@ def run_cell(cell: Cell, rows: list[Row], out: Path, kept: Path, suite: str) -> 
             continue
         print(f"== {cell.name}: train {row.name}: recipes/{row.recipe} {' '.join(row.overrides)}", flush=True)
         workbench("train", f"recipes/{row.recipe}", *train_args(cell, row), "--output-dir", str(run_dir), "--resume")
-    results = out / "results.json"
-    workbench("eval", "--suite", suite, *[a for r in runs for a in ("--run", str(r))], "--out", str(results))
-    workbench("compare", str(results), "--forgetting", *cell.forgetting,
+    results, groups = [], {"results.json": [r for r in rows if not osf(r)], "results_osf.json": [r for r in rows if osf(r)]}
+    for name, group in groups.items():
+        if group:  # PEFT holds adapters of one method on a model: OSF's runs are scored in a call of their own
+            results.append(out / name)
+            workbench("eval", "--suite", suite, *[a for r in group for a in ("--run", str(out / r.name))],
+                      "--out", str(results[-1]))
+    workbench("compare", *map(str, results), "--forgetting", *cell.forgetting,
               "--out", str(out / "compare.json"), "--markdown", str(out / "compare.md"))
     kept.mkdir(parents=True, exist_ok=True)
-    for name in KEPT_FILES:
-        shutil.copyfile(out / name, kept / name)
+    for path in [*results, out / "compare.json", out / "compare.md"]:
+        shutil.copyfile(path, kept / path.name)
 
 
 def summarize(keep: Path) -> None:
